@@ -1,0 +1,13 @@
+"""lightning_gradguard: drop-in PyTorch Lightning callbacks that keep gradients healthy.
+
+Example:
+    >>> import pytorch_lightning as pl
+    >>> from lightning_gradguard import GradNormMonitor
+    >>> trainer = pl.Trainer(callbacks=[GradNormMonitor()], logger=False)
+"""
+
+from lightning_gradguard.callbacks import GradNormMonitor
+
+__version__ = "0.1.0"
+
+__all__ = ["GradNormMonitor", "__version__"]

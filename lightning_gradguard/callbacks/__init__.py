@@ -1,0 +1,5 @@
+"""Lightning callbacks: thin adapters over :mod:`lightning_gradguard.functional`."""
+
+from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
+
+__all__ = ["GradNormMonitor"]

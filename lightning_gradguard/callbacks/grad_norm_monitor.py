@@ -1,0 +1,415 @@
+"""``GradNormMonitor``: per-layer gradient norms, parameter norms and update ratios.
+
+Example:
+    >>> import pytorch_lightning as pl
+    >>> from lightning_gradguard import GradNormMonitor
+    >>> trainer = pl.Trainer(callbacks=[GradNormMonitor(log_every_n_steps=10)], logger=False)
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_gradguard._compat import Callback, rank_zero_warn
+from lightning_gradguard.functional.health import GradientHealth
+from lightning_gradguard.functional.norms import (
+    GroupBy,
+    GroupedNorms,
+    NormGrouping,
+    ParameterSnapshot,
+    grad_norms,
+    param_norms,
+    parse_norm_type,
+    validate_group_by,
+)
+from lightning_gradguard.logging import log_to_loggers, to_host
+
+REMEDIES_VANISHING = (
+    "Classic remedies: He (Kaiming) initialization for ReLU layers or Glorot (Xavier) for "
+    "tanh, ReLU/LeakyReLU instead of sigmoid, skip connections, BatchNorm or LayerNorm "
+    "between layers, or a higher learning rate for the affected layers."
+)
+REMEDIES_EXPLODING = (
+    "Classic remedies: clip by norm (keeps the direction, e.g. Trainer(gradient_clip_val=1.0) "
+    "or lightning_gradguard's adaptive clipping), a lower learning rate or a warm-up, a smaller "
+    "initialization (He/Glorot), normalization layers."
+)
+
+
+def _positive_int(value: Any, argument: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{argument}={value!r} must be a positive integer{extra}.")
+
+
+def _positive_float(value: Any, argument: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{argument}={value!r} must be a positive number.")
+
+
+@dataclass
+class _OptimizerView:
+    """What the monitor keeps per optimizer: its grouping and health state."""
+
+    grouping: NormGrouping
+    health: GradientHealth
+    steps_seen: int = 0
+    warned_vanishing: set[str] = field(default_factory=set)
+    warned_explosions: int = 0
+    warned_nonfinite: bool = False
+    last_norms: GroupedNorms | None = None
+    pending: dict[str, Tensor] | None = None
+    snapshot: ParameterSnapshot | None = None
+    step_for_log: int = 0
+
+
+class GradNormMonitor(Callback):
+    """Log per-layer gradient norms and warn about vanishing and exploding gradients.
+
+    It runs in ``on_before_optimizer_step``: the gradients it sees are unscaled
+    (AMP), accumulated over ``accumulate_grad_batches`` and reduced across ranks,
+    and *not yet clipped*. When clipping is configured it also logs
+    ``grad_norm/total_clipped``, measured right after the optimizer step.
+
+    Keys (``<layer>`` is the owning module's dotted path):
+
+    - ``grad_norm/total`` and ``grad_norm/<layer>`` (every logging step),
+    - ``param_norm/<layer>`` and ``update_ratio/<layer>`` (‖Δθ‖ / ‖θ‖ of that step),
+    - ``grad_norm/total_clipped`` when clipping is configured,
+    - ``grad_norm/nonfinite_steps``, the number of steps with a non-finite gradient.
+
+    With more than ``max_layers_logged`` layers, per-layer keys are replaced by
+    ``<prefix>/layers_min``, ``/layers_median``, ``/layers_max`` and the
+    ``extreme_layers`` smallest and largest layers by name. With several
+    optimizers, the totals of optimizer ``i > 0`` are ``grad_norm/total_opt<i>``.
+
+    Norms are computed every step with device operations only; they are moved to
+    the host once per logging step, and the detection warnings are raised then.
+
+    Args:
+        log_every_n_steps: logging interval in optimizer steps; ``None`` uses the
+            Trainer's ``log_every_n_steps``.
+        group_by: ``"module"``, ``"parameter"``, ``"depth"`` or a callable
+            ``parameter name -> group name or None``.
+        depth: path components kept with ``group_by="depth"``.
+        include: glob patterns of parameter names to measure (default: all).
+        exclude: glob patterns of parameter names to leave out.
+        norm_type: 2.0 (L2), any positive order, or ``"inf"``.
+        log_param_norms: also log ``param_norm/<layer>``.
+        log_update_ratio: also log ``update_ratio/<layer>`` (a temporary copy of the
+            parameters is taken on logging steps only).
+        max_layers_logged: above this many layers, log summaries instead.
+        extreme_layers: how many smallest and largest layers a summary names.
+        detect: run vanishing / exploding / non-finite detection.
+        vanishing_threshold: a layer's gradient norm below this is vanishing.
+        explosion_factor: a global norm above this factor times its running level
+            is exploding.
+        patience: consecutive steps a condition must hold before a warning.
+        warmup_steps: steps before explosion checks start.
+
+    Example:
+        >>> monitor = GradNormMonitor(log_every_n_steps=25, group_by="depth", depth=2)
+        >>> monitor.state_key
+        "GradNormMonitor{'group_by': 'depth', 'depth': 2, 'include': None, 'exclude': None, 'norm_type': 2.0}"
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        group_by: GroupBy = "module",
+        depth: int | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        norm_type: float | str = 2.0,
+        log_param_norms: bool = True,
+        log_update_ratio: bool = True,
+        max_layers_logged: int = 64,
+        extreme_layers: int = 3,
+        detect: bool = True,
+        vanishing_threshold: float = 1e-7,
+        explosion_factor: float = 10.0,
+        patience: int = 10,
+        warmup_steps: int = 20,
+    ) -> None:
+        _positive_int(log_every_n_steps, "log_every_n_steps", allow_none=True)
+        self.depth = validate_group_by(group_by, depth) if group_by == "depth" else depth
+        validate_group_by(group_by, depth)
+        self.norm_type = parse_norm_type(norm_type)
+        _positive_int(max_layers_logged, "max_layers_logged")
+        if isinstance(extreme_layers, bool) or not isinstance(extreme_layers, int) or extreme_layers < 0:
+            raise ValueError(f"extreme_layers={extreme_layers!r} must be a non-negative integer.")
+        _positive_float(vanishing_threshold, "vanishing_threshold")
+        if isinstance(explosion_factor, bool) or not isinstance(explosion_factor, (int, float)) or not explosion_factor > 1:
+            raise ValueError(f"explosion_factor={explosion_factor!r} must be a number greater than 1.")
+        _positive_int(patience, "patience")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps={warmup_steps!r} must be a non-negative integer.")
+        for name, flag in (("log_param_norms", log_param_norms), ("log_update_ratio", log_update_ratio), ("detect", detect)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}={flag!r} must be True or False.")
+        self.log_every_n_steps = log_every_n_steps
+        self.group_by = group_by
+        self.include = None if include is None else list(include)
+        self.exclude = None if exclude is None else list(exclude)
+        # Validate the patterns now rather than at the first step.
+        NormGrouping.from_named_parameters([], group_by, depth, self.include, self.exclude)
+        self.log_param_norms = log_param_norms
+        self.log_update_ratio = log_update_ratio
+        self.max_layers_logged = max_layers_logged
+        self.extreme_layers = extreme_layers
+        self.detect = detect
+        self.vanishing_threshold = float(vanishing_threshold)
+        self.explosion_factor = float(explosion_factor)
+        self.patience = patience
+        self.warmup_steps = warmup_steps
+        self._views: dict[int, _OptimizerView] = {}
+        self._loaded_state: dict[str, Any] = {}
+        self._hook_handles: list[Any] = []
+        self._clipping_configured = False
+
+    # ------------------------------------------------------------------ identity / state
+
+    @property
+    def state_key(self) -> str:
+        group_by = self.group_by if isinstance(self.group_by, str) else getattr(self.group_by, "__qualname__", "callable")
+        return self._generate_state_key(
+            group_by=group_by, depth=self.depth, include=self.include, exclude=self.exclude, norm_type=self.norm_type
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Detection state per optimizer, as CPU tensors and Python primitives."""
+        state: dict[str, Any] = {}
+        for index, view in self._views.items():
+            state[f"optimizer_{index}"] = {
+                "layers": list(view.grouping.names),
+                "steps_seen": view.steps_seen,
+                "health": view.health.state_dict(),
+                "warned_vanishing": sorted(view.warned_vanishing),
+                "warned_explosions": view.warned_explosions,
+                "warned_nonfinite": view.warned_nonfinite,
+            }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; applied when each optimizer is first seen."""
+        self._loaded_state = dict(state_dict)
+        for index, view in self._views.items():
+            self._restore(index, view)
+
+    def _restore(self, index: int, view: _OptimizerView) -> None:
+        saved = self._loaded_state.pop(f"optimizer_{index}", None)
+        if saved is None:
+            return
+        if list(saved["layers"]) != list(view.grouping.names):
+            rank_zero_warn(
+                f"GradNormMonitor: the checkpoint's layers for optimizer {index} differ from the "
+                "model's; detection state starts afresh."
+            )
+            return
+        view.steps_seen = int(saved["steps_seen"])
+        view.health.load_state_dict(saved["health"])
+        view.warned_vanishing = set(saved["warned_vanishing"])
+        view.warned_explosions = int(saved["warned_explosions"])
+        view.warned_nonfinite = bool(saved["warned_nonfinite"])
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self.log_every_n_steps is None:
+            self._interval = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
+        else:
+            self._interval = self.log_every_n_steps
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._views = {}
+        self._clipping_configured = self._detect_clipping(trainer, pl_module)
+        self._remove_hooks()
+        for index, optimizer in enumerate(trainer.optimizers):
+            handle = optimizer.register_step_post_hook(self._make_post_step_hook(trainer, index))
+            self._hook_handles.append(handle)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        for view in self._views.values():
+            self._flush(trainer, view)
+        self._remove_hooks()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+
+    @staticmethod
+    def _detect_clipping(trainer: Any, pl_module: Any) -> bool:
+        if getattr(trainer, "gradient_clip_val", None):
+            return True
+        if any(getattr(cb, "clips_gradients", False) for cb in trainer.callbacks):
+            return True
+        method = type(pl_module).configure_gradient_clipping
+        defaults = []
+        for module_name in ("pytorch_lightning", "lightning.pytorch"):
+            try:
+                package = __import__(module_name, fromlist=["LightningModule"])
+                defaults.append(package.LightningModule.configure_gradient_clipping)
+            except ImportError:
+                pass
+        return method not in defaults
+
+    # ------------------------------------------------------------------ the step
+
+    def _view(self, trainer: Any, pl_module: Any, optimizer: Any) -> tuple[int, _OptimizerView]:
+        index = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
+        view = self._views.get(index)
+        if view is None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            grouping = NormGrouping.from_named_parameters(
+                pl_module.named_parameters(), self.group_by, self.depth, self.include, self.exclude, only=params
+            )
+            device = params[0].device if params else torch.device("cpu")
+            health = GradientHealth(
+                len(grouping.names),
+                vanishing_threshold=self.vanishing_threshold,
+                explosion_factor=self.explosion_factor,
+                patience=self.patience,
+                warmup_steps=self.warmup_steps,
+                device=device,
+            )
+            view = _OptimizerView(grouping=grouping, health=health)
+            self._views[index] = view
+            self._restore(index, view)
+        return index, view
+
+    def norms_for(self, optimizer: Any) -> GroupedNorms | None:
+        """The norms computed for ``optimizer`` at the current step (for other callbacks)."""
+        for index, opt in enumerate(getattr(self, "_optimizers", [])):
+            if opt is optimizer and index in self._views:
+                return self._views[index].last_norms
+        return None
+
+    @torch.no_grad()
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self._optimizers = list(trainer.optimizers)
+        index, view = self._view(trainer, pl_module, optimizer)
+        if view.pending is not None:  # the previous step was skipped (e.g. by the AMP scaler)
+            self._flush(trainer, view)
+        norms = grad_norms(view.grouping, self.norm_type)
+        view.last_norms = norms
+        if self.detect:
+            view.health.update(norms)
+        logging_step = view.steps_seen % self._interval == 0
+        view.steps_seen += 1
+        if not logging_step:
+            return
+        suffix = "" if index == 0 else f"_opt{index}"
+        pending: dict[str, Tensor] = {
+            f"grad_norm/total{suffix}": norms.total,
+            "grad_norm/<layers>": norms.groups,
+        }
+        if self.log_param_norms:
+            pending["param_norm/<layers>"] = param_norms(view.grouping, self.norm_type).groups
+        if self.detect:
+            pending.update({f"health/{k}": v for k, v in view.health.flags().items()})
+        view.pending = pending
+        view.step_for_log = int(trainer.global_step)
+        if self.log_update_ratio:
+            view.snapshot = ParameterSnapshot.take(view.grouping)
+
+    def _make_post_step_hook(self, trainer: Any, index: int) -> Any:
+        def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
+            view = self._views.get(index)
+            if view is None or view.pending is None:
+                return
+            with torch.no_grad():
+                if view.snapshot is not None:
+                    view.pending["update_ratio/<layers>"] = view.snapshot.update_ratios(view.grouping)
+                    view.snapshot = None
+                if self._clipping_configured:
+                    suffix = "" if index == 0 else f"_opt{index}"
+                    view.pending[f"grad_norm/total_clipped{suffix}"] = grad_norms(
+                        view.grouping, self.norm_type
+                    ).total
+            self._flush(trainer, view)
+
+        return hook
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # A logging step whose optimizer step did not run (AMP inf skip): log what we have.
+        for view in self._views.values():
+            if view.pending is not None:
+                self._flush(trainer, view)
+
+    # ------------------------------------------------------------------ host side
+
+    def _flush(self, trainer: Any, view: _OptimizerView) -> None:
+        pending, view.pending, view.snapshot = view.pending, None, None
+        if pending is None or not trainer.is_global_zero:
+            return
+        host = to_host(pending)
+        metrics: dict[str, float] = {}
+        names = view.grouping.names
+        for key, values in host.items():
+            if key.startswith("health/"):
+                continue
+            if key.endswith("/<layers>"):
+                metrics.update(self._layer_metrics(key.split("/")[0], names, values))
+            else:
+                metrics[key] = values[0]
+        if self.detect:
+            metrics["grad_norm/nonfinite_steps"] = host["health/nonfinite_steps"][0]
+            self._warn(view, host)
+        log_to_loggers(trainer, metrics, step=view.step_for_log)
+
+    def _layer_metrics(self, prefix: str, names: Sequence[str], values: list[float]) -> dict[str, float]:
+        if len(names) <= self.max_layers_logged:
+            return {f"{prefix}/{name}": value for name, value in zip(names, values)}
+        finite = [v for v in values if math.isfinite(v)]
+        metrics: dict[str, float] = {}
+        if finite:
+            metrics[f"{prefix}/layers_min"] = min(finite)
+            metrics[f"{prefix}/layers_median"] = statistics.median(finite)
+            metrics[f"{prefix}/layers_max"] = max(finite)
+        order = sorted(range(len(values)), key=lambda i: (math.isfinite(values[i]), values[i]))
+        k = self.extreme_layers
+        for i in order[:k] + order[len(order) - k :] if k else []:
+            metrics[f"{prefix}/{names[i]}"] = values[i]
+        return metrics
+
+    def _warn(self, view: _OptimizerView, host: dict[str, list[float]]) -> None:
+        names = view.grouping.names
+        vanishing = [n for n, flag in zip(names, host["health/vanishing"]) if flag and n not in view.warned_vanishing]
+        if vanishing:
+            view.warned_vanishing.update(vanishing)
+            rank_zero_warn(
+                f"GradNormMonitor: vanishing gradients in {len(vanishing)} layer(s): {', '.join(vanishing)} "
+                f"(L{self.norm_type:g} norm below {self.vanishing_threshold:g} for {self.patience} "
+                f"consecutive steps). {REMEDIES_VANISHING}"
+            )
+        explosions = int(host["health/explosions"][0])
+        if explosions > view.warned_explosions:
+            view.warned_explosions = explosions
+            rank_zero_warn(
+                f"GradNormMonitor: exploding gradients: the global gradient norm stayed above "
+                f"{self.explosion_factor:g}x its running level "
+                f"({host['health/level'][0]:.3g}) for {self.patience} consecutive steps. "
+                f"{REMEDIES_EXPLODING}"
+            )
+        nonfinite = int(host["health/nonfinite_steps"][0])
+        if nonfinite and not view.warned_nonfinite:
+            view.warned_nonfinite = True
+            first = [n for n, flag in zip(names, host["health/first_nonfinite"]) if flag]
+            rank_zero_warn(
+                f"GradNormMonitor: non-finite gradients (inf/NaN) in {nonfinite} step(s); at the first "
+                f"one they appeared in: {', '.join(first[:5]) + (' ...' if len(first) > 5 else '')}. "
+                f"{REMEDIES_EXPLODING}"
+            )

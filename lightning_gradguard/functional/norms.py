@@ -1,0 +1,510 @@
+"""Per-tensor and per-group norms of gradients and parameters, in one fused pass.
+
+Pure torch: no Lightning, no wandb. Every function returns device tensors and
+never synchronizes with the host, so it can run on every training step.
+
+The work is split the way torch's own ``clip_grad.py`` splits it:
+
+1. :class:`NormGrouping` decides, once, which parameters are measured and which
+   group (layer) each belongs to.
+2. :func:`grouped_norms` computes every tensor's norm with one
+   ``torch._foreach_norm`` call, adds them up per group on the device and, for
+   sharded tensors (FSDP2 ``DTensor`` shards), reduces all groups with a single
+   collective per device mesh.
+
+Norms are accumulated in float64 by default: the gradients of a vanishing
+network can be around 1e-24, whose squares underflow to exactly 0 in float32.
+
+Example:
+    >>> import torch
+    >>> from lightning_gradguard.functional import NormGrouping, grad_norms
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    >>> model(torch.randn(8, 4)).sum().backward()
+    >>> grouping = NormGrouping.from_module(model)
+    >>> grouping.names
+    ('0', '2')
+    >>> norms = grad_norms(grouping)
+    >>> expected = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    >>> bool(torch.isclose(norms.total.float(), expected))
+    True
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+GroupBy = Union[str, Callable[[str], Union[str, None]]]
+"""How parameters are grouped: ``"module"``, ``"parameter"``, ``"depth"`` or a callable."""
+
+GROUP_BY_CHOICES = ("module", "parameter", "depth")
+
+# Prefixes that wrappers insert into parameter names; the user's model does not have them.
+_WRAPPER_PREFIXES = re.compile(r"(^|\.)(_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module|module)\.")
+
+ROOT_GROUP = "(root)"
+"""Group name of parameters that live directly on the top-level module."""
+
+
+def parse_norm_type(norm_type: float | int | str, argument: str = "norm_type") -> float:
+    """Validate a norm order and return it as a float (``"inf"`` gives ``math.inf``).
+
+    Args:
+        norm_type: a positive number, or ``"inf"`` / ``math.inf`` for the max-norm.
+        argument: the argument name used in the error message.
+
+    Raises:
+        ValueError: if ``norm_type`` is not positive or not a number.
+
+    Example:
+        >>> parse_norm_type(2)
+        2.0
+        >>> parse_norm_type("inf")
+        inf
+    """
+    try:
+        value = float(norm_type)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{argument}={norm_type!r} is not a norm order: use a positive number "
+            "(2.0 for the L2 norm) or 'inf' for the max-norm."
+        ) from None
+    if not value > 0:
+        raise ValueError(
+            f"{argument}={norm_type!r} is not a norm order: use a positive number "
+            "(2.0 for the L2 norm) or 'inf' for the max-norm."
+        )
+    return value
+
+
+def clean_parameter_name(name: str) -> str:
+    """Strip the prefixes that ``torch.compile``, DDP and FSDP wrappers add to names.
+
+    Example:
+        >>> clean_parameter_name("_orig_mod.encoder.0.weight")
+        'encoder.0.weight'
+    """
+    previous = None
+    while previous != name:
+        previous = name
+        name = _WRAPPER_PREFIXES.sub(r"\1", name)
+    return name
+
+
+def _group_of(name: str, group_by: GroupBy, depth: int) -> str | None:
+    if callable(group_by):
+        return group_by(name)
+    if group_by == "parameter":
+        return name
+    module_path, _, _ = name.rpartition(".")
+    if group_by == "depth":
+        module_path = ".".join(module_path.split(".")[:depth]) if module_path else ""
+    return module_path or ROOT_GROUP
+
+
+def _validate_patterns(patterns: Sequence[str] | None, argument: str) -> tuple[str, ...]:
+    if patterns is None:
+        return ()
+    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(
+            f"{argument}={patterns!r} must be a list of glob patterns over parameter names, "
+            "for example ['encoder.*', '*.bias']."
+        )
+    return tuple(patterns)
+
+
+def validate_group_by(group_by: GroupBy, depth: int | None) -> int:
+    """Check ``group_by``/``depth`` and return the depth to use (1 when unused).
+
+    Raises:
+        ValueError: on an unknown ``group_by`` or a depth that is not a positive integer.
+    """
+    if not callable(group_by) and group_by not in GROUP_BY_CHOICES:
+        raise ValueError(
+            f"group_by={group_by!r} is not a grouping: use one of {list(GROUP_BY_CHOICES)} "
+            "or a callable that maps a parameter name to a group name (or None to skip it)."
+        )
+    if group_by == "depth":
+        if depth is None or isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(
+                f"depth={depth!r} must be a positive integer when group_by='depth' "
+                "(depth=2 groups 'encoder.layers.3.attn.weight' under 'encoder.layers')."
+            )
+        return depth
+    return 1 if depth is None else depth
+
+
+@dataclass(frozen=True)
+class NormGrouping:
+    """Which parameters are measured, and the group (layer) each one belongs to.
+
+    Attributes:
+        names: group names, in the order their first parameter appears in the model.
+        parameter_names: the selected parameters' cleaned dotted names.
+        parameters: the selected parameters.
+        group_index: for every selected parameter, the index of its group in ``names``.
+    """
+
+    names: tuple[str, ...]
+    parameter_names: tuple[str, ...]
+    parameters: tuple[Tensor, ...]
+    group_index: tuple[int, ...]
+    _index_cache: dict[Any, Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_named_parameters(
+        cls,
+        named_parameters: Iterable[tuple[str, Tensor]],
+        group_by: GroupBy = "module",
+        depth: int | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        only: Iterable[Tensor] | None = None,
+    ) -> NormGrouping:
+        """Group named parameters.
+
+        Args:
+            named_parameters: ``(name, parameter)`` pairs, e.g. ``model.named_parameters()``.
+            group_by: ``"module"`` (the owning module's dotted path, the default),
+                ``"parameter"`` (one group per tensor), ``"depth"`` (the module path cut
+                to ``depth`` components) or a callable ``name -> group name or None``
+                (``None`` leaves the parameter out).
+            depth: number of leading path components kept with ``group_by="depth"``.
+            include: glob patterns over parameter names; when given, only matching
+                parameters are measured.
+            exclude: glob patterns over parameter names to leave out.
+            only: restrict to these parameter objects (e.g. one optimizer's).
+
+        Returns:
+            The grouping. Parameters with ``requires_grad=False`` are kept: their
+            gradient is simply absent, which the norm functions handle.
+        """
+        depth = validate_group_by(group_by, depth)
+        includes = _validate_patterns(include, "include")
+        excludes = _validate_patterns(exclude, "exclude")
+        allowed = None if only is None else {id(p) for p in only}
+        names: dict[str, int] = {}
+        parameter_names: list[str] = []
+        parameters: list[Tensor] = []
+        group_index: list[int] = []
+        seen: set[int] = set()
+        for raw_name, parameter in named_parameters:
+            if id(parameter) in seen or (allowed is not None and id(parameter) not in allowed):
+                continue
+            seen.add(id(parameter))
+            name = clean_parameter_name(raw_name)
+            if includes and not any(fnmatch.fnmatchcase(name, p) for p in includes):
+                continue
+            if any(fnmatch.fnmatchcase(name, p) for p in excludes):
+                continue
+            group = _group_of(name, group_by, depth)
+            if group is None:
+                continue
+            parameter_names.append(name)
+            parameters.append(parameter)
+            group_index.append(names.setdefault(group, len(names)))
+        return cls(tuple(names), tuple(parameter_names), tuple(parameters), tuple(group_index))
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module, **kwargs: Any) -> NormGrouping:
+        """Group ``module.named_parameters()``; keyword arguments as :meth:`from_named_parameters`."""
+        return cls.from_named_parameters(module.named_parameters(), **kwargs)
+
+    def index_tensor(self, present: tuple[int, ...], device: torch.device) -> Tensor:
+        """Group indices (int64, on ``device``) of the parameters at positions ``present``.
+
+        Cached, so a steady training loop builds it once.
+        """
+        key = (present, device)
+        index = self._index_cache.get(key)
+        if index is None:
+            index = torch.tensor([self.group_index[i] for i in present], dtype=torch.long, device=device)
+            self._index_cache[key] = index
+        return index
+
+
+@dataclass(frozen=True)
+class GroupedNorms:
+    """Norms of every group and of everything together, as device tensors.
+
+    Attributes:
+        groups: shape ``(len(grouping.names),)``; 0 for a group with no tensor.
+        total: the norm of all the tensors together (the global norm).
+        norm_type: the norm order.
+    """
+
+    groups: Tensor
+    total: Tensor
+    norm_type: float
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+def _reduction_dims(tensor: Tensor) -> tuple[Tensor, tuple[Any, tuple[int, ...]] | None]:
+    """The local part of a tensor and, for a sharded DTensor, the mesh dims to reduce over."""
+    try:
+        from torch.distributed.tensor import DTensor, Replicate
+    except ImportError:  # pragma: no cover - torch without distributed
+        return tensor, None
+    if not isinstance(tensor, DTensor):
+        return tensor, None
+    if any(p.is_partial() for p in tensor.placements):
+        # Partial values are summands, not slices: materialize the sum first.
+        placements = [Replicate() if p.is_partial() else p for p in tensor.placements]
+        tensor = tensor.redistribute(tensor.device_mesh, placements)
+    dims = tuple(i for i, p in enumerate(tensor.placements) if p.is_shard())
+    local = tensor.to_local()
+    if not dims:
+        return local, None
+    return local, (tensor.device_mesh, dims)
+
+
+def local_tensors(tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[Any]]:
+    """Split tensors into their local parts and a reduction key per tensor.
+
+    A plain tensor (or a replicated DTensor) has key ``None``; a sharded DTensor
+    has ``(device_mesh, shard_dims)``: its local norms must be reduced over those
+    mesh dimensions.
+    """
+    locals_: list[Tensor] = []
+    keys: list[Any] = []
+    for tensor in tensors:
+        local, key = _reduction_dims(tensor)
+        locals_.append(local)
+        keys.append(key)
+    return locals_, keys
+
+
+def _all_reduce(values: Tensor, key: tuple[Any, tuple[int, ...]], norm_type: float) -> Tensor:
+    mesh, dims = key
+    op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
+    for dim in dims:
+        dist.all_reduce(values, op=op, group=mesh.get_group(dim))
+    return values
+
+
+# --------------------------------------------------------------------------- norms
+
+
+def tensor_norms(
+    tensors: Sequence[Tensor], norm_type: float = 2.0, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """Norms of local tensors, one fused ``_foreach_norm`` call, stacked into one vector.
+
+    Args:
+        tensors: plain (local) tensors, on one device.
+        norm_type: the norm order (positive, or ``math.inf``).
+        dtype: accumulation dtype; float64 keeps tiny gradients from underflowing.
+
+    Returns:
+        A ``(len(tensors),)`` tensor of norms in ``dtype``.
+
+    Example:
+        >>> tensor_norms([torch.full((3, 4), 1e-24), torch.ones(4)])
+        tensor([3.4641e-24, 2.0000e+00], dtype=torch.float64)
+    """
+    if not tensors:
+        return torch.zeros(0, dtype=dtype)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    if len(by_device) == 1:
+        return torch.stack(torch._foreach_norm(list(tensors), norm_type, dtype=dtype))
+    first = tensors[0].device
+    out = torch.empty(len(tensors), dtype=dtype, device=first)
+    for indices in by_device.values():
+        norms = torch._foreach_norm([tensors[i] for i in indices], norm_type, dtype=dtype)
+        out[torch.tensor(indices, device=first)] = torch.stack(norms).to(first)
+    return out
+
+
+def grouped_norms(
+    tensors: Sequence[Tensor],
+    group_index: Tensor,
+    num_groups: int,
+    norm_type: float = 2.0,
+    keys: Sequence[Any] | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> GroupedNorms:
+    """Per-group and total norms of (possibly sharded) tensors.
+
+    Args:
+        tensors: the tensors; ``DTensor`` shards are handled (see ``keys``).
+        group_index: int64 tensor, the group of every tensor.
+        num_groups: number of groups.
+        norm_type: the norm order (positive, or ``math.inf``).
+        keys: reduction keys from :func:`local_tensors` when ``tensors`` are already
+            local parts; computed here when omitted.
+        dtype: accumulation dtype.
+
+    Returns:
+        :class:`GroupedNorms`; under FSDP2 every rank gets the global values after
+        one ``all_reduce`` per device mesh dimension.
+
+    Example:
+        >>> g = grouped_norms([torch.ones(4), torch.ones(5), torch.ones(9)], torch.tensor([0, 0, 1]), 2)
+        >>> g.groups
+        tensor([3., 3.], dtype=torch.float64)
+        >>> g.total
+        tensor(4.2426, dtype=torch.float64)
+    """
+    if keys is None:
+        locals_, keys = local_tensors(tensors)
+    else:
+        locals_ = list(tensors)
+    device = locals_[0].device if locals_ else torch.device("cpu")
+    is_inf = math.isinf(norm_type)
+    norms = tensor_norms(locals_, norm_type, dtype).to(device)
+    powered = norms if is_inf else norms.pow(norm_type) if norm_type != 1.0 else norms
+    group_index = group_index.to(device)
+
+    def accumulate(mask_positions: list[int] | None) -> Tensor:
+        values = powered if mask_positions is None else powered[mask_positions]
+        index = group_index if mask_positions is None else group_index[mask_positions]
+        out = torch.zeros(num_groups, dtype=dtype, device=device)
+        if is_inf:
+            return out.scatter_reduce_(0, index, values, reduce="amax", include_self=True)
+        return out.index_add_(0, index, values)
+
+    distinct = set(keys)
+    if len(distinct) <= 1:
+        # The common cases: all plain tensors (DDP, single device) or all shards of one mesh.
+        group_powered = accumulate(None)
+        key = next(iter(distinct), None)
+        if key is not None:
+            group_powered = _all_reduce(group_powered, key, norm_type)
+    else:
+        parts = []
+        for key in distinct:
+            positions = [i for i, k in enumerate(keys) if k == key]
+            part = accumulate(positions)
+            parts.append(part if key is None else _all_reduce(part, key, norm_type))
+        stacked = torch.stack(parts)
+        group_powered = stacked.amax(0) if is_inf else stacked.sum(0)
+
+    if is_inf:
+        groups = group_powered
+        total = groups.max() if num_groups else torch.zeros((), dtype=dtype, device=device)
+    else:
+        inverse = 1.0 / norm_type
+        groups = group_powered.pow(inverse) if norm_type != 1.0 else group_powered
+        total = group_powered.sum().pow(inverse) if norm_type != 1.0 else group_powered.sum()
+    return GroupedNorms(groups=groups, total=total, norm_type=norm_type)
+
+
+def _present_gradients(grouping: NormGrouping) -> tuple[tuple[int, ...], list[Tensor]]:
+    present: list[int] = []
+    grads: list[Tensor] = []
+    for i, parameter in enumerate(grouping.parameters):
+        grad = parameter.grad
+        if grad is not None:
+            present.append(i)
+            grads.append(grad)
+    return tuple(present), grads
+
+
+def grad_norms(
+    grouping: NormGrouping, norm_type: float | str = 2.0, dtype: torch.dtype = torch.float64
+) -> GroupedNorms:
+    """Per-group and global gradient norms of a grouping's parameters.
+
+    Parameters without a gradient (frozen or unused) count as zero.
+
+    Args:
+        grouping: what to measure and how it is grouped.
+        norm_type: the norm order (positive, or ``"inf"``).
+        dtype: accumulation dtype.
+
+    Returns:
+        :class:`GroupedNorms` on the gradients' device; no host synchronization.
+    """
+    p = parse_norm_type(norm_type)
+    present, grads = _present_gradients(grouping)
+    return _grouped(grouping, present, grads, p, dtype)
+
+
+def param_norms(
+    grouping: NormGrouping, norm_type: float | str = 2.0, dtype: torch.dtype = torch.float64
+) -> GroupedNorms:
+    """Per-group and global norms of a grouping's parameters themselves.
+
+    Example:
+        >>> layer = torch.nn.Linear(2, 2)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.fill_(1.0), layer.bias.fill_(0.0)
+        >>> param_norms(NormGrouping.from_module(layer)).total
+        tensor(2., dtype=torch.float64)
+    """
+    p = parse_norm_type(norm_type)
+    present = tuple(range(len(grouping.parameters)))
+    return _grouped(grouping, present, [t.detach() for t in grouping.parameters], p, dtype)
+
+
+def _grouped(
+    grouping: NormGrouping,
+    present: tuple[int, ...],
+    tensors: list[Tensor],
+    norm_type: float,
+    dtype: torch.dtype,
+    keys: Sequence[Any] | None = None,
+) -> GroupedNorms:
+    num_groups = len(grouping.names)
+    if not tensors:
+        zeros = torch.zeros(num_groups, dtype=dtype)
+        return GroupedNorms(zeros, zeros.sum(), norm_type)
+    locals_, found_keys = local_tensors(tensors) if keys is None else (tensors, list(keys))
+    device = locals_[0].device
+    index = grouping.index_tensor(present, device)
+    return grouped_norms(locals_, index, num_groups, norm_type, keys=found_keys, dtype=dtype)
+
+
+@dataclass
+class ParameterSnapshot:
+    """A temporary copy of the local parameter values, to measure one optimizer update.
+
+    Take it just before ``optimizer.step()`` and call :meth:`update_ratios` right
+    after; then drop it. Nothing is kept between steps.
+
+    Example:
+        >>> layer = torch.nn.Linear(3, 3)
+        >>> grouping = NormGrouping.from_module(layer)
+        >>> snapshot = ParameterSnapshot.take(grouping)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.mul_(1.5), layer.bias.mul_(1.5)
+        >>> ratios = snapshot.update_ratios(grouping)
+        >>> [round(x, 6) for x in ratios.tolist()]
+        [0.5]
+    """
+
+    values: list[Tensor]
+    keys: list[Any]
+
+    @classmethod
+    def take(cls, grouping: NormGrouping) -> ParameterSnapshot:
+        """Copy the grouping's local parameter values (one fused clone)."""
+        locals_, keys = local_tensors([p.detach() for p in grouping.parameters])
+        values = list(torch._foreach_add(locals_, 0.0)) if locals_ else []
+        return cls(values=values, keys=keys)
+
+    def update_ratios(
+        self, grouping: NormGrouping, dtype: torch.dtype = torch.float64, eps: float = 1e-12
+    ) -> Tensor:
+        """Per-group ``‖θ_now − θ_snapshot‖ / ‖θ_snapshot‖`` (L2), one vector on the device."""
+        num_groups = len(grouping.names)
+        if not self.values:
+            return torch.zeros(num_groups, dtype=dtype)
+        now, _ = local_tensors([p.detach() for p in grouping.parameters])
+        deltas = torch._foreach_sub(now, self.values)
+        present = tuple(range(len(grouping.parameters)))
+        delta = _grouped(grouping, present, list(deltas), 2.0, dtype, keys=self.keys)
+        before = _grouped(grouping, present, self.values, 2.0, dtype, keys=self.keys)
+        return delta.groups / before.groups.clamp_min(eps)

@@ -1,0 +1,57 @@
+"""The one place where metrics leave the device and reach the trainer's loggers.
+
+Every callback hands its metrics here as a dict of device tensors. They are
+concatenated into one float64 vector and moved to the host in a single
+transfer, then given as one dict to each of ``trainer.loggers`` (which log on
+rank zero only). Calling ``self.log`` once per layer costs about 0.2 ms per
+metric per call; this costs one copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def to_host(values: Mapping[str, Tensor]) -> dict[str, list[float]]:
+    """Move a dict of device tensors to Python floats in one transfer.
+
+    Args:
+        values: name -> tensor (any shape; flattened).
+
+    Returns:
+        name -> list of floats, in the tensors' flattened order.
+
+    Example:
+        >>> to_host({"a": torch.tensor([1.0, 2.0]), "b": torch.tensor(3.0)})
+        {'a': [1.0, 2.0], 'b': [3.0]}
+    """
+    if not values:
+        return {}
+    flat = [v.detach().reshape(-1).to(torch.float64) for v in values.values()]
+    devices = {t.device for t in flat}
+    if len(devices) > 1:
+        flat = [t.cpu() for t in flat]
+    host = torch.cat(flat).cpu().tolist()  # the one device-to-host transfer
+    out: dict[str, list[float]] = {}
+    offset = 0
+    for name, tensor in zip(values, flat):
+        out[name] = host[offset : offset + tensor.numel()]
+        offset += tensor.numel()
+    return out
+
+
+def log_to_loggers(trainer: Any, metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Give ``metrics`` to every logger of ``trainer`` at ``step`` (default: ``global_step``).
+
+    Works with no logger at all. Lightning's loggers write on rank zero only.
+    """
+    if not metrics:
+        return
+    if step is None:
+        step = int(trainer.global_step)
+    for logger in trainer.loggers:
+        logger.log_metrics(dict(metrics), step=step)
