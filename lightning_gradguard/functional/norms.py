@@ -36,19 +36,21 @@ import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-GroupBy = Union[str, Callable[[str], Union[str, None]]]
+GroupBy = str | Callable[[str], str | None]
 """How parameters are grouped: ``"module"``, ``"parameter"``, ``"depth"`` or a callable."""
 
 GROUP_BY_CHOICES = ("module", "parameter", "depth")
 
 # Prefixes that wrappers insert into parameter names; the user's model does not have them.
-_WRAPPER_PREFIXES = re.compile(r"(^|\.)(_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module|module)\.")
+_WRAPPER_PREFIXES = re.compile(
+    r"(^|\.)(_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module|module)\."
+)
 
 ROOT_GROUP = "(root)"
 """Group name of parameters that live directly on the top-level module."""
@@ -215,7 +217,7 @@ class NormGrouping:
 
     @classmethod
     def from_module(cls, module: torch.nn.Module, **kwargs: Any) -> NormGrouping:
-        """Group ``module.named_parameters()``; keyword arguments as :meth:`from_named_parameters`."""
+        """Group ``module.named_parameters()``; keywords as :meth:`from_named_parameters`."""
         return cls.from_named_parameters(module.named_parameters(), **kwargs)
 
     def index_tensor(self, present: tuple[int, ...], device: torch.device) -> Tensor:
@@ -226,7 +228,9 @@ class NormGrouping:
         key = (present, device)
         index = self._index_cache.get(key)
         if index is None:
-            index = torch.tensor([self.group_index[i] for i in present], dtype=torch.long, device=device)
+            index = torch.tensor(
+                [self.group_index[i] for i in present], dtype=torch.long, device=device
+            )
             self._index_cache[key] = index
         return index
 
@@ -314,6 +318,7 @@ def tensor_norms(
     """
     if not tensors:
         return torch.zeros(0, dtype=dtype)
+    tensors = [t if t.numel() else t.new_zeros(1) for t in tensors]  # empty shard: norm 0, inf ok
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
         by_device.setdefault(t.device, []).append(i)
@@ -351,7 +356,8 @@ def grouped_norms(
         one ``all_reduce`` per device mesh dimension.
 
     Example:
-        >>> g = grouped_norms([torch.ones(4), torch.ones(5), torch.ones(9)], torch.tensor([0, 0, 1]), 2)
+        >>> tensors = [torch.ones(4), torch.ones(5), torch.ones(9)]
+        >>> g = grouped_norms(tensors, torch.tensor([0, 0, 1]), num_groups=2)
         >>> g.groups
         tensor([3., 3.], dtype=torch.float64)
         >>> g.total

@@ -1,0 +1,132 @@
+"""Small models, data and a capturing logger shared by the Lightning tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import Logger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class CaptureLogger(Logger):
+    """A real Lightning logger that keeps every ``log_metrics`` call in memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "capture"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.calls.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def by_key(self, prefix: str = "") -> dict[str, list[tuple[int | None, float]]]:
+        out: dict[str, list[tuple[int | None, float]]] = {}
+        for step, metrics in self.calls:
+            for key, value in metrics.items():
+                if key.startswith(prefix):
+                    out.setdefault(key, []).append((step, value))
+        return out
+
+    def at_step(self, step: int) -> dict[str, float]:
+        merged: dict[str, float] = {}
+        for s, metrics in self.calls:
+            if s == step:
+                merged.update(metrics)
+        return merged
+
+
+def module_grad_norms(model: nn.Module, prefix: str = "") -> dict[str, float]:
+    """Reference: the L2 norm of each module's own parameter gradients, by plain torch."""
+    out: dict[str, float] = {}
+    for name, module in model.named_modules():
+        grads = [p.grad for p in module.parameters(recurse=False) if p.grad is not None]
+        if grads:
+            out[prefix + name] = float(torch.nn.utils.get_total_norm(grads, 2.0).double())
+    return out
+
+
+def module_param_norms(model: nn.Module, prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, module in model.named_modules():
+        params = [p.detach() for p in module.parameters(recurse=False)]
+        if params:
+            out[prefix + name] = float(
+                torch.linalg.vector_norm(torch.cat([p.flatten() for p in params]).double())
+            )
+    return out
+
+
+def classification_data(
+    n: int = 256, features: int = 16, classes: int = 4, seed: int = 0
+) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=generator)
+    y = torch.randint(0, classes, (n,), generator=generator)
+    return TensorDataset(x, y)
+
+
+class TinyMLP(pl.LightningModule):
+    """Linear-ReLU stack; ``on_step`` lets a test observe gradients right before the step."""
+
+    def __init__(
+        self,
+        sizes: tuple[int, ...] = (16, 32, 32, 4),
+        lr: float = 0.1,
+        on_before_step: Callable[[pl.LightningModule], None] | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(len(sizes) - 1):
+            layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+        self.net = nn.Sequential(*layers)
+        self.lr = lr
+        self.observer = on_before_step
+        self.batch_size = batch_size
+        self.data = classification_data(features=sizes[0], classes=sizes[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self.observer is not None:
+            self.observer(self)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=self.batch_size)
+
+
+def quiet_trainer_kwargs(**overrides: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "log_every_n_steps": 1,
+    }
+    kwargs.update(overrides)
+    return kwargs

@@ -1,0 +1,116 @@
+"""No device-to-host sync on non-logging steps; one transfer on logging steps.
+
+Two counters, as DESIGN.md explains: a ``TorchFunctionMode`` sees ``item``,
+``__bool__``, ``tolist``, ``cpu``, ``numpy`` ... in ordinary code but not inside
+autograd hooks; a ``TorchDispatchMode`` counting ``aten._local_scalar_dense``
+reaches into hooks. Both are compared against the bare run.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from helpers import CaptureLogger, TinyMLP, quiet_trainer_kwargs
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lightning_gradguard import GradNormMonitor
+
+SYNC_METHODS = {"item", "__bool__", "tolist", "cpu", "numpy", "__float__", "__int__", "__index__"}
+
+
+class _FunctionCounter(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = getattr(func, "__name__", "")
+        if name in SYNC_METHODS:
+            self.counts[name] += 1
+        listed = args[0] if name == "tensor" and args else None
+        if isinstance(listed, (list, tuple)) and any(isinstance(a, torch.Tensor) for a in listed):
+            self.counts["tensor(list of tensors)"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _DispatchCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _CountPerBatch(pl.Callback):
+    """Counts sync calls from the start to the end of every training batch."""
+
+    def __init__(self) -> None:
+        self.per_batch: list[tuple[Counter[str], int]] = []
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._function, self._dispatch = _FunctionCounter(), _DispatchCounter()
+        self._function.__enter__()
+        self._dispatch.__enter__()
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._dispatch.__exit__(None, None, None)
+        self._function.__exit__(None, None, None)
+        self.per_batch.append((self._function.counts, self._dispatch.count))
+
+
+def _counts(
+    extra_callbacks: list, steps: int = 8, **trainer_kwargs: Any
+) -> list[tuple[Counter[str], int]]:
+    torch.manual_seed(0)
+    counter = _CountPerBatch()
+    kwargs = quiet_trainer_kwargs(max_steps=steps, **trainer_kwargs)
+    # The counter is first: its batch-end hook closes the window before the monitor's.
+    pl.Trainer(logger=CaptureLogger(), callbacks=[counter, *extra_callbacks], **kwargs).fit(
+        TinyMLP()
+    )
+    return counter.per_batch
+
+
+def test_counters_do_see_a_sync() -> None:
+    # Guard against a counter that can never fire.
+    function, dispatch = _FunctionCounter(), _DispatchCounter()
+    with function, dispatch:
+        x = torch.ones(3)
+        x.sum().item()
+        bool(x.any())
+    assert function.counts["item"] == 1 and function.counts["__bool__"] == 1
+    assert dispatch.count == 2
+
+
+def test_no_sync_on_non_logging_steps_and_one_transfer_when_logging() -> None:
+    bare = _counts([])
+    monitored = _counts([GradNormMonitor(log_every_n_steps=4)])
+    assert len(bare) == len(monitored) == 8
+    for step, ((bare_calls, bare_dispatch), (calls, dispatch)) in enumerate(zip(bare, monitored)):
+        extra = calls - bare_calls
+        if step % 4 == 0:  # a logging step: exactly one transfer (cat(...).cpu().tolist())
+            assert extra == Counter({"cpu": 1, "tolist": 1}), (step, extra)
+        else:
+            assert extra == Counter(), (step, extra)
+        assert dispatch == bare_dispatch, (step, dispatch, bare_dispatch)
+
+
+def test_no_sync_with_clipping_and_accumulation() -> None:
+    kwargs = {"gradient_clip_val": 0.5, "accumulate_grad_batches": 2}
+    bare = _counts([], steps=4, **kwargs)
+    monitored = _counts([GradNormMonitor(log_every_n_steps=100)], steps=4, **kwargs)
+    # Batches 2.. (optimizer steps 1..3) log nothing: no extra sync at all.
+    for (bare_calls, bare_dispatch), (calls, dispatch) in list(zip(bare, monitored))[2:]:
+        assert calls - bare_calls == Counter()
+        assert dispatch == bare_dispatch
