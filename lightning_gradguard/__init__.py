@@ -6,8 +6,8 @@ Example:
     >>> trainer = pl.Trainer(callbacks=[GradNormMonitor()], logger=False)
 """
 
-from lightning_gradguard.callbacks import GradNormMonitor
+from lightning_gradguard.callbacks import AdaptiveGradClip, GradNormMonitor
 
 __version__ = "0.1.0"
 
-__all__ = ["GradNormMonitor", "__version__"]
+__all__ = ["AdaptiveGradClip", "GradNormMonitor", "__version__"]

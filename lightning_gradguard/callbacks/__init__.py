@@ -1,5 +1,6 @@
 """Lightning callbacks: thin adapters over :mod:`lightning_gradguard.functional`."""
 
+from lightning_gradguard.callbacks.adaptive_grad_clip import AdaptiveGradClip
 from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
 
-__all__ = ["GradNormMonitor"]
+__all__ = ["AdaptiveGradClip", "GradNormMonitor"]

@@ -317,11 +317,16 @@ class GradNormMonitor(Callback):
             self._restore(index, view)
         return index, view
 
-    def norms_for(self, optimizer: Any) -> GroupedNorms | None:
-        """The norms computed for ``optimizer`` at the current step (for other callbacks)."""
+    def norms_for(self, optimizer: Any) -> tuple[NormGrouping, GroupedNorms] | None:
+        """The grouping and norms computed for ``optimizer`` at the current step.
+
+        Other callbacks that run after this one in the same hook (a clipper) reuse
+        them instead of a second pass over the gradients.
+        """
         for index, opt in enumerate(getattr(self, "_optimizers", [])):
-            if opt is optimizer and index in self._views:
-                return self._views[index].last_norms
+            view = self._views.get(index)
+            if opt is optimizer and view is not None and view.last_norms is not None:
+                return view.grouping, view.last_norms
         return None
 
     @torch.no_grad()

@@ -1,5 +1,11 @@
 """Pure-torch core of lightning_gradguard: usable without Lightning (plain PyTorch, Fabric)."""
 
+from lightning_gradguard.functional.clipping import (
+    agc_,
+    clip_by_norm_,
+    clip_by_value_,
+    clip_coefficients,
+)
 from lightning_gradguard.functional.health import GradientHealth
 from lightning_gradguard.functional.norms import (
     GroupedNorms,
@@ -13,16 +19,42 @@ from lightning_gradguard.functional.norms import (
     parse_norm_type,
     tensor_norms,
 )
+from lightning_gradguard.functional.policies import (
+    AGC,
+    POLICIES,
+    AutoClip,
+    ClipPolicy,
+    EMARatio,
+    FixedNorm,
+    FixedValue,
+    ZClip,
+    make_policy,
+)
+from lightning_gradguard.functional.spikes import SpikeWindow
 
 __all__ = [
+    "AGC",
+    "POLICIES",
+    "AutoClip",
+    "ClipPolicy",
+    "EMARatio",
+    "FixedNorm",
+    "FixedValue",
     "GradientHealth",
     "GroupedNorms",
     "NormGrouping",
     "ParameterSnapshot",
+    "SpikeWindow",
+    "ZClip",
+    "agc_",
     "clean_parameter_name",
+    "clip_by_norm_",
+    "clip_by_value_",
+    "clip_coefficients",
     "grad_norms",
     "grouped_norms",
     "local_tensors",
+    "make_policy",
     "param_norms",
     "parse_norm_type",
     "tensor_norms",

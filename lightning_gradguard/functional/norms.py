@@ -381,7 +381,7 @@ def grouped_norms(
             return out.scatter_reduce_(0, index, values, reduce="amax", include_self=True)
         return out.index_add_(0, index, values)
 
-    distinct = set(keys)
+    distinct = list(dict.fromkeys(keys))  # first-seen order: the same collectives on every rank
     if len(distinct) <= 1:
         # The common cases: all plain tensors (DDP, single device) or all shards of one mesh.
         group_powered = accumulate(None)

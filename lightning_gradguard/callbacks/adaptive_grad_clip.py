@@ -1,0 +1,420 @@
+"""``AdaptiveGradClip``: one callback for fixed, AutoClip, ZClip, EMA-ratio and AGC clipping.
+
+Example:
+    >>> import pytorch_lightning as pl
+    >>> from lightning_gradguard import AdaptiveGradClip
+    >>> from lightning_gradguard.functional import ZClip
+    >>> clipper = AdaptiveGradClip(policy=ZClip(z_thresh=3.0))
+    >>> trainer = pl.Trainer(callbacks=[clipper], logger=False)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_gradguard._compat import Callback, rank_zero_warn
+from lightning_gradguard.functional.norms import (
+    GroupBy,
+    GroupedNorms,
+    NormGrouping,
+    grad_norms,
+    validate_group_by,
+)
+from lightning_gradguard.functional.policies import ClipPolicy, make_policy
+from lightning_gradguard.functional.spikes import SpikeWindow
+from lightning_gradguard.logging import log_to_loggers, to_host
+
+SCOPES = ("global", "layer")
+
+
+@dataclass
+class _ClipState:
+    grouping: NormGrouping
+    policy: ClipPolicy
+    spikes: SpikeWindow | None
+    layers: NormGrouping
+    steps_seen: int = 0
+    skip_flag: Tensor | None = None
+    nonfinite_flag: Tensor | None = None
+    consecutive_skips: int = 0
+    scaler_skips: Tensor | None = None
+
+
+class AdaptiveGradClip(Callback):
+    """Clip gradients adaptively and skip steps whose gradients are non-finite or spiking.
+
+    It runs in ``on_before_optimizer_step``: after AMP unscaling and gradient
+    accumulation, before the optimizer update. With a
+    :class:`~lightning_gradguard.GradNormMonitor` listed *before* it, the
+    monitor's norms are reused (one pass over the gradients for both).
+
+    Skipping: when the gradients contain inf/NaN (or, with ``skip_spikes``, the
+    global norm is more than ``spike_sigma`` standard deviations above the mean
+    of the last ``spike_window`` norms), the optimizer update does not happen at
+    all: parameters and optimizer state stay bit-identical. The decision is
+    reduced across ranks, so every rank skips together. It costs one read of a
+    flag per step. After ``max_consecutive_skips`` skipped steps in a row
+    training stops with an error. With fp16 AMP, the GradScaler already skips
+    non-finite steps: those are counted, not acted on twice.
+
+    Logged keys: ``clip/threshold``, ``clip/coef``, ``clip/active``,
+    ``clip/skipped_steps``, ``grad_norm/total_clipped``. With ``scope="layer"``
+    ``clip/coef`` is the smallest per-layer coefficient, ``clip/active`` the
+    fraction of layers clipped and ``clip/threshold`` the median threshold.
+
+    Args:
+        policy: a :class:`~lightning_gradguard.functional.ClipPolicy` object or a
+            shorthand: ``"norm"``, ``"value"``, ``"agc"``, ``"autoclip"``,
+            ``"zclip"``, ``"ema_ratio"`` (default arguments).
+        scope: ``"global"`` (one norm for all gradients) or ``"layer"`` (each group
+            of ``group_by`` is clipped on its own norm).
+        group_by: grouping for ``scope="layer"`` (see ``GradNormMonitor``).
+        depth: path components kept with ``group_by="depth"``.
+        include: glob patterns of parameter names to clip (default: all).
+        exclude: glob patterns of parameter names not to clip (e.g. the classifier
+            for AGC).
+        skip_nonfinite: skip steps whose gradients contain inf or NaN.
+        skip_spikes: also skip steps whose global norm spikes.
+        spike_sigma: how many standard deviations above the mean is a spike.
+        spike_window: how many recent norms the spike statistics use.
+        spike_min_samples: spike skipping starts once this many norms were seen.
+        max_consecutive_skips: stop training after this many skipped steps in a row.
+        log_every_n_steps: logging interval in optimizer steps; ``None`` uses the
+            Trainer's ``log_every_n_steps``.
+    """
+
+    clips_gradients = True
+
+    def __init__(
+        self,
+        policy: str | ClipPolicy = "zclip",
+        scope: str = "global",
+        group_by: GroupBy = "module",
+        depth: int | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        skip_nonfinite: bool = True,
+        skip_spikes: bool = False,
+        spike_sigma: float = 6.0,
+        spike_window: int = 128,
+        spike_min_samples: int = 20,
+        max_consecutive_skips: int = 10,
+        log_every_n_steps: int | None = None,
+    ) -> None:
+        self.policy = make_policy(policy)
+        if scope not in SCOPES:
+            raise ValueError(f"scope={scope!r} is not a clipping scope: use one of {list(SCOPES)}.")
+        validate_group_by(group_by, depth)
+        NormGrouping.from_named_parameters([], group_by, depth, include, exclude)
+        for name, flag in (("skip_nonfinite", skip_nonfinite), ("skip_spikes", skip_spikes)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}={flag!r} must be True or False.")
+        if (
+            isinstance(spike_sigma, bool)
+            or not isinstance(spike_sigma, (int, float))
+            or not spike_sigma > 0
+        ):
+            raise ValueError(f"spike_sigma={spike_sigma!r} must be a positive number.")
+        for name, value, low in (
+            ("spike_window", spike_window, 2),
+            ("spike_min_samples", spike_min_samples, 2),
+            ("max_consecutive_skips", max_consecutive_skips, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r} must be an integer >= {low}.")
+        if spike_min_samples > spike_window:
+            raise ValueError(
+                f"spike_min_samples={spike_min_samples} must not exceed "
+                f"spike_window={spike_window}."
+            )
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool)
+            or not isinstance(log_every_n_steps, int)
+            or log_every_n_steps < 1
+        ):
+            raise ValueError(
+                f"log_every_n_steps={log_every_n_steps!r} must be a positive integer or None."
+            )
+        self.scope = scope
+        self.group_by = group_by
+        self.depth = depth
+        self.include = None if include is None else list(include)
+        self.exclude = None if exclude is None else list(exclude)
+        self.skip_nonfinite = skip_nonfinite
+        self.skip_spikes = skip_spikes
+        self.spike_sigma = float(spike_sigma)
+        self.spike_window = spike_window
+        self.spike_min_samples = spike_min_samples
+        self.max_consecutive_skips = max_consecutive_skips
+        self.log_every_n_steps = log_every_n_steps
+        self.skipped_steps = 0
+        self._states: dict[int, _ClipState] = {}
+        self._loaded: dict[str, Any] = {}
+        self._monitor: Any = None
+        self._uses_scaler = False
+
+    # ------------------------------------------------------------------ identity / state
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(policy=repr(self.policy), scope=self.scope)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Policy state per optimizer and counters: CPU tensors and Python primitives."""
+        state: dict[str, Any] = {"skipped_steps": self.skipped_steps + self._scaler_skips_on_host()}
+        for index, s in self._states.items():
+            state[f"optimizer_{index}"] = {
+                "steps_seen": s.steps_seen,
+                "policy": s.policy.state_dict(),
+                "spikes": None if s.spikes is None else s.spikes.state_dict(),
+                "consecutive_skips": s.consecutive_skips,
+            }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (applied when each optimizer is first seen)."""
+        self._loaded = dict(state_dict)
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+
+    def _scaler_skips_on_host(self) -> int:
+        return sum(int(s.scaler_skips) for s in self._states.values() if s.scaler_skips is not None)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        strategy = type(trainer.strategy).__name__
+        if "DeepSpeed" in strategy:
+            raise RuntimeError(
+                "AdaptiveGradClip does not work under DeepSpeed: DeepSpeed owns the gradients and "
+                "clips them itself. Remove AdaptiveGradClip and set DeepSpeed's own "
+                "`gradient_clipping` in its config, e.g. "
+                "DeepSpeedStrategy(config={'gradient_clipping': 1.0})."
+            )
+        if getattr(trainer, "gradient_clip_val", None):
+            rank_zero_warn(
+                f"AdaptiveGradClip and Trainer(gradient_clip_val={trainer.gradient_clip_val}) are "
+                "both clipping gradients: Lightning clips after AdaptiveGradClip, so both "
+                "apply. Remove gradient_clip_val to let AdaptiveGradClip own clipping."
+            )
+        self._interval = self.log_every_n_steps or max(
+            1, int(getattr(trainer, "log_every_n_steps", 50) or 50)
+        )
+        scaler = getattr(trainer.strategy.precision_plugin, "scaler", None)
+        self._uses_scaler = scaler is not None
+        self._monitor = None
+        from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
+
+        callbacks = list(trainer.callbacks)
+        for position, callback in enumerate(callbacks):
+            if isinstance(callback, GradNormMonitor):
+                if position < callbacks.index(self):
+                    self._monitor = callback
+                else:
+                    rank_zero_warn(
+                        "GradNormMonitor is listed after AdaptiveGradClip, so it measures clipped "
+                        "gradients and computes its own norms. List it first to see the raw "
+                        "gradients and share one pass over them."
+                    )
+                break
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._states = {}
+        for index, optimizer in enumerate(trainer.optimizers):
+            self._wrap_step(optimizer, index)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        for optimizer in getattr(trainer, "optimizers", []):
+            if "step" in vars(optimizer):  # drop the instance wrapper: the class's step returns
+                del optimizer.step
+
+    # ------------------------------------------------------------------ skipping
+
+    def _wrap_step(self, optimizer: Any, index: int) -> None:
+        if "step" in vars(optimizer):  # already wrapped (a second fit with the same optimizer)
+            return
+        original = optimizer.step
+
+        def step(closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()  # runs backward and on_before_optimizer_step
+            if self._should_skip(index):
+                return loss
+            if closure is None:
+                return original(**kwargs)
+            return original(closure=lambda: loss, **kwargs)
+
+        optimizer.step = step
+
+    def _should_skip(self, index: int) -> bool:
+        state = self._states.get(index)
+        if state is None or state.skip_flag is None:
+            return False
+        flag, state.skip_flag = state.skip_flag, None
+        if not bool(flag):  # the one host read per step that skipping costs
+            state.consecutive_skips = 0
+            return False
+        self.skipped_steps += 1
+        state.consecutive_skips += 1
+        nonfinite = state.nonfinite_flag is not None and bool(state.nonfinite_flag)
+        if nonfinite:  # a bad step: worth one more pass to name the layers
+            finite = grad_norms(state.layers).groups.isfinite().tolist()
+            layers = [n for n, ok in zip(state.layers.names, finite) if not ok]
+            reason = f"non-finite gradients (inf/NaN) in: {', '.join(layers[:5]) or 'unknown'}"
+        else:
+            reason = f"a gradient-norm spike above {self.spike_sigma:g} sigma of the recent norms"
+        if state.consecutive_skips >= self.max_consecutive_skips:
+            raise RuntimeError(
+                f"AdaptiveGradClip skipped {state.consecutive_skips} optimizer steps in a row "
+                f"({reason}); training is stopped rather than looping on a broken state. Lower the "
+                "learning rate, check the data and the loss for inf/NaN, or resume from an earlier "
+                "checkpoint. Raise max_consecutive_skips to tolerate longer bursts."
+            )
+        rank_zero_warn(f"AdaptiveGradClip: skipped optimizer step ({reason}).")
+        return True
+
+    # ------------------------------------------------------------------ the step
+
+    def _state(self, trainer: Any, pl_module: Any, optimizer: Any) -> tuple[int, _ClipState]:
+        index = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
+        state = self._states.get(index)
+        if state is None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            group_by = self.group_by if self.scope == "layer" else (lambda name: "all")
+            grouping = NormGrouping.from_named_parameters(
+                pl_module.named_parameters(),
+                group_by,
+                self.depth,
+                self.include,
+                self.exclude,
+                only=params,
+            )
+            policy = self.policy if index == 0 else copy.deepcopy(self.policy)
+            spikes = (
+                SpikeWindow(self.spike_window, self.spike_min_samples, self.spike_sigma)
+                if self.skip_spikes
+                else None
+            )
+            layers = NormGrouping.from_named_parameters(
+                pl_module.named_parameters(),
+                "module",
+                None,
+                self.include,
+                self.exclude,
+                only=params,
+            )
+            state = _ClipState(grouping=grouping, policy=policy, spikes=spikes, layers=layers)
+            saved = self._loaded.pop(f"optimizer_{index}", None)
+            if saved is not None:
+                state.steps_seen = int(saved["steps_seen"])
+                policy.load_state_dict(saved["policy"])
+                if spikes is not None and saved.get("spikes") is not None:
+                    spikes.load_state_dict(saved["spikes"])
+                state.consecutive_skips = int(saved["consecutive_skips"])
+            self._states[index] = state
+        return index, state
+
+    def _norms(self, state: _ClipState, optimizer: Any) -> GroupedNorms:
+        monitor = self._monitor
+        if monitor is not None:
+            found = monitor.norms_for(optimizer)
+            if found is not None:
+                grouping, norms = found
+                same_params = tuple(map(id, grouping.parameters)) == tuple(
+                    map(id, state.grouping.parameters)
+                )
+                if same_params and (
+                    self.scope == "global" or grouping.names == state.grouping.names
+                ):
+                    return norms
+        return grad_norms(state.grouping)
+
+    @torch.no_grad()
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        index, state = self._state(trainer, pl_module, optimizer)
+        norms = self._norms(state, optimizer)
+        total = norms.total
+        norm = total if self.scope == "global" else norms.groups
+        params = list(state.grouping.parameters)
+        present = [p for p in params if p.grad is not None]
+        grads = [p.grad for p in present if p.grad is not None]
+        index_tensor = None
+        if self.scope == "layer":
+            positions = tuple(i for i, p in enumerate(params) if p.grad is not None)
+            index_tensor = state.grouping.index_tensor(positions, total.device)
+
+        nonfinite = ~torch.isfinite(total)
+        skip = torch.zeros((), dtype=torch.bool, device=total.device)
+        if self.skip_nonfinite and not self._uses_scaler:
+            skip = skip | nonfinite
+        if state.spikes is not None:
+            skip = skip | state.spikes.is_spike(total)
+        if self._uses_scaler:
+            state.scaler_skips = (
+                0 if state.scaler_skips is None else state.scaler_skips
+            ) + nonfinite.long()
+        threshold, coef = state.policy.clip_(present, grads, norm, index_tensor)
+        if state.spikes is not None:
+            state.spikes.record(total, ~skip)
+        if self.skip_nonfinite or self.skip_spikes:
+            skip = self._agree_across_ranks(skip)
+            state.skip_flag = skip
+            state.nonfinite_flag = nonfinite
+        logging_step = state.steps_seen % self._interval == 0
+        state.steps_seen += 1
+        if logging_step and trainer.is_global_zero:
+            self._log(trainer, state, index, norms, norm, threshold, coef)
+
+    @staticmethod
+    def _agree_across_ranks(flag: Tensor) -> Tensor:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            as_int = flag.to(torch.int32)
+            dist.all_reduce(as_int, op=dist.ReduceOp.MAX)
+            return as_int.bool()
+        return flag
+
+    def _log(
+        self,
+        trainer: Any,
+        state: _ClipState,
+        index: int,
+        norms: GroupedNorms,
+        norm: Tensor,
+        threshold: Tensor,
+        coef: Tensor,
+    ) -> None:
+        suffix = "" if index == 0 else f"_opt{index}"
+        if self.policy.uses_norms:
+            clipped = (norm * coef).pow(2).sum().sqrt() if self.scope == "layer" else norm * coef
+        else:
+            clipped = grad_norms(state.grouping).total
+        values: dict[str, Tensor] = {
+            "threshold": threshold.median() if threshold.dim() else threshold,
+            "coef": coef.min() if coef.dim() else coef,
+            "active": (coef < 1).double().mean() if coef.dim() else (coef < 1).double(),
+            "clipped": clipped,
+        }
+        if state.scaler_skips is not None:
+            values["scaler_skips"] = state.scaler_skips
+        host = {k: v[0] for k, v in to_host(values).items()}
+        metrics = {
+            f"clip/threshold{suffix}": host["threshold"],
+            f"clip/skipped_steps{suffix}": float(
+                self.skipped_steps + host.get("scaler_skips", 0.0)
+            ),
+            f"grad_norm/total_clipped{suffix}": host["clipped"],
+        }
+        if self.policy.uses_norms:
+            metrics[f"clip/coef{suffix}"] = host["coef"]
+            metrics[f"clip/active{suffix}"] = host["active"]
+        metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+        log_to_loggers(trainer, metrics, step=int(trainer.global_step))

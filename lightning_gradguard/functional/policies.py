@@ -1,0 +1,412 @@
+"""Clipping policies: how the clipping threshold is chosen, with state as device tensors.
+
+Every norm-based policy maps the current norm (a scalar for global clipping, or
+one norm per layer) to a threshold of the same shape and updates its state,
+using device operations only. :meth:`ClipPolicy.clip_` applies it in place.
+
+Example:
+    >>> import torch
+    >>> policy = AutoClip(percentile=50, window=4)
+    >>> [float(policy.threshold(torch.tensor(x, dtype=torch.float64))) for x in (1.0, 3.0, 2.0)]
+    [1.0, 2.0, 2.0]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_gradguard.functional.clipping import (
+    CLIP_EPS,
+    _check_count,
+    _check_fraction,
+    _check_positive,
+    agc_,
+    clip_by_norm_,
+    clip_by_value_,
+    clip_coefficients,
+)
+
+
+class ClipPolicy:
+    """Base class. Subclasses set ``name`` and implement :meth:`threshold`.
+
+    State tensors are created lazily, on the first norm's device and shape, so one
+    policy object serves a global (scalar) or per-layer (vector) scope.
+    """
+
+    name = "policy"
+    uses_norms = True
+    _state_names: tuple[str, ...] = ()
+
+    def threshold(self, norm: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Return the threshold for ``norm`` and update the state. Device ops only."""
+        raise NotImplementedError
+
+    def clip_(
+        self,
+        parameters: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        norm: Tensor,
+        group_index: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Clip ``grads`` in place given their precomputed ``norm``(s).
+
+        Returns:
+            ``(threshold, coefficient)`` as device tensors.
+        """
+        threshold = self.threshold(norm)
+        coef = clip_by_norm_(grads, threshold, norm, group_index)
+        return threshold, coef
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments (for logging and state keys)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state as CPU tensors (loads with ``torch.load(weights_only=True)``)."""
+        return {
+            n: getattr(self, n).detach().cpu().clone()
+            for n in self._state_names
+            if hasattr(self, n)
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; moved to the device at the next step."""
+        for name in self._state_names:
+            if name in state:
+                setattr(self, name, torch.as_tensor(state[name]).clone())
+
+    def _move_state(self, norm: Tensor) -> None:
+        for name in self._state_names:
+            value = getattr(self, name, None)
+            if value is not None and value.device != norm.device:
+                setattr(self, name, value.to(norm.device))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class FixedNorm(ClipPolicy):
+    """Clip to a fixed norm (what ``Trainer(gradient_clip_val=...)`` does).
+
+    Args:
+        max_norm: the largest norm allowed.
+    """
+
+    name = "norm"
+
+    def __init__(self, max_norm: float = 1.0) -> None:
+        self.max_norm = _check_positive(max_norm, "max_norm", "FixedNorm")
+
+    def threshold(self, norm: Tensor) -> Tensor:
+        return torch.full_like(norm, self.max_norm)
+
+    def config(self) -> dict[str, Any]:
+        return {"max_norm": self.max_norm}
+
+
+class FixedValue(ClipPolicy):
+    """Clamp every gradient element to ``[-clip_value, clip_value]``.
+
+    Value clipping changes the gradient's direction; norm clipping keeps it.
+    """
+
+    name = "value"
+    uses_norms = False
+
+    def __init__(self, clip_value: float = 0.5) -> None:
+        self.clip_value = _check_positive(clip_value, "clip_value", "FixedValue")
+
+    def threshold(self, norm: Tensor) -> Tensor:
+        return torch.full_like(norm, self.clip_value)
+
+    def clip_(
+        self,
+        parameters: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        norm: Tensor,
+        group_index: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        clip_by_value_(grads, self.clip_value)
+        return self.threshold(norm), torch.full_like(norm, math.nan)
+
+    def config(self) -> dict[str, Any]:
+        return {"clip_value": self.clip_value}
+
+
+class AGC(ClipPolicy):
+    """Unit-wise adaptive gradient clipping (Brock et al., 2021); see :func:`agc_`.
+
+    Args:
+        clipping: λ, the largest allowed ratio ‖G‖ / max(‖W‖, eps) per unit.
+        eps: floor of the weight norm, so zero-initialized weights still move.
+    """
+
+    name = "agc"
+    uses_norms = False
+
+    def __init__(self, clipping: float = 0.01, eps: float = 1e-3) -> None:
+        self.clipping = _check_positive(clipping, "clipping", "AGC")
+        self.eps = _check_positive(eps, "eps", "AGC")
+
+    def threshold(self, norm: Tensor) -> Tensor:
+        return torch.full_like(norm, self.clipping)
+
+    def clip_(
+        self,
+        parameters: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        norm: Tensor,
+        group_index: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        agc_(parameters, self.clipping, self.eps)
+        return self.threshold(norm), torch.full_like(norm, math.nan)
+
+    def config(self) -> dict[str, Any]:
+        return {"clipping": self.clipping, "eps": self.eps}
+
+
+class AutoClip(ClipPolicy):
+    """AutoClip (Seetharaman et al., 2020): clip to a percentile of past norms.
+
+    The history includes the current norm. The paper keeps every norm; this keeps
+    the last ``window`` (a ring buffer on the device), so memory stays constant.
+    Non-finite norms are not recorded. Percentiles interpolate linearly, as
+    ``numpy.percentile`` does.
+
+    Args:
+        percentile: the percentile of the history to clip to (the paper uses 10).
+        window: how many recent norms are kept.
+    """
+
+    name = "autoclip"
+    _state_names = ("history", "position")
+    history: Tensor | None = None
+    position: Tensor
+
+    def __init__(self, percentile: float = 10.0, window: int = 1000) -> None:
+        ok = isinstance(percentile, (int, float)) and not isinstance(percentile, bool)
+        if not ok or not 0 <= percentile <= 100:
+            raise ValueError(
+                f"AutoClip(percentile={percentile!r}): percentile must be in [0, 100]."
+            )
+        self.percentile = float(percentile)
+        self.window = _check_count(window, "window", "AutoClip")
+
+    def threshold(self, norm: Tensor) -> Tensor:
+        norm = norm.to(torch.float64)
+        if self.history is None or self.history.shape[1:] != norm.shape:
+            self.history = torch.full(
+                (self.window, *norm.shape), math.nan, dtype=torch.float64, device=norm.device
+            )
+            self.position = torch.zeros((), dtype=torch.long, device=norm.device)
+        self._move_state(norm)
+        value = torch.where(torch.isfinite(norm), norm, math.nan)
+        slot = (self.position % self.window).view(1)
+        self.history = self.history.index_copy(0, slot, value.unsqueeze(0))
+        self.position = self.position + 1
+        threshold = torch.nanquantile(self.history, self.percentile / 100.0, dim=0)
+        return torch.nan_to_num(threshold, nan=math.inf)
+
+    def config(self) -> dict[str, Any]:
+        return {"percentile": self.percentile, "window": self.window}
+
+
+class ZClip(ClipPolicy):
+    """ZClip (Kumar et al., 2025): z-score spike clipping over an EMA of norms.
+
+    Follows the authors' reference implementation step for step: for the first
+    ``warmup_steps`` norms it only clips at ``max_grad_norm`` and collects them;
+    then mean and (population) variance are initialized from them. Afterwards,
+    with ``z = (norm − μ) / (σ + eps)``:
+
+    - ``mode="zscore"``, ``clip_option="adaptive_scaling"``: if ``z > z_thresh``
+      the threshold is ``(μ + z_thresh·σ / (z / z_thresh)) · clip_factor``;
+    - ``mode="zscore"``, ``clip_option="mean"``: if ``z > z_thresh``, clip to μ;
+    - ``mode="percentile"``: clip to ``μ + z_thresh·σ`` when above it;
+
+    always capped at ``max_grad_norm`` when that is set. The EMAs are updated
+    with the clipped value on a spike (``μ ← α·μ + (1−α)·x``, then
+    ``σ² ← α·σ² + (1−α)·(x − μ)²`` with the new μ), or not at all when
+    ``skip_update_on_spike``. Unlike the reference, non-finite norms are never
+    folded into the statistics (the step is skipped instead).
+    """
+
+    name = "zclip"
+    _state_names = ("count", "warmup_buffer", "mean", "var", "initialized")
+
+    def __init__(
+        self,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        max_grad_norm: float | None = 1.0,
+        eps: float = 1e-6,
+        warmup_steps: int = 25,
+        mode: str = "zscore",
+        clip_option: str = "adaptive_scaling",
+        clip_factor: float = 1.0,
+        skip_update_on_spike: bool = False,
+    ) -> None:
+        self.alpha = _check_fraction(alpha, "alpha", "ZClip")
+        self.z_thresh = _check_positive(z_thresh, "z_thresh", "ZClip")
+        self.max_grad_norm = (
+            None
+            if max_grad_norm is None
+            else _check_positive(max_grad_norm, "max_grad_norm", "ZClip")
+        )
+        self.eps = _check_positive(eps, "eps", "ZClip")
+        self.warmup_steps = _check_count(warmup_steps, "warmup_steps", "ZClip")
+        if mode not in ("zscore", "percentile"):
+            raise ValueError(f"ZClip(mode={mode!r}): mode must be 'zscore' or 'percentile'.")
+        if clip_option not in ("adaptive_scaling", "mean"):
+            raise ValueError(
+                f"ZClip(clip_option={clip_option!r}): clip_option must be "
+                "'adaptive_scaling' or 'mean'."
+            )
+        self.mode = mode
+        self.clip_option = clip_option
+        self.clip_factor = _check_positive(clip_factor, "clip_factor", "ZClip")
+        if not isinstance(skip_update_on_spike, bool):
+            raise TypeError(
+                f"ZClip(skip_update_on_spike={skip_update_on_spike!r}) must be True or False."
+            )
+        self.skip_update_on_spike = skip_update_on_spike
+
+    def _init_state(self, norm: Tensor) -> None:
+        kw: dict[str, Any] = {"dtype": torch.float64, "device": norm.device}
+        self.count = torch.zeros((), dtype=torch.long, device=norm.device)
+        self.warmup_buffer = torch.zeros((self.warmup_steps, *norm.shape), **kw)
+        self.mean = torch.zeros(norm.shape, **kw)
+        self.var = torch.zeros(norm.shape, **kw)
+        self.initialized = torch.zeros((), dtype=torch.bool, device=norm.device)
+
+    def threshold(self, norm: Tensor) -> Tensor:
+        norm = norm.to(torch.float64)
+        if getattr(self, "mean", None) is None or self.mean.shape != norm.shape:
+            self._init_state(norm)
+        self._move_state(norm)
+        cap = math.inf if self.max_grad_norm is None else self.max_grad_norm
+        finite = torch.isfinite(norm).all()
+        ready = self.initialized
+
+        # Warm-up: collect finite norms; initialize mean/variance once the buffer is full.
+        collecting = ~ready & finite
+        slot = self.count.clamp(max=self.warmup_steps - 1).view(1)
+        filled = self.warmup_buffer.index_copy(0, slot, norm.unsqueeze(0))
+        self.warmup_buffer = torch.where(collecting, filled, self.warmup_buffer)
+        self.count = self.count + collecting.long()
+        completing = ~ready & (self.count >= self.warmup_steps)
+        buffer_mean = self.warmup_buffer.mean(0)
+        buffer_var = (self.warmup_buffer - buffer_mean).pow(2).mean(0)
+
+        # After warm-up: the reference's clip value.
+        std = self.var.sqrt()
+        if self.mode == "percentile":
+            clip_val = self.mean + self.z_thresh * std
+            spike = norm > clip_val
+        else:
+            z = (norm - self.mean) / (std + self.eps)
+            spike = z > self.z_thresh
+            if self.clip_option == "adaptive_scaling":
+                eta = z / self.z_thresh
+                clip_val = (self.mean + self.z_thresh * std / eta) * self.clip_factor
+            else:
+                clip_val = self.mean
+        adaptive = torch.where(spike, clip_val, norm)
+        effective = adaptive.clamp(max=cap)
+
+        update_value = torch.where(spike, clip_val, norm)
+        new_mean = self.alpha * self.mean + (1 - self.alpha) * update_value
+        new_var = self.alpha * self.var + (1 - self.alpha) * (update_value - new_mean).pow(2)
+        update = ready & torch.isfinite(norm)
+        if self.skip_update_on_spike:
+            update = update & ~spike
+        self.mean = torch.where(update, new_mean, torch.where(completing, buffer_mean, self.mean))
+        self.var = torch.where(update, new_var, torch.where(completing, buffer_var, self.var))
+        self.initialized = ready | completing
+        return torch.where(ready, effective, torch.full_like(norm, cap))
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha,
+            "z_thresh": self.z_thresh,
+            "max_grad_norm": self.max_grad_norm,
+            "eps": self.eps,
+            "warmup_steps": self.warmup_steps,
+            "mode": self.mode,
+            "clip_option": self.clip_option,
+            "clip_factor": self.clip_factor,
+            "skip_update_on_spike": self.skip_update_on_spike,
+        }
+
+
+class EMARatio(ClipPolicy):
+    """OLMo-style clipping to ``ratio ×`` an EMA of the norm.
+
+    The EMA starts at the first norm and is updated with the *clipped* norm:
+    ``ema ← decay·ema + (1−decay)·min(norm, ratio·ema)``. Use it with per-layer
+    scope (and ``group_by="parameter"`` for OLMo's per-tensor variant) or globally.
+
+    Args:
+        ratio: how far above its running level a norm may go.
+        decay: EMA decay (OLMo uses the optimizer's β₂, e.g. 0.95).
+    """
+
+    name = "ema_ratio"
+    _state_names = ("ema", "started")
+    ema: Tensor | None = None
+    started: Tensor
+
+    def __init__(self, ratio: float = 2.0, decay: float = 0.95) -> None:
+        self.ratio = _check_positive(ratio, "ratio", "EMARatio")
+        self.decay = _check_fraction(decay, "decay", "EMARatio")
+
+    def threshold(self, norm: Tensor) -> Tensor:
+        norm = norm.to(torch.float64)
+        if self.ema is None or self.ema.shape != norm.shape:
+            self.ema = torch.zeros(norm.shape, dtype=torch.float64, device=norm.device)
+            self.started = torch.zeros(norm.shape, dtype=torch.bool, device=norm.device)
+        self._move_state(norm)
+        finite = torch.isfinite(norm)
+        ema = torch.where(self.started, self.ema, norm)
+        threshold = self.ratio * ema
+        clipped = norm * clip_coefficients(threshold, norm, CLIP_EPS)
+        self.ema = torch.where(finite, torch.lerp(ema, clipped, 1 - self.decay), self.ema)
+        self.started = self.started | finite
+        return threshold
+
+    def config(self) -> dict[str, Any]:
+        return {"ratio": self.ratio, "decay": self.decay}
+
+
+POLICIES: dict[str, type[ClipPolicy]] = {
+    "norm": FixedNorm,
+    "value": FixedValue,
+    "agc": AGC,
+    "autoclip": AutoClip,
+    "zclip": ZClip,
+    "ema_ratio": EMARatio,
+}
+"""String shorthands accepted by ``AdaptiveGradClip(policy=...)``."""
+
+
+def make_policy(policy: str | ClipPolicy) -> ClipPolicy:
+    """A policy object from a shorthand (default arguments) or the object itself.
+
+    Raises:
+        ValueError: for an unknown shorthand, listing the valid ones.
+    """
+    if isinstance(policy, ClipPolicy):
+        return policy
+    if isinstance(policy, str) and policy in POLICIES:
+        return POLICIES[policy]()
+    raise ValueError(
+        f"policy={policy!r} is not a clipping policy: use one of {sorted(POLICIES)} "
+        "or a policy object such as ZClip(z_thresh=3.0)."
+    )

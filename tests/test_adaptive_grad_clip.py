@@ -1,0 +1,209 @@
+"""AdaptiveGradClip in real (tiny) Lightning runs, against torch references."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from helpers import CaptureLogger, TinyMLP, quiet_trainer_kwargs
+
+import lightning_gradguard.callbacks.adaptive_grad_clip as clip_module
+from lightning_gradguard import AdaptiveGradClip, GradNormMonitor
+from lightning_gradguard.functional import FixedNorm, ZClip
+
+
+class _Recording(TinyMLP):
+    """Keeps raw gradients after backward and the gradients the optimizer receives."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.raw: list[list[torch.Tensor]] = []
+        self.used: list[list[torch.Tensor]] = []
+        self.inject_at: int | None = None
+
+    def on_after_backward(self) -> None:
+        if self.inject_at is not None and self.global_step == self.inject_at:
+            self.net[2].weight.grad[0, 0] = float("nan")
+        self.raw.append([p.grad.clone() for p in self.parameters()])
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:  # runs after the callbacks
+        self.used.append([p.grad.clone() for p in self.parameters()])
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=0.01)
+
+
+def _fit(model: pl.LightningModule, callbacks: list, steps: int, **kwargs: Any) -> CaptureLogger:
+    logger = CaptureLogger()
+    trainer_kwargs = quiet_trainer_kwargs(max_steps=steps, **kwargs)
+    pl.Trainer(logger=logger, callbacks=callbacks, **trainer_kwargs).fit(model)
+    return logger
+
+
+def test_fixed_norm_matches_torch_clip_grad_norm() -> None:
+    torch.manual_seed(0)
+    model = _Recording()
+    logger = _fit(model, [AdaptiveGradClip(policy=FixedNorm(0.05), log_every_n_steps=1)], steps=4)
+    for step, (raw, used) in enumerate(zip(model.raw, model.used)):
+        reference = [g.clone() for g in raw]
+        total = torch.nn.utils.clip_grad_norm_(
+            [torch.nn.Parameter(torch.zeros_like(g)) for g in reference], 1e9
+        )
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in raw]
+        for p, g in zip(params, raw):
+            p.grad = g.clone()
+        torch.nn.utils.clip_grad_norm_(params, 0.05)
+        for p, g in zip(params, used):
+            torch.testing.assert_close(g, p.grad)
+        logged = logger.at_step(step)
+        assert logged["clip/threshold"] == pytest.approx(0.05)
+        raw_total = float(torch.nn.utils.get_total_norm(raw))
+        assert logged["clip/coef"] == pytest.approx(0.05 / (raw_total + 1e-6), rel=1e-6)
+        assert logged["clip/active"] == 1.0
+        assert logged["grad_norm/total_clipped"] == pytest.approx(0.05, rel=1e-5)
+        del total
+
+
+def test_layer_scope_clips_each_module_to_its_threshold() -> None:
+    torch.manual_seed(0)
+    model = _Recording()
+    _fit(model, [AdaptiveGradClip(policy=FixedNorm(0.01), scope="layer")], steps=2)
+    names = [n for n, _ in model.named_parameters()]
+    for raw, used in zip(model.raw, model.used):
+        for layer in ("net.0", "net.2", "net.4"):
+            idx = [i for i, n in enumerate(names) if n.startswith(layer + ".")]
+            raw_norm = float(torch.nn.utils.get_total_norm([raw[i] for i in idx]))
+            used_norm = float(torch.nn.utils.get_total_norm([used[i] for i in idx]))
+            assert used_norm == pytest.approx(min(raw_norm, 0.01), rel=1e-4)
+
+
+def test_nonfinite_step_is_skipped_bit_identically() -> None:
+    torch.manual_seed(0)
+    model = _Recording()
+    model.inject_at = 2
+    snapshots: list[tuple[dict, dict]] = []
+
+    class Snapshot(pl.Callback):
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+            optimizer = trainer.optimizers[0]
+            snapshots.append(
+                (copy.deepcopy(pl_module.state_dict()), copy.deepcopy(optimizer.state_dict()))
+            )
+
+    clipper = AdaptiveGradClip(policy="norm", log_every_n_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logger = _fit(model, [clipper, Snapshot()], steps=5)
+    params_1, opt_1 = snapshots[1]
+    params_2, opt_2 = snapshots[2]
+    for key in params_1:
+        assert torch.equal(params_1[key], params_2[key]), key
+    for slot, state in opt_1["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, opt_2["state"][slot][name]), (slot, name)
+    assert not torch.equal(snapshots[3][0]["net.0.weight"], params_2["net.0.weight"])
+    assert clipper.skipped_steps == 1
+    assert logger.at_step(3)["clip/skipped_steps"] == 1
+    messages = [str(w.message) for w in caught if "skipped optimizer step" in str(w.message)]
+    assert len(messages) == 1 and "net.2" in messages[0] and "net.0" not in messages[0]
+
+
+class _AlwaysNaN(TinyMLP):
+    def on_after_backward(self) -> None:
+        if self.global_step >= 1:
+            self.net[0].bias.grad.fill_(float("inf"))
+
+
+def test_consecutive_skips_stop_training_with_an_explanation() -> None:
+    clipper = AdaptiveGradClip(policy="norm", max_consecutive_skips=3)
+    with pytest.raises(RuntimeError, match=r"skipped 3 optimizer steps in a row.*net\.0"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _fit(_AlwaysNaN(), [clipper], steps=10)
+
+
+class _Spike(_Recording):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * (1e4 if self.global_step == 25 else 1.0)
+
+
+def test_spike_skipping_skips_only_the_spike() -> None:
+    torch.manual_seed(0)
+    model = _Spike()
+    clipper = AdaptiveGradClip(policy=FixedNorm(1e9), skip_spikes=True, spike_min_samples=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _fit(model, [clipper], steps=30, limit_train_batches=8, max_epochs=10)
+    assert clipper.skipped_steps == 1
+
+
+def test_monitor_norms_are_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"clip": 0}
+    original = clip_module.grad_norms
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls["clip"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(clip_module, "grad_norms", counting)
+    torch.manual_seed(0)
+    model = _Recording()
+    monitor = GradNormMonitor(log_every_n_steps=1, log_update_ratio=False)
+    clipper = AdaptiveGradClip(policy=FixedNorm(0.05), log_every_n_steps=100)
+    logger = _fit(model, [monitor, clipper], steps=3)
+    assert calls["clip"] == 0  # every step used the monitor's norms
+    for step, raw in enumerate(model.raw):
+        raw_total = float(torch.nn.utils.get_total_norm(raw))
+        assert logger.at_step(step)["grad_norm/total"] == pytest.approx(raw_total, rel=1e-5)
+
+
+def test_two_clippers_warning_and_deepspeed_error() -> None:
+    with pytest.warns(UserWarning, match="both clipping"):
+        _fit(TinyMLP(), [AdaptiveGradClip(policy="norm")], steps=1, gradient_clip_val=1.0)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
+    def run(steps: int, ckpt: Path | None = None, save: bool = False) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = _Recording(batch_size=64)  # 4 batches an epoch: step 20 ends epoch 5
+        callbacks: list = [AdaptiveGradClip(policy=ZClip(warmup_steps=5, max_grad_norm=None))]
+        if save:
+            callbacks.append(
+                pl.callbacks.ModelCheckpoint(
+                    dirpath=tmp_path, save_last=True, every_n_train_steps=20
+                )
+            )
+        kwargs = quiet_trainer_kwargs(max_steps=steps, enable_checkpointing=save)
+        pl.Trainer(logger=False, callbacks=callbacks, **kwargs).fit(model, ckpt_path=ckpt)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    straight = run(40)
+    run(20, save=True)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    state = next(v for k, v in saved["callbacks"].items() if k.startswith("AdaptiveGradClip"))
+    assert bool(state["optimizer_0"]["policy"]["initialized"])
+    resumed = run(40, ckpt=tmp_path / "last.ckpt")
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"policy": "zclipp"}, "policy='zclipp'"),
+        ({"scope": "tensor"}, "scope='tensor'"),
+        ({"spike_sigma": 0}, "spike_sigma=0"),
+        ({"max_consecutive_skips": 0}, "max_consecutive_skips=0"),
+        ({"skip_nonfinite": "no"}, "skip_nonfinite='no'"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs: dict, fragment: str) -> None:
+    with pytest.raises((ValueError, TypeError)) as info:
+        AdaptiveGradClip(**kwargs)
+    assert fragment in str(info.value)
