@@ -121,10 +121,12 @@ class _AlwaysNaN(TinyMLP):
 
 def test_consecutive_skips_stop_training_with_an_explanation() -> None:
     clipper = AdaptiveGradClip(policy="norm", max_consecutive_skips=3)
-    with pytest.raises(RuntimeError, match=r"skipped 3 optimizer steps in a row.*net\.0"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _fit(_AlwaysNaN(), [clipper], steps=10)
+    with (
+        pytest.raises(RuntimeError, match=r"skipped 3 optimizer steps in a row.*net\.0"),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")
+        _fit(_AlwaysNaN(), [clipper], steps=10)
 
 
 class _Spike(_Recording):
