@@ -7,7 +7,8 @@ Example:
 """
 
 from lightning_gradguard.callbacks import AdaptiveGradClip, GradNormMonitor
+from lightning_gradguard.mixin import GradGuardMixin
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaptiveGradClip", "GradNormMonitor", "__version__"]
+__all__ = ["AdaptiveGradClip", "GradGuardMixin", "GradNormMonitor", "__version__"]

@@ -28,6 +28,7 @@ from lightning_gradguard.functional.policies import (
     FixedNorm,
     FixedValue,
     ZClip,
+    clip_with_policy_,
     make_policy,
 )
 from lightning_gradguard.functional.spikes import SpikeWindow
@@ -51,6 +52,7 @@ __all__ = [
     "clip_by_norm_",
     "clip_by_value_",
     "clip_coefficients",
+    "clip_with_policy_",
     "grad_norms",
     "grouped_norms",
     "local_tensors",

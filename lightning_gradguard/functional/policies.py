@@ -177,8 +177,9 @@ class AutoClip(ClipPolicy):
 
     The history includes the current norm. The paper keeps every norm; this keeps
     the last ``window`` (a ring buffer on the device), so memory stays constant.
-    Non-finite norms are not recorded. Percentiles interpolate linearly, as
-    ``numpy.percentile`` does.
+    Non-finite norms are not recorded (nor do they push recorded ones out; each
+    element of a per-layer vector keeps its own position). Percentiles interpolate
+    linearly, as ``numpy.percentile`` does.
 
     Args:
         percentile: the percentile of the history to clip to (the paper uses 10).
@@ -205,12 +206,17 @@ class AutoClip(ClipPolicy):
             self.history = torch.full(
                 (self.window, *norm.shape), math.nan, dtype=torch.float64, device=norm.device
             )
-            self.position = torch.zeros((), dtype=torch.long, device=norm.device)
+            self.position = torch.zeros(norm.shape, dtype=torch.long, device=norm.device)
         self._move_state(norm)
-        value = torch.where(torch.isfinite(norm), norm, math.nan)
-        slot = (self.position % self.window).view(1)
-        self.history = self.history.index_copy(0, slot, value.unsqueeze(0))
-        self.position = self.position + 1
+        if self.position.shape != norm.shape:  # a state saved with one shared position
+            self.position = self.position.expand(norm.shape).clone()
+        # One write position per element: a non-finite norm neither enters the history
+        # nor pushes a recorded norm out of it.
+        finite = torch.isfinite(norm)
+        slot = (self.position % self.window).unsqueeze(0)
+        written = self.history.scatter(0, slot, norm.unsqueeze(0))
+        self.history = torch.where(finite, written, self.history)
+        self.position = self.position + finite.long()
         threshold = torch.nanquantile(self.history, self.percentile / 100.0, dim=0)
         return torch.nan_to_num(threshold, nan=math.inf)
 
@@ -410,3 +416,51 @@ def make_policy(policy: str | ClipPolicy) -> ClipPolicy:
         f"policy={policy!r} is not a clipping policy: use one of {sorted(POLICIES)} "
         "or a policy object such as ZClip(z_thresh=3.0)."
     )
+
+
+@torch.no_grad()
+def clip_with_policy_(
+    policy: ClipPolicy, parameters: Sequence[Tensor], grad_scale: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Clip the gradients of ``parameters`` globally with ``policy``, in place.
+
+    For a plain PyTorch loop, for ``configure_gradient_clipping`` and for manual
+    optimization. ``grad_scale`` is the AMP ``GradScaler``'s current scale when
+    the gradients are still scaled: they are unscaled for the decision and scaled
+    back afterwards. GradScaler scales are powers of two, so both multiplications
+    are exact.
+
+    Args:
+        policy: the clipping policy (its state is updated).
+        parameters: the parameters whose ``.grad`` is clipped.
+        grad_scale: the loss scale the gradients carry, or ``None``.
+
+    Returns:
+        ``(norm, threshold, coefficient)`` of the unscaled gradients, device tensors.
+
+    Example:
+        >>> layer = torch.nn.Linear(4, 4)
+        >>> layer(torch.randn(8, 4)).pow(2).sum().backward()
+        >>> norm, threshold, coef = clip_with_policy_(FixedNorm(0.1), list(layer.parameters()))
+        >>> round(float(torch.nn.utils.get_total_norm([p.grad for p in layer.parameters()])), 4)
+        0.1
+    """
+    from lightning_gradguard.functional.norms import grouped_norms
+
+    params = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        zero = torch.zeros((), dtype=torch.float64)
+        return zero, policy.threshold(zero), torch.ones((), dtype=torch.float64)
+    locals_ = grads
+    if grad_scale is not None:
+        from lightning_gradguard.functional.norms import local_tensors
+
+        locals_, _ = local_tensors(grads)
+        torch._foreach_mul_(locals_, grad_scale.reciprocal().to(locals_[0].dtype))
+    index = torch.zeros(len(grads), dtype=torch.long, device=grads[0].device)
+    norm = grouped_norms(grads, index, 1).total
+    threshold, coef = policy.clip_(params, grads, norm)
+    if grad_scale is not None:
+        torch._foreach_mul_(locals_, grad_scale.to(locals_[0].dtype))
+    return norm, threshold, coef

@@ -1,0 +1,115 @@
+"""``GradGuardMixin``: the clipping policies through Lightning's own hook.
+
+Mix it into a LightningModule (of either Lightning package) and set
+``gradguard_clip`` to a policy or shorthand. Lightning then calls
+``configure_gradient_clipping`` every automatic-optimization step, after AMP
+unscaling, and the policy clips. For manual optimization call
+:meth:`GradGuardMixin.clip_gradients_unscaled` between ``manual_backward`` and
+``opt.step()``: it accounts for the fp16 loss scale, which Lightning's own
+``self.clip_gradients`` does not (its gradients are still scaled at that point,
+Lightning issue #18089).
+
+Example:
+    >>> import pytorch_lightning as pl
+    >>> import torch
+    >>> from lightning_gradguard import GradGuardMixin
+    >>> class Model(GradGuardMixin, pl.LightningModule):
+    ...     gradguard_clip = "autoclip"
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.layer = torch.nn.Linear(4, 1)
+    >>> Model().gradguard_policy_for(0)
+    AutoClip(percentile=10.0, window=1000)
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import Tensor
+
+from lightning_gradguard._compat import rank_zero_warn
+from lightning_gradguard.functional.policies import ClipPolicy, clip_with_policy_, make_policy
+
+
+class GradGuardMixin:
+    """LightningModule mixin: adaptive clipping via ``configure_gradient_clipping``.
+
+    Attributes:
+        gradguard_clip: a :class:`~lightning_gradguard.functional.ClipPolicy`, a
+            shorthand (``"norm"``, ``"value"``, ``"agc"``, ``"autoclip"``,
+            ``"zclip"``, ``"ema_ratio"``) or ``None`` (Lightning's default behaviour).
+            Each optimizer gets its own copy of the policy's state.
+    """
+
+    gradguard_clip: str | ClipPolicy | None = None
+
+    def gradguard_policy_for(self, optimizer_index: int) -> ClipPolicy | None:
+        """The policy object (with its state) used for optimizer ``optimizer_index``."""
+        if self.gradguard_clip is None:
+            return None
+        policies: dict[int, ClipPolicy] = self.__dict__.setdefault("_gradguard_policies", {})
+        if optimizer_index not in policies:
+            template = make_policy(self.gradguard_clip)
+            policies[optimizer_index] = template if not policies else copy.deepcopy(template)
+        return policies[optimizer_index]
+
+    def _gradguard_trainer(self) -> Any:
+        return getattr(self, "_trainer", None)  # None outside a fit, without raising
+
+    def _gradguard_index(self, optimizer: Any) -> int:
+        trainer = self._gradguard_trainer()
+        optimizers = list(getattr(trainer, "optimizers", []) or [])
+        raw = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps the optimizer
+        return next((i for i, opt in enumerate(optimizers) if opt is raw), 0)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: Any,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip with ``gradguard_clip``; falls back to Lightning's behaviour when it is None."""
+        policy = self.gradguard_policy_for(self._gradguard_index(optimizer))
+        if policy is None:
+            super().configure_gradient_clipping(  # type: ignore[misc]
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
+            return
+        if gradient_clip_val and not self.__dict__.get("_gradguard_warned"):
+            self.__dict__["_gradguard_warned"] = True
+            rank_zero_warn(
+                f"GradGuardMixin clips with {policy!r}; Trainer(gradient_clip_val="
+                f"{gradient_clip_val}) is ignored. Remove it to silence this warning."
+            )
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        clip_with_policy_(policy, params)
+
+    def clip_gradients_unscaled(self, optimizer: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """Manual optimization: clip ``optimizer``'s gradients with ``gradguard_clip``.
+
+        Call it after ``self.manual_backward(loss)`` and before ``optimizer.step()``.
+        Under fp16 AMP the gradients are still multiplied by the loss scale here;
+        the decision is taken on the unscaled gradients.
+
+        Returns:
+            ``(norm, threshold, coefficient)`` as device tensors.
+
+        Raises:
+            ValueError: when ``gradguard_clip`` is None.
+        """
+        index = self._gradguard_index(optimizer)
+        policy = self.gradguard_policy_for(index)
+        if policy is None:
+            raise ValueError(
+                "clip_gradients_unscaled needs a policy: set gradguard_clip on the module, "
+                "e.g. gradguard_clip = 'zclip'."
+            )
+        trainer = self._gradguard_trainer()
+        plugin = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
+        scaler = getattr(plugin, "scaler", None)
+        scale = getattr(scaler, "_scale", None) if scaler is not None else None
+        raw = getattr(optimizer, "optimizer", optimizer)
+        params = [p for group in raw.param_groups for p in group["params"]]
+        return clip_with_policy_(policy, params, grad_scale=scale)
