@@ -1,14 +1,37 @@
 """lightning_gradguard: drop-in PyTorch Lightning callbacks that keep gradients healthy.
 
+The callbacks and the mixin are imported lazily, so ``lightning_gradguard.functional``
+(pure torch) can be used from plain PyTorch or Fabric without importing Lightning.
+
 Example:
     >>> import pytorch_lightning as pl
     >>> from lightning_gradguard import GradNormMonitor
     >>> trainer = pl.Trainer(callbacks=[GradNormMonitor()], logger=False)
 """
 
-from lightning_gradguard.callbacks import AdaptiveGradClip, GradNormMonitor
-from lightning_gradguard.mixin import GradGuardMixin
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "AdaptiveGradClip": "lightning_gradguard.callbacks.adaptive_grad_clip",
+    "GradNormMonitor": "lightning_gradguard.callbacks.grad_norm_monitor",
+    "GradGuardMixin": "lightning_gradguard.mixin",
+}
+
+if TYPE_CHECKING:
+    from lightning_gradguard.callbacks.adaptive_grad_clip import AdaptiveGradClip
+    from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
+    from lightning_gradguard.mixin import GradGuardMixin
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lightning_gradguard' has no attribute {name!r}")
+
 
 __all__ = ["AdaptiveGradClip", "GradGuardMixin", "GradNormMonitor", "__version__"]

@@ -209,3 +209,50 @@ def test_bad_arguments_are_named(kwargs: dict, fragment: str) -> None:
     with pytest.raises((ValueError, TypeError)) as info:
         AdaptiveGradClip(**kwargs)
     assert fragment in str(info.value)
+
+
+def test_fp16_scaler_skips_are_counted_not_doubled() -> None:
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    model = _Recording()
+    steps_taken: list[int] = []
+
+    class CountSteps(pl.Callback):
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            trainer.optimizers[0].register_step_post_hook(lambda *a: steps_taken.append(1))
+
+    # 2**24 overflows fp16 gradients on the first steps: the GradScaler skips them itself.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    clipper = AdaptiveGradClip(policy=FixedNorm(1.0), log_every_n_steps=1)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logger = _fit(model, [clipper, CountSteps()], steps=12, plugins=[plugin])
+    scaler_skipped = 12 - len(steps_taken)
+    assert scaler_skipped >= 1
+    assert clipper.skipped_steps == 0  # the callback did not act on them
+    assert clipper.state_dict()["skipped_steps"] == scaler_skipped
+    assert logger.at_step(11)["clip/skipped_steps"] == scaler_skipped
+
+
+def test_resume_in_a_fresh_process_equals_uninterrupted_run(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    worker = Path(__file__).parent / "workers" / "clip_resume.py"
+
+    def run(*args: str) -> None:
+        subprocess.run(
+            [sys.executable, str(worker), *args], check=True, timeout=300, capture_output=True
+        )
+
+    run("40", str(tmp_path / "straight.pt"))
+    run("20", str(tmp_path / "first.pt"), "--save-dir", str(tmp_path / "ckpt"))
+    run("40", str(tmp_path / "resumed.pt"), "--resume", str(tmp_path / "ckpt" / "last.ckpt"))
+    straight = torch.load(tmp_path / "straight.pt", weights_only=True)
+    first = torch.load(tmp_path / "first.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    assert any(not torch.equal(first[k], straight[k]) for k in straight)  # 20 more steps did move
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key

@@ -174,7 +174,8 @@ def test_update_ratio_is_delta_over_old_norm() -> None:
 
 
 def test_wrapper_prefixes_are_removed() -> None:
-    assert clean_parameter_name("_orig_mod.module.encoder.0.weight") == "encoder.0.weight"
+    assert clean_parameter_name("_orig_mod.encoder.0.weight") == "encoder.0.weight"
+    assert clean_parameter_name("encoder.module.weight") == "encoder.module.weight"
     assert clean_parameter_name("encoder._fsdp_wrapped_module.0.weight") == "encoder.0.weight"
     compiled = torch.compile(nn.Sequential(nn.Linear(2, 2)))
     assert NormGrouping.from_module(compiled).names == ("0",)
@@ -210,3 +211,16 @@ def test_bf16_gradients() -> None:
     norms = grad_norms(NormGrouping.from_module(model))
     expected = torch.nn.utils.get_total_norm([p.grad.double() for p in model.parameters()])
     assert float(norms.total) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_functional_does_not_import_lightning() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lightning_gradguard.functional\n"
+        "heavy = ('pytorch_lightning', 'lightning', 'wandb')\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in heavy]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

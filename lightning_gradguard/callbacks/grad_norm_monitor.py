@@ -70,6 +70,7 @@ class _OptimizerView:
     pending: dict[str, Tensor] | None = None
     snapshot: ParameterSnapshot | None = None
     step_for_log: int = 0
+    suffix: str = ""
 
 
 class GradNormMonitor(Callback):
@@ -84,13 +85,15 @@ class GradNormMonitor(Callback):
 
     - ``grad_norm/total`` and ``grad_norm/<layer>`` (every logging step),
     - ``param_norm/<layer>`` and ``update_ratio/<layer>`` (‖Δθ‖ / ‖θ‖ of that step),
-    - ``grad_norm/total_clipped`` when clipping is configured,
+    - ``grad_norm/total_clipped`` when Lightning clips (``gradient_clip_val`` or an
+      overridden ``configure_gradient_clipping``; ``AdaptiveGradClip`` logs it itself),
     - ``grad_norm/nonfinite_steps``, the number of steps with a non-finite gradient.
 
     With more than ``max_layers_logged`` layers, per-layer keys are replaced by
     ``<prefix>/layers_min``, ``/layers_median``, ``/layers_max`` and the
     ``extreme_layers`` smallest and largest layers by name. With several
-    optimizers, the totals of optimizer ``i > 0`` are ``grad_norm/total_opt<i>``.
+    optimizers, the totals and counts of optimizer ``i > 0`` carry a suffix:
+    ``grad_norm/total_opt<i>``, ``grad_norm/nonfinite_steps_opt<i>``.
 
     Norms are computed every step with device operations only; they are moved to
     the host once per logging step, and the detection warnings are raised then.
@@ -276,8 +279,7 @@ class GradNormMonitor(Callback):
     def _detect_clipping(trainer: Any, pl_module: Any) -> bool:
         if getattr(trainer, "gradient_clip_val", None):
             return True
-        if any(getattr(cb, "clips_gradients", False) for cb in trainer.callbacks):
-            return True
+        # lightning_gradguard's own clippers log grad_norm/total_clipped themselves.
         method = type(pl_module).configure_gradient_clipping
         defaults = []
         for module_name in ("pytorch_lightning", "lightning.pytorch"):
@@ -312,7 +314,9 @@ class GradNormMonitor(Callback):
                 warmup_steps=self.warmup_steps,
                 device=device,
             )
-            view = _OptimizerView(grouping=grouping, health=health)
+            view = _OptimizerView(
+                grouping=grouping, health=health, suffix=f"_opt{index}" if index else ""
+            )
             self._views[index] = view
             self._restore(index, view)
         return index, view
@@ -332,7 +336,7 @@ class GradNormMonitor(Callback):
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         self._optimizers = list(trainer.optimizers)
-        index, view = self._view(trainer, pl_module, optimizer)
+        _, view = self._view(trainer, pl_module, optimizer)
         if view.pending is not None:  # the previous step was skipped (e.g. by the AMP scaler)
             self._flush(trainer, view)
         norms = grad_norms(view.grouping, self.norm_type)
@@ -343,9 +347,8 @@ class GradNormMonitor(Callback):
         view.steps_seen += 1
         if not logging_step:
             return
-        suffix = "" if index == 0 else f"_opt{index}"
         pending: dict[str, Tensor] = {
-            f"grad_norm/total{suffix}": norms.total,
+            f"grad_norm/total{view.suffix}": norms.total,
             "grad_norm/<layers>": norms.groups,
         }
         if self.log_param_norms:
@@ -369,8 +372,7 @@ class GradNormMonitor(Callback):
                     )
                     view.snapshot = None
                 if self._clipping_configured:
-                    suffix = "" if index == 0 else f"_opt{index}"
-                    view.pending[f"grad_norm/total_clipped{suffix}"] = grad_norms(
+                    view.pending[f"grad_norm/total_clipped{view.suffix}"] = grad_norms(
                         view.grouping, self.norm_type
                     ).total
             self._flush(trainer, view)
@@ -402,7 +404,7 @@ class GradNormMonitor(Callback):
             else:
                 metrics[key] = values[0]
         if self.detect:
-            metrics["grad_norm/nonfinite_steps"] = host["health/nonfinite_steps"][0]
+            metrics[f"grad_norm/nonfinite_steps{view.suffix}"] = host["health/nonfinite_steps"][0]
             self._warn(view, host)
         log_to_loggers(trainer, metrics, step=view.step_for_log)
 

@@ -48,9 +48,11 @@ GroupBy = str | Callable[[str], str | None]
 GROUP_BY_CHOICES = ("module", "parameter", "depth")
 
 # Prefixes that wrappers insert into parameter names; the user's model does not have them.
-_WRAPPER_PREFIXES = re.compile(
-    r"(^|\.)(_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module|module)\."
-)
+# torch.compile wraps the whole model (a leading prefix); FSDP1 and activation checkpointing
+# wrap inner modules too. DDP's "module." is not stripped: Lightning hands callbacks the
+# unwrapped module, and a user's own submodule may well be called "module".
+_LEADING_WRAPPERS = re.compile(r"^_orig_mod\.")
+_INNER_WRAPPERS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
 
 ROOT_GROUP = "(root)"
 """Group name of parameters that live directly on the top-level module."""
@@ -88,16 +90,17 @@ def parse_norm_type(norm_type: float | int | str, argument: str = "norm_type") -
 
 
 def clean_parameter_name(name: str) -> str:
-    """Strip the prefixes that ``torch.compile``, DDP and FSDP wrappers add to names.
+    """Strip the prefixes that ``torch.compile``, FSDP1 and checkpoint wrappers add to names.
 
     Example:
-        >>> clean_parameter_name("_orig_mod.encoder.0.weight")
+        >>> clean_parameter_name("_orig_mod.encoder._fsdp_wrapped_module.0.weight")
         'encoder.0.weight'
+        >>> clean_parameter_name("encoder.module.weight")  # a user's submodule named "module"
+        'encoder.module.weight'
     """
-    previous = None
-    while previous != name:
-        previous = name
-        name = _WRAPPER_PREFIXES.sub(r"\1", name)
+    name = _INNER_WRAPPERS.sub(r"\1", name)
+    while _LEADING_WRAPPERS.match(name):
+        name = _LEADING_WRAPPERS.sub("", name, count=1)
     return name
 
 
