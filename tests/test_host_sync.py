@@ -11,13 +11,14 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from helpers import CaptureLogger, TinyMLP, quiet_trainer_kwargs
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_gradguard import GradNormMonitor
+from lightning_gradguard import AdaptiveGradClip, GradNormMonitor
 
 SYNC_METHODS = {"item", "__bool__", "tolist", "cpu", "numpy", "__float__", "__int__", "__index__"}
 
@@ -114,3 +115,25 @@ def test_no_sync_with_clipping_and_accumulation() -> None:
     for (bare_calls, bare_dispatch), (calls, dispatch) in list(zip(bare, monitored))[2:]:
         assert calls - bare_calls == Counter()
         assert dispatch == bare_dispatch
+
+
+@pytest.mark.parametrize("policy", ["norm", "value", "agc", "autoclip", "zclip", "ema_ratio"])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_clipping_without_skipping_never_syncs(policy: str, scope: str) -> None:
+    bare = _counts([], steps=4)
+    clipper = AdaptiveGradClip(
+        policy=policy, scope=scope, skip_nonfinite=False, log_every_n_steps=100
+    )
+    clipped = _counts([clipper], steps=4)
+    for (bare_calls, bare_dispatch), (calls, dispatch) in list(zip(bare, clipped))[1:]:
+        assert calls - bare_calls == Counter()
+        assert dispatch == bare_dispatch
+
+
+def test_skipping_costs_one_flag_read_per_step() -> None:
+    bare = _counts([], steps=4)
+    clipper = AdaptiveGradClip(policy="zclip", skip_spikes=True, log_every_n_steps=100)
+    clipped = _counts([clipper], steps=4)
+    for (bare_calls, bare_dispatch), (calls, dispatch) in list(zip(bare, clipped))[1:]:
+        assert calls - bare_calls == Counter({"__bool__": 1})
+        assert dispatch - bare_dispatch == 1

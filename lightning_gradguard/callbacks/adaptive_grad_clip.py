@@ -227,7 +227,15 @@ class AdaptiveGradClip(Callback):
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._states = {}
+        if not (self.skip_nonfinite or self.skip_spikes):
+            return
         for index, optimizer in enumerate(trainer.optimizers):
+            if isinstance(optimizer, torch.optim.LBFGS):
+                rank_zero_warn(
+                    "AdaptiveGradClip cannot skip steps of LBFGS (it re-evaluates the closure "
+                    "inside its step); steps are clipped but never skipped."
+                )
+                continue
             self._wrap_step(optimizer, index)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
