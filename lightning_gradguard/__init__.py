@@ -18,12 +18,14 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "AdaptiveGradClip": "lightning_gradguard.callbacks.adaptive_grad_clip",
+    "DeadUnitMonitor": "lightning_gradguard.callbacks.dead_unit_monitor",
     "GradNormMonitor": "lightning_gradguard.callbacks.grad_norm_monitor",
     "GradGuardMixin": "lightning_gradguard.mixin",
 }
 
 if TYPE_CHECKING:
     from lightning_gradguard.callbacks.adaptive_grad_clip import AdaptiveGradClip
+    from lightning_gradguard.callbacks.dead_unit_monitor import DeadUnitMonitor
     from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
     from lightning_gradguard.mixin import GradGuardMixin
 
@@ -34,4 +36,10 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'lightning_gradguard' has no attribute {name!r}")
 
 
-__all__ = ["AdaptiveGradClip", "GradGuardMixin", "GradNormMonitor", "__version__"]
+__all__ = [
+    "AdaptiveGradClip",
+    "DeadUnitMonitor",
+    "GradGuardMixin",
+    "GradNormMonitor",
+    "__version__",
+]

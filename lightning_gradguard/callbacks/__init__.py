@@ -1,6 +1,7 @@
 """Lightning callbacks: thin adapters over :mod:`lightning_gradguard.functional`."""
 
 from lightning_gradguard.callbacks.adaptive_grad_clip import AdaptiveGradClip
+from lightning_gradguard.callbacks.dead_unit_monitor import DeadUnitMonitor
 from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
 
-__all__ = ["AdaptiveGradClip", "GradNormMonitor"]
+__all__ = ["AdaptiveGradClip", "DeadUnitMonitor", "GradNormMonitor"]

@@ -1,5 +1,11 @@
 """Pure-torch core of lightning_gradguard: usable without Lightning (plain PyTorch, Fabric)."""
 
+from lightning_gradguard.functional.activity import (
+    DEFAULT_ACTIVATIONS,
+    ActivityTracker,
+    UnitStats,
+    unit_dim,
+)
 from lightning_gradguard.functional.clipping import (
     agc_,
     clip_by_norm_,
@@ -32,10 +38,17 @@ from lightning_gradguard.functional.policies import (
     make_policy,
 )
 from lightning_gradguard.functional.spikes import SpikeWindow
+from lightning_gradguard.functional.surgery import (
+    activation_types,
+    swap_activations,
+    swap_functional_relu,
+)
 
 __all__ = [
     "AGC",
+    "DEFAULT_ACTIVATIONS",
     "POLICIES",
+    "ActivityTracker",
     "AutoClip",
     "ClipPolicy",
     "EMARatio",
@@ -46,7 +59,9 @@ __all__ = [
     "NormGrouping",
     "ParameterSnapshot",
     "SpikeWindow",
+    "UnitStats",
     "ZClip",
+    "activation_types",
     "agc_",
     "clean_parameter_name",
     "clip_by_norm_",
@@ -59,5 +74,8 @@ __all__ = [
     "make_policy",
     "param_norms",
     "parse_norm_type",
+    "swap_activations",
+    "swap_functional_relu",
     "tensor_norms",
+    "unit_dim",
 ]

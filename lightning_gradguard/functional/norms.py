@@ -48,11 +48,10 @@ GroupBy = str | Callable[[str], str | None]
 GROUP_BY_CHOICES = ("module", "parameter", "depth")
 
 # Prefixes that wrappers insert into parameter names; the user's model does not have them.
-# torch.compile wraps the whole model (a leading prefix); FSDP1 and activation checkpointing
-# wrap inner modules too. DDP's "module." is not stripped: Lightning hands callbacks the
-# unwrapped module, and a user's own submodule may well be called "module".
-_LEADING_WRAPPERS = re.compile(r"^_orig_mod\.")
-_INNER_WRAPPERS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
+# torch.compile, FSDP1 and activation checkpointing wrap modules at any depth. DDP's
+# "module." is not stripped: Lightning hands callbacks the unwrapped module, and a user's
+# own submodule may well be called "module".
+_INNER_WRAPPERS = re.compile(r"(^|\.)(_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
 
 ROOT_GROUP = "(root)"
 """Group name of parameters that live directly on the top-level module."""
@@ -98,9 +97,9 @@ def clean_parameter_name(name: str) -> str:
         >>> clean_parameter_name("encoder.module.weight")  # a user's submodule named "module"
         'encoder.module.weight'
     """
-    name = _INNER_WRAPPERS.sub(r"\1", name)
-    while _LEADING_WRAPPERS.match(name):
-        name = _LEADING_WRAPPERS.sub("", name, count=1)
+    previous = None
+    while previous != name:  # nested wrappers: strip until nothing changes
+        previous, name = name, _INNER_WRAPPERS.sub(r"\1", name)
     return name
 
 
