@@ -155,5 +155,5 @@ class _Untraceable(nn.Module):
 
 
 def test_fx_rewrite_explains_untraceable_models() -> None:
-    with pytest.raises(ValueError, match="cannot be traced by torch.fx.*nn.ReLU modules"):
+    with pytest.raises(ValueError, match=r"cannot be traced by torch\.fx.*nn\.ReLU modules"):
         swap_functional_relu(_Untraceable())
