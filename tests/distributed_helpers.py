@@ -273,3 +273,175 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data))
     tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- clipping runs
+#
+# Used by ``tests/test_distributed_clip.py`` and ``tests/workers/clip_run.py``. The
+# references below are plain torch and plain Python: ``clip_grad_norm_`` with a
+# threshold chosen by a hand-written ZClip / AutoClip, and a hand-written unit-wise
+# AGC, never ``lightning_gradguard``.
+
+CLIP_STEPS = 8  # optimizer steps per clipping run: one epoch of the clipping dataset
+CLIP_NUM_SAMPLES = WORLD_SIZE * BATCH_PER_RANK * CLIP_STEPS
+# The loss is multiplied by this factor at these steps, on every rank and in the
+# reference, so that an adaptive policy sees a real spike after its warm-up.
+CLIP_LOSS_SCALES = {5: 25.0}
+FIXED_MAX_NORM = 0.3
+ZCLIP_ARGS: dict[str, Any] = {"warmup_steps": 3, "max_grad_norm": None, "z_thresh": 2.5}
+AUTOCLIP_ARGS: dict[str, Any] = {"percentile": 50.0, "window": 100}
+AGC_CLIPPING = 0.05
+AGC_EPS = 1e-3
+FAULT_STEP = 4  # rank 1 puts a NaN into one gradient (after DDP's all-reduce) at this step
+ADAM_LR = 0.01
+
+
+def make_clip_dataset() -> TensorDataset:
+    generator = torch.Generator().manual_seed(SEED + 3)
+    x = torch.randn(CLIP_NUM_SAMPLES, LAYER_SIZES[0], generator=generator)
+    y = torch.randn(CLIP_NUM_SAMPLES, LAYER_SIZES[-1], generator=generator)
+    return TensorDataset(x, y)
+
+
+def clip_rank_indices(rank: int, step: int) -> list[int]:
+    """Like :func:`rank_indices`, for the clipping dataset."""
+    own = list(range(rank, CLIP_NUM_SAMPLES, WORLD_SIZE))
+    return own[step * BATCH_PER_RANK : (step + 1) * BATCH_PER_RANK]
+
+
+def clip_global_indices(step: int) -> list[int]:
+    return [i for rank in range(WORLD_SIZE) for i in clip_rank_indices(rank, step)]
+
+
+def clip_loss(output: torch.Tensor, target: torch.Tensor, step: int) -> torch.Tensor:
+    return loss_fn(output, target) * CLIP_LOSS_SCALES.get(step, 1.0)
+
+
+def flat(tensors: list[torch.Tensor]) -> list[float]:
+    """One list of Python floats (exact for float32 values) from a list of tensors."""
+    return torch.cat([t.detach().reshape(-1).double() for t in tensors]).tolist()
+
+
+class ReferenceZClip:
+    """ZClip as in the authors' reference code (bluorion-com/ZClip), in Python floats.
+
+    Warm-up: collect ``warmup_steps`` norms (clipping at ``max_grad_norm`` only), then
+    mean and population variance of them. Afterwards ``z = (g − μ) / (σ + eps)``; on
+    ``z > z_thresh`` clip to ``μ + z_thresh·σ / (z / z_thresh)`` and feed that value to
+    the EMAs, otherwise feed ``g`` (``μ ← αμ + (1−α)x``, ``σ² ← ασ² + (1−α)(x − μ)²``).
+    """
+
+    def __init__(
+        self,
+        warmup_steps: int,
+        max_grad_norm: float | None,
+        z_thresh: float,
+        alpha: float = 0.97,
+        eps: float = 1e-6,
+    ) -> None:
+        self.warmup_steps = warmup_steps
+        self.max_grad_norm = max_grad_norm
+        self.z_thresh = z_thresh
+        self.alpha = alpha
+        self.eps = eps
+        self.buffer: list[float] = []
+        self.mean: float | None = None
+        self.var: float | None = None
+
+    def threshold(self, norm: float) -> float:
+        cap = math.inf if self.max_grad_norm is None else self.max_grad_norm
+        if self.mean is None or self.var is None:
+            self.buffer.append(norm)
+            if len(self.buffer) >= self.warmup_steps:
+                self.mean = sum(self.buffer) / len(self.buffer)
+                self.var = sum((x - self.mean) ** 2 for x in self.buffer) / len(self.buffer)
+            return cap
+        std = math.sqrt(self.var)
+        z = (norm - self.mean) / (std + self.eps)
+        value = norm
+        if z > self.z_thresh:
+            value = self.mean + self.z_thresh * std / (z / self.z_thresh)
+        self.mean = self.alpha * self.mean + (1 - self.alpha) * value
+        self.var = self.alpha * self.var + (1 - self.alpha) * (value - self.mean) ** 2
+        return min(value, cap)
+
+
+class ReferenceAutoClip:
+    """AutoClip: the ``percentile`` of all norms so far (this one included), as numpy does."""
+
+    def __init__(self, percentile: float, window: int) -> None:
+        self.percentile = percentile
+        self.window = window
+        self.history: list[float] = []
+
+    def threshold(self, norm: float) -> float:
+        self.history = [*self.history, norm][-self.window :]
+        ordered = sorted(self.history)
+        position = (len(ordered) - 1) * self.percentile / 100.0
+        low = math.floor(position)
+        high = min(low + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def reference_agc_(params: list[torch.Tensor], clipping: float, eps: float) -> None:
+    """Unit-wise AGC on full (unsharded) tensors, one unit at a time (plain torch)."""
+    for p in params:
+        g = p.grad
+        units = [(p.detach(), g)] if p.dim() <= 1 else list(zip(p.detach(), g))
+        for w_unit, g_unit in units:
+            w_norm = float(torch.linalg.vector_norm(w_unit.double()))
+            g_norm = float(torch.linalg.vector_norm(g_unit.double()))
+            max_norm = max(w_norm, eps) * clipping
+            if g_norm > max_norm:
+                g_unit.mul_(max_norm / max(g_norm, 1e-6))
+
+
+def reference_clip_run(
+    policy: str, optimizer: str = "sgd", skip_steps: tuple[int, ...] = ()
+) -> dict[str, list]:
+    """One plain-torch process on the global batches of the clipping dataset.
+
+    Args:
+        policy: ``"fixed"`` (``FIXED_MAX_NORM``), ``"zclip"``, ``"autoclip"`` or ``"agc"``.
+        optimizer: ``"sgd"`` (lr ``LR``) or ``"adam"`` (lr ``ADAM_LR``).
+        skip_steps: steps whose update is skipped entirely (no optimizer step and no
+            clipping statistics updated), as a skipped non-finite step should be.
+
+    Returns, per step: ``raw_norm`` (global L2 norm before clipping), ``threshold``
+    (``None`` for AGC), ``clipped`` (the flattened clipped gradients, ``None`` on a
+    skipped step) and ``params`` (the flattened parameters after the step).
+    """
+    net = make_net()
+    data = make_clip_dataset()
+    params = list(net.parameters())
+    opt: torch.optim.Optimizer = (
+        torch.optim.SGD(params, lr=LR) if optimizer == "sgd" else torch.optim.Adam(params, ADAM_LR)
+    )
+    thresholds: Any = {
+        "zclip": ReferenceZClip(**ZCLIP_ARGS),
+        "autoclip": ReferenceAutoClip(**AUTOCLIP_ARGS),
+    }.get(policy)
+    out: dict[str, list] = {"raw_norm": [], "threshold": [], "clipped": [], "params": []}
+    for step in range(CLIP_STEPS):
+        x, y = data[clip_global_indices(step)]
+        opt.zero_grad()
+        clip_loss(net(x), y, step).backward()
+        norm = _norm([p.grad for p in params], 2.0)
+        out["raw_norm"].append(norm)
+        if step in skip_steps:
+            out["threshold"].append(None)
+            out["clipped"].append(None)
+            out["params"].append(flat(params))
+            continue
+        threshold: float | None = None
+        if policy == "agc":
+            reference_agc_(params, AGC_CLIPPING, AGC_EPS)
+        else:
+            threshold = FIXED_MAX_NORM if policy == "fixed" else thresholds.threshold(norm)
+            if math.isfinite(threshold):
+                torch.nn.utils.clip_grad_norm_(params, threshold)
+        out["threshold"].append(threshold)
+        out["clipped"].append(flat([p.grad for p in params]))
+        opt.step()
+        out["params"].append(flat(params))
+    return out

@@ -277,7 +277,8 @@ class AdaptiveGradClip(Callback):
         if nonfinite:  # a bad step: worth one more pass to name the layers
             finite = grad_norms(state.layers).groups.isfinite().tolist()
             layers = [n for n, ok in zip(state.layers.names, finite) if not ok]
-            reason = f"non-finite gradients (inf/NaN) in: {', '.join(layers[:5]) or 'unknown'}"
+            where = ', '.join(layers[:5]) or 'another rank (this rank is finite)'
+            reason = f"non-finite gradients (inf/NaN) in: {where}"
         else:
             reason = f"a gradient-norm spike above {self.spike_sigma:g} sigma of the recent norms"
         if state.consecutive_skips >= self.max_consecutive_skips:
@@ -370,17 +371,28 @@ class AdaptiveGradClip(Callback):
             state.scaler_skips = (
                 0 if state.scaler_skips is None else state.scaler_skips
             ) + nonfinite.long()
+        deciding = self.skip_nonfinite or self.skip_spikes
+        if deciding:
+            # Decide together *before* the policy sees the norm (one collective for both
+            # flags): when only some ranks' gradients are non-finite (a fault after the
+            # all-reduce), the others must not fold this step into their statistics either,
+            # or the ranks' thresholds drift apart from here on.
+            skip, nonfinite = self._agree_across_ranks(torch.stack([skip, nonfinite])).unbind(0)
+            if self.skip_nonfinite and not self._uses_scaler:
+                norm = torch.where(nonfinite, torch.full_like(norm, math.nan), norm)
         threshold, coef = state.policy.clip_(present, grads, norm, index_tensor)
         if state.spikes is not None:
             state.spikes.record(total, ~skip)
-        if self.skip_nonfinite or self.skip_spikes:
-            skip = self._agree_across_ranks(skip)
+        if deciding:
             state.skip_flag = skip
             state.nonfinite_flag = nonfinite
         logging_step = state.steps_seen % self._interval == 0
         state.steps_seen += 1
-        if logging_step and trainer.is_global_zero:
-            self._log(trainer, state, index, norms, norm, threshold, coef)
+        if logging_step:
+            # On every rank: without norms from the policy this is a collective under FSDP2.
+            clipped = self._clipped_norm(state, norm, coef)
+            if trainer.is_global_zero:
+                self._log(trainer, state, index, threshold, coef, clipped)
 
     @staticmethod
     def _agree_across_ranks(flag: Tensor) -> Tensor:
@@ -390,21 +402,22 @@ class AdaptiveGradClip(Callback):
             return as_int.bool()
         return flag
 
+    def _clipped_norm(self, state: _ClipState, norm: Tensor, coef: Tensor) -> Tensor:
+        """The global norm after clipping (from the policy's norms when it has them)."""
+        if self.policy.uses_norms:
+            return (norm * coef).pow(2).sum().sqrt() if self.scope == "layer" else norm * coef
+        return grad_norms(state.grouping).total
+
     def _log(
         self,
         trainer: Any,
         state: _ClipState,
         index: int,
-        norms: GroupedNorms,
-        norm: Tensor,
         threshold: Tensor,
         coef: Tensor,
+        clipped: Tensor,
     ) -> None:
         suffix = "" if index == 0 else f"_opt{index}"
-        if self.policy.uses_norms:
-            clipped = (norm * coef).pow(2).sum().sqrt() if self.scope == "layer" else norm * coef
-        else:
-            clipped = grad_norms(state.grouping).total
         values: dict[str, Tensor] = {
             "threshold": threshold.median() if threshold.dim() else threshold,
             "coef": coef.min() if coef.dim() else coef,
