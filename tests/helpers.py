@@ -55,7 +55,8 @@ def module_grad_norms(model: nn.Module, prefix: str = "") -> dict[str, float]:
     for name, module in model.named_modules():
         grads = [p.grad for p in module.parameters(recurse=False) if p.grad is not None]
         if grads:
-            out[prefix + name] = float(torch.nn.utils.get_total_norm(grads, 2.0).double())
+            # float64 first: the squares of vanishing gradients underflow in float32
+            out[prefix + name] = float(torch.nn.utils.get_total_norm([g.double() for g in grads]))
     return out
 
 

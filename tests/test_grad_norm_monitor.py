@@ -230,7 +230,7 @@ def test_vanishing_gradients_warn_once_naming_the_layers() -> None:
     monitor = GradNormMonitor(log_every_n_steps=2, patience=3, vanishing_threshold=1e-6)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _fit(model, monitor, max_steps=8)
+        logger = _fit(model, monitor, max_steps=8)
     messages = [str(w.message) for w in caught if "vanishing gradients" in str(w.message)]
     assert len(messages) == 1
     below = [layer for layer in seen[0] if all(s[layer] < 1e-6 for s in seen[:3])]
@@ -238,6 +238,11 @@ def test_vanishing_gradients_warn_once_naming_the_layers() -> None:
     for layer in below:
         assert f"{layer}," in messages[0] or f"{layer} (" in messages[0]
     assert "net.30" not in messages[0]  # the output layer is healthy
+    # The logged values are exact even where float32 squares underflow (about 1e-20 here).
+    logged = logger.at_step(0)
+    assert 0 < seen[0]["net.0"] < 1e-15
+    for layer, value in seen[0].items():
+        assert logged[f"grad_norm/{layer}"] == pytest.approx(value, rel=1e-6)
     assert "initialization" in messages[0] and "skip connections" in messages[0]
 
 

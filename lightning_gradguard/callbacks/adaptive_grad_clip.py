@@ -277,7 +277,7 @@ class AdaptiveGradClip(Callback):
         if nonfinite:  # a bad step: worth one more pass to name the layers
             finite = grad_norms(state.layers).groups.isfinite().tolist()
             layers = [n for n, ok in zip(state.layers.names, finite) if not ok]
-            where = ', '.join(layers[:5]) or 'another rank (this rank is finite)'
+            where = ", ".join(layers[:5]) or "another rank (this rank is finite)"
             reason = f"non-finite gradients (inf/NaN) in: {where}"
         else:
             reason = f"a gradient-norm spike above {self.spike_sigma:g} sigma of the recent norms"

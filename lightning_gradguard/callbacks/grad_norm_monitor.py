@@ -20,11 +20,13 @@ from torch import Tensor
 from lightning_gradguard._compat import Callback, rank_zero_warn
 from lightning_gradguard.functional.health import GradientHealth
 from lightning_gradguard.functional.norms import (
+    TINY_NORM,
     GroupBy,
     GroupedNorms,
     NormGrouping,
     ParameterSnapshot,
     grad_norms,
+    local_tensors,
     param_norms,
     parse_norm_type,
     validate_group_by,
@@ -69,6 +71,8 @@ class _OptimizerView:
     last_norms: GroupedNorms | None = None
     pending: dict[str, Tensor] | None = None
     snapshot: ParameterSnapshot | None = None
+    snapshot_norms: Tensor | None = None
+    sharded: bool = False
     step_for_log: int = 0
     suffix: str = ""
 
@@ -314,8 +318,12 @@ class GradNormMonitor(Callback):
                 warmup_steps=self.warmup_steps,
                 device=device,
             )
+            _, keys = local_tensors(list(grouping.parameters))
             view = _OptimizerView(
-                grouping=grouping, health=health, suffix=f"_opt{index}" if index else ""
+                grouping=grouping,
+                health=health,
+                suffix=f"_opt{index}" if index else "",
+                sharded=any(key is not None for key in keys),
             )
             self._views[index] = view
             self._restore(index, view)
@@ -351,14 +359,18 @@ class GradNormMonitor(Callback):
             f"grad_norm/total{view.suffix}": norms.total,
             "grad_norm/<layers>": norms.groups,
         }
+        l2_param_norms: Tensor | None = None
         if self.log_param_norms:
             pending["param_norm/<layers>"] = param_norms(view.grouping, self.norm_type).groups
+            if self.norm_type == 2.0:
+                l2_param_norms = pending["param_norm/<layers>"]
         if self.detect:
             pending.update({f"health/{k}": v for k, v in view.health.flags().items()})
         view.pending = pending
         view.step_for_log = int(trainer.global_step)
         if self.log_update_ratio:
             view.snapshot = ParameterSnapshot.take(view.grouping)
+            view.snapshot_norms = l2_param_norms
 
     def _make_post_step_hook(self, trainer: Any, index: int) -> Any:
         def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -368,9 +380,11 @@ class GradNormMonitor(Callback):
             with torch.no_grad():
                 if view.snapshot is not None:
                     view.pending["update_ratio/<layers>"] = view.snapshot.update_ratios(
-                        view.grouping
+                        view.grouping, before=view.snapshot_norms
                     )
-                    view.snapshot = None
+                    view.snapshot = view.snapshot_norms = None
+                if view.sharded:  # all ranks: the exact recompute is a collective
+                    self._exact_tiny_norms_on_device(view, view.pending)
                 if self._clipping_configured:
                     view.pending[f"grad_norm/total_clipped{view.suffix}"] = grad_norms(
                         view.grouping, self.norm_type
@@ -394,6 +408,8 @@ class GradNormMonitor(Callback):
         if pending is None or not trainer.is_global_zero:
             return
         host = to_host(pending)
+        if not view.sharded:
+            self._exact_tiny_norms_on_host(view, host)
         metrics: dict[str, float] = {}
         names = view.grouping.names
         for key, values in host.items():
@@ -407,6 +423,33 @@ class GradNormMonitor(Callback):
             metrics[f"grad_norm/nonfinite_steps{view.suffix}"] = host["health/nonfinite_steps"][0]
             self._warn(view, host)
         log_to_loggers(trainer, metrics, step=view.step_for_log)
+
+    # Norms are accumulated in float32 for speed; below TINY_NORM (vanishing gradients)
+    # float32 squares underflow, so logged values there are recomputed in float64. That
+    # costs a second pass (and, unsharded, a second small transfer) only when it happens.
+
+    def _exact_tiny_norms_on_host(self, view: _OptimizerView, host: dict[str, list[float]]) -> None:
+        key = "grad_norm/<layers>"
+        tiny = [i for i, v in enumerate(host.get(key, [])) if abs(v) < TINY_NORM]
+        if not tiny:
+            return
+        exact = grad_norms(view.grouping, self.norm_type, exact=True)
+        groups, total = to_host({"groups": exact.groups, "total": exact.total}).values()
+        for i in tiny:
+            host[key][i] = groups[i]
+        total_key = f"grad_norm/total{view.suffix}"
+        if abs(host[total_key][0]) < TINY_NORM:
+            host[total_key] = total
+
+    def _exact_tiny_norms_on_device(self, view: _OptimizerView, pending: dict[str, Tensor]) -> None:
+        groups = pending["grad_norm/<layers>"]
+        if not bool((groups.abs() < TINY_NORM).any()):  # one read, logging steps under FSDP only
+            return
+        exact = grad_norms(view.grouping, self.norm_type, exact=True)
+        pending["grad_norm/<layers>"] = torch.where(groups.abs() < TINY_NORM, exact.groups, groups)
+        total_key = f"grad_norm/total{view.suffix}"
+        total = pending[total_key]
+        pending[total_key] = torch.where(total.abs() < TINY_NORM, exact.total, total)
 
     def _layer_metrics(
         self, prefix: str, names: Sequence[str], values: list[float]

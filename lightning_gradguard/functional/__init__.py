@@ -14,6 +14,7 @@ from lightning_gradguard.functional.clipping import (
 )
 from lightning_gradguard.functional.health import GradientHealth
 from lightning_gradguard.functional.norms import (
+    TINY_NORM,
     GroupedNorms,
     NormGrouping,
     ParameterSnapshot,
@@ -48,6 +49,7 @@ __all__ = [
     "AGC",
     "DEFAULT_ACTIVATIONS",
     "POLICIES",
+    "TINY_NORM",
     "ActivityTracker",
     "AutoClip",
     "ClipPolicy",

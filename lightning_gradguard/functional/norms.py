@@ -42,6 +42,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+try:  # DTensor (FSDP2 shards); imported once, not per tensor
+    from torch.distributed.tensor import DTensor as _DTensor
+    from torch.distributed.tensor import Replicate as _Replicate
+except ImportError:  # pragma: no cover - torch built without distributed
+    _DTensor = None  # type: ignore[assignment, misc]
+
 GroupBy = str | Callable[[str], str | None]
 """How parameters are grouped: ``"module"``, ``"parameter"``, ``"depth"`` or a callable."""
 
@@ -257,15 +263,11 @@ class GroupedNorms:
 
 def _reduction_dims(tensor: Tensor) -> tuple[Tensor, tuple[Any, tuple[int, ...]] | None]:
     """The local part of a tensor and, for a sharded DTensor, the mesh dims to reduce over."""
-    try:
-        from torch.distributed.tensor import DTensor, Replicate
-    except ImportError:  # pragma: no cover - torch without distributed
-        return tensor, None
-    if not isinstance(tensor, DTensor):
+    if _DTensor is None or not isinstance(tensor, _DTensor):
         return tensor, None
     if any(p.is_partial() for p in tensor.placements):
         # Partial values are summands, not slices: materialize the sum first.
-        placements = [Replicate() if p.is_partial() else p for p in tensor.placements]
+        placements = [_Replicate() if p.is_partial() else p for p in tensor.placements]
         tensor = tensor.redistribute(tensor.device_mesh, placements)
     dims = tuple(i for i, p in enumerate(tensor.placements) if p.is_shard())
     local = tensor.to_local()
@@ -281,6 +283,8 @@ def local_tensors(tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[Any]]:
     has ``(device_mesh, shard_dims)``: its local norms must be reduced over those
     mesh dimensions.
     """
+    if _DTensor is None or not any(isinstance(t, _DTensor) for t in tensors):
+        return list(tensors), [None] * len(tensors)  # the common, unsharded case
     locals_: list[Tensor] = []
     keys: list[Any] = []
     for tensor in tensors:
@@ -301,36 +305,65 @@ def _all_reduce(values: Tensor, key: tuple[Any, tuple[int, ...]], norm_type: flo
 # --------------------------------------------------------------------------- norms
 
 
-def tensor_norms(
-    tensors: Sequence[Tensor], norm_type: float = 2.0, dtype: torch.dtype = torch.float64
-) -> Tensor:
-    """Norms of local tensors, one fused ``_foreach_norm`` call, stacked into one vector.
+TINY_NORM = 1e-12
+"""Below this a norm accumulated in float32 may have lost its small elements' squares.
+
+Squares of values under about 1e-19 underflow in float32; a tensor whose norm is at
+least 1e-12 cannot be dominated by such values, so its float32 norm is accurate.
+:func:`grad_norms` callers that log values recompute groups below this with
+``exact=True``.
+"""
+
+
+def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, exact: bool = False) -> Tensor:
+    """Norms of local tensors, one fused ``_foreach_norm`` call, stacked into float64.
 
     Args:
         tensors: plain (local) tensors, on one device.
         norm_type: the norm order (positive, or ``math.inf``).
-        dtype: accumulation dtype; float64 keeps tiny gradients from underflowing.
+        exact: accumulate in float64 (a float64 copy of every tensor first). Without
+            it float32/float64 tensors accumulate in their own dtype and half
+            precision in float32: fast, and exact unless the norm is below
+            :data:`TINY_NORM`, where squares of tiny elements underflow.
 
     Returns:
-        A ``(len(tensors),)`` tensor of norms in ``dtype``.
+        A ``(len(tensors),)`` float64 tensor of norms.
 
     Example:
-        >>> tensor_norms([torch.full((3, 4), 1e-24), torch.ones(4)])
+        >>> tiny = [torch.full((3, 4), 1e-24), torch.ones(4)]
+        >>> tensor_norms(tiny)  # float32 squares of 1e-24 underflow
+        tensor([0., 2.], dtype=torch.float64)
+        >>> tensor_norms(tiny, exact=True)
         tensor([3.4641e-24, 2.0000e+00], dtype=torch.float64)
     """
     if not tensors:
-        return torch.zeros(0, dtype=dtype)
+        return torch.zeros(0, dtype=torch.float64)
     tensors = [t if t.numel() else t.new_zeros(1) for t in tensors]  # empty shard: norm 0, inf ok
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
         by_device.setdefault(t.device, []).append(i)
+
+    def norms_of(group: list[Tensor]) -> Tensor:
+        if exact:
+            return torch.stack(torch._foreach_norm([t.double() for t in group], norm_type))
+        if group[0].dtype in (torch.float16, torch.bfloat16):
+            return torch.stack(torch._foreach_norm(group, norm_type, dtype=torch.float32))
+        return torch.stack(torch._foreach_norm(group, norm_type))
+
     if len(by_device) == 1:
-        return torch.stack(torch._foreach_norm(list(tensors), norm_type, dtype=dtype))
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, t in enumerate(tensors):
+            by_dtype.setdefault(t.dtype, []).append(i)
+        if len(by_dtype) == 1:
+            return norms_of(list(tensors)).to(torch.float64)
     first = tensors[0].device
-    out = torch.empty(len(tensors), dtype=dtype, device=first)
-    for indices in by_device.values():
-        norms = torch._foreach_norm([tensors[i] for i in indices], norm_type, dtype=dtype)
-        out[torch.tensor(indices, device=first)] = torch.stack(norms).to(first)
+    out = torch.empty(len(tensors), dtype=torch.float64, device=first)
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    for indices in groups.values():
+        norms = norms_of([tensors[i] for i in indices]).to(first, torch.float64)
+        out[torch.tensor(indices, device=first)] = norms
     return out
 
 
@@ -340,9 +373,9 @@ def grouped_norms(
     num_groups: int,
     norm_type: float = 2.0,
     keys: Sequence[Any] | None = None,
-    dtype: torch.dtype = torch.float64,
+    exact: bool = False,
 ) -> GroupedNorms:
-    """Per-group and total norms of (possibly sharded) tensors.
+    """Per-group and total norms of (possibly sharded) tensors, accumulated in float64.
 
     Args:
         tensors: the tensors; ``DTensor`` shards are handled (see ``keys``).
@@ -351,7 +384,7 @@ def grouped_norms(
         norm_type: the norm order (positive, or ``math.inf``).
         keys: reduction keys from :func:`local_tensors` when ``tensors`` are already
             local parts; computed here when omitted.
-        dtype: accumulation dtype.
+        exact: per-tensor norms in float64 (see :func:`tensor_norms`).
 
     Returns:
         :class:`GroupedNorms`; under FSDP2 every rank gets the global values after
@@ -360,10 +393,8 @@ def grouped_norms(
     Example:
         >>> tensors = [torch.ones(4), torch.ones(5), torch.ones(9)]
         >>> g = grouped_norms(tensors, torch.tensor([0, 0, 1]), num_groups=2)
-        >>> g.groups
-        tensor([3., 3.], dtype=torch.float64)
-        >>> g.total
-        tensor(4.2426, dtype=torch.float64)
+        >>> [round(x, 6) for x in g.groups.tolist()], round(float(g.total), 4)
+        ([3.0, 3.0], 4.2426)
     """
     if keys is None:
         locals_, keys = local_tensors(tensors)
@@ -371,7 +402,8 @@ def grouped_norms(
         locals_ = list(tensors)
     device = locals_[0].device if locals_ else torch.device("cpu")
     is_inf = math.isinf(norm_type)
-    norms = tensor_norms(locals_, norm_type, dtype).to(device)
+    norms = tensor_norms(locals_, norm_type, exact).to(device)
+    dtype = torch.float64
     powered = norms if is_inf else norms.pow(norm_type) if norm_type != 1.0 else norms
     group_index = group_index.to(device)
 
@@ -421,7 +453,7 @@ def _present_gradients(grouping: NormGrouping) -> tuple[tuple[int, ...], list[Te
 
 
 def grad_norms(
-    grouping: NormGrouping, norm_type: float | str = 2.0, dtype: torch.dtype = torch.float64
+    grouping: NormGrouping, norm_type: float | str = 2.0, exact: bool = False
 ) -> GroupedNorms:
     """Per-group and global gradient norms of a grouping's parameters.
 
@@ -430,18 +462,19 @@ def grad_norms(
     Args:
         grouping: what to measure and how it is grouped.
         norm_type: the norm order (positive, or ``"inf"``).
-        dtype: accumulation dtype.
+        exact: float64 per-tensor norms; needed only below :data:`TINY_NORM`
+            (vanishing gradients), where float32 squares underflow.
 
     Returns:
         :class:`GroupedNorms` on the gradients' device; no host synchronization.
     """
     p = parse_norm_type(norm_type)
     present, grads = _present_gradients(grouping)
-    return _grouped(grouping, present, grads, p, dtype)
+    return _grouped(grouping, present, grads, p, exact)
 
 
 def param_norms(
-    grouping: NormGrouping, norm_type: float | str = 2.0, dtype: torch.dtype = torch.float64
+    grouping: NormGrouping, norm_type: float | str = 2.0, exact: bool = False
 ) -> GroupedNorms:
     """Per-group and global norms of a grouping's parameters themselves.
 
@@ -454,7 +487,7 @@ def param_norms(
     """
     p = parse_norm_type(norm_type)
     present = tuple(range(len(grouping.parameters)))
-    return _grouped(grouping, present, [t.detach() for t in grouping.parameters], p, dtype)
+    return _grouped(grouping, present, [t.detach() for t in grouping.parameters], p, exact)
 
 
 def _grouped(
@@ -462,17 +495,17 @@ def _grouped(
     present: tuple[int, ...],
     tensors: list[Tensor],
     norm_type: float,
-    dtype: torch.dtype,
+    exact: bool,
     keys: Sequence[Any] | None = None,
 ) -> GroupedNorms:
     num_groups = len(grouping.names)
     if not tensors:
-        zeros = torch.zeros(num_groups, dtype=dtype)
+        zeros = torch.zeros(num_groups, dtype=torch.float64)
         return GroupedNorms(zeros, zeros.sum(), norm_type)
     locals_, found_keys = local_tensors(tensors) if keys is None else (tensors, list(keys))
     device = locals_[0].device
     index = grouping.index_tensor(present, device)
-    return grouped_norms(locals_, index, num_groups, norm_type, keys=found_keys, dtype=dtype)
+    return grouped_norms(locals_, index, num_groups, norm_type, keys=found_keys, exact=exact)
 
 
 @dataclass
@@ -504,15 +537,26 @@ class ParameterSnapshot:
         return cls(values=values, keys=keys)
 
     def update_ratios(
-        self, grouping: NormGrouping, dtype: torch.dtype = torch.float64, eps: float = 1e-12
+        self, grouping: NormGrouping, before: Tensor | None = None, eps: float = 1e-12
     ) -> Tensor:
-        """Per-group ``‖θ_now − θ_snapshot‖ / ‖θ_snapshot‖`` (L2), one vector on the device."""
+        """Per-group ``‖θ_now − θ_snapshot‖ / ‖θ_snapshot‖`` (L2), one float64 vector.
+
+        Args:
+            grouping: the grouping the snapshot was taken from.
+            before: the per-group L2 norms of the snapshot, when already known
+                (``param_norms`` of the same step); computed otherwise.
+            eps: floor of the denominator.
+
+        The snapshot is consumed: it is overwritten with the difference in place.
+        """
         num_groups = len(grouping.names)
         if not self.values:
-            return torch.zeros(num_groups, dtype=dtype)
-        now, _ = local_tensors([p.detach() for p in grouping.parameters])
-        deltas = torch._foreach_sub(now, self.values)
+            return torch.zeros(num_groups, dtype=torch.float64)
         present = tuple(range(len(grouping.parameters)))
-        delta = _grouped(grouping, present, list(deltas), 2.0, dtype, keys=self.keys)
-        before = _grouped(grouping, present, self.values, 2.0, dtype, keys=self.keys)
-        return delta.groups / before.groups.clamp_min(eps)
+        if before is None:
+            before = _grouped(grouping, present, self.values, 2.0, False, keys=self.keys).groups
+        now, _ = local_tensors([p.detach() for p in grouping.parameters])
+        torch._foreach_sub_(self.values, now)  # θ_before − θ_now, in the snapshot's memory
+        delta = _grouped(grouping, present, self.values, 2.0, False, keys=self.keys)
+        self.values = []
+        return delta.groups / before.clamp_min(eps)
