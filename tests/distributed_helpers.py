@@ -445,3 +445,105 @@ def reference_clip_run(
         opt.step()
         out["params"].append(flat(params))
     return out
+
+
+# --------------------------------------------------------------------------- dead-unit runs
+#
+# Used by ``tests/test_distributed_dead_units.py`` and ``tests/workers/dead_units_run.py``.
+# The data are built so that the rank split is known: ``DistributedSampler(shuffle=False)``
+# gives rank 0 the even and rank 1 the odd sample indices. Feature ``DEAD_F_WINDOW`` is 1 in
+# a single rank-1 sample of the first window only, ``DEAD_F_RANK0`` / ``DEAD_F_RANK1`` are 1
+# on every sample of rank 0 / rank 1 (0 elsewhere), the other features are Gaussian. The
+# first Linear layers are set by hand so that chosen units fire on exactly those samples.
+
+DEAD_BATCH_PER_RANK = 4
+DEAD_STEPS = 6  # optimizer steps per run: one epoch of the dead-unit dataset
+DEAD_NUM_SAMPLES = WORLD_SIZE * DEAD_BATCH_PER_RANK * DEAD_STEPS
+DEAD_FEATURES = 6
+DEAD_F_WINDOW, DEAD_F_RANK0, DEAD_F_RANK1 = 0, 1, 2
+DEAD_EVERY_N_STEPS = 3
+DEAD_WINDOW = 2
+# Windows start at steps 0 and 3 and cover DEAD_WINDOW batches each; the callback logs
+# (and decides) at the end of a window's last batch, when global_step is already
+# start + DEAD_WINDOW.
+DEAD_WINDOWS = ((0, 1), (3, 4))
+DEAD_LOG_STEPS = (2, 5)
+DEAD_THRESHOLD = 0.5
+DEAD_TAU = 0.025  # DeadUnitMonitor's default dormant_tau
+DEAD_THRESHOLD_LR = 0.05
+DEAD_ACTIVATIONS = ("net.1", "net.3")  # the ReLUs of the "threshold" network
+
+
+def dead_rank_indices(rank: int, step: int) -> list[int]:
+    """Sample indices of ``rank``'s batch at ``step`` (``DistributedSampler(shuffle=False)``)."""
+    own = list(range(rank, DEAD_NUM_SAMPLES, WORLD_SIZE))
+    return own[step * DEAD_BATCH_PER_RANK : (step + 1) * DEAD_BATCH_PER_RANK]
+
+
+def dead_window_indices(window: int, ranks: tuple[int, ...] = (0, 1)) -> list[int]:
+    """The samples seen by ``ranks`` during window ``window`` (an index into DEAD_WINDOWS)."""
+    return [i for step in DEAD_WINDOWS[window] for r in ranks for i in dead_rank_indices(r, step)]
+
+
+def make_dead_dataset() -> TensorDataset:
+    """``(x, y, index)``: the index column lets a rank report which samples it saw."""
+    generator = torch.Generator().manual_seed(SEED + 5)
+    x = torch.zeros(DEAD_NUM_SAMPLES, DEAD_FEATURES)
+    x[:, 3:] = torch.randn(DEAD_NUM_SAMPLES, DEAD_FEATURES - 3, generator=generator)
+    x[0::WORLD_SIZE, DEAD_F_RANK0] = 1.0
+    x[1::WORLD_SIZE, DEAD_F_RANK1] = 1.0
+    x[dead_rank_indices(1, DEAD_WINDOWS[0][1])[2], DEAD_F_WINDOW] = 1.0
+    y = torch.randn(DEAD_NUM_SAMPLES, 1, generator=generator)
+    return TensorDataset(x, y, torch.arange(DEAD_NUM_SAMPLES))
+
+
+def make_dead_net(kind: str) -> nn.Sequential:
+    """The hand-set networks of the two dead-unit scenarios (same weights in every process).
+
+    ``"split"``: ``Linear(6, 5) → ReLU → Linear(5, 1)``; hidden unit 0 always fires
+    (bias 1), unit 1 only on the ``DEAD_F_WINDOW`` sample (rank 1, first window), unit 2
+    only on rank 0's samples, unit 3 never (bias -100), unit 4 on Gaussian features.
+
+    ``"threshold"``: ``Linear(6, 4) → ReLU → Linear(4, 3) → ReLU → Linear(3, 1)``; in the
+    first hidden layer unit 0 always fires, units 1 and 2 only on rank 1's samples, unit 3
+    never: 3/4 dead on rank 0's data alone, 1/4 on both ranks' data. The second hidden
+    layer has bias -100: dead everywhere.
+    """
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(SEED + 6)
+    if kind == "split":
+        net = nn.Sequential(nn.Linear(DEAD_FEATURES, 5), nn.ReLU(), nn.Linear(5, 1))
+        w = torch.zeros(5, DEAD_FEATURES)
+        w[1, DEAD_F_WINDOW] = 1.0
+        w[2, DEAD_F_RANK0] = 1.0
+        w[4, 3:] = torch.tensor([1.0, -0.5, 0.25])
+        b = torch.tensor([1.0, -0.5, -0.5, -100.0, 0.0])
+    else:
+        net = nn.Sequential(
+            nn.Linear(DEAD_FEATURES, 4), nn.ReLU(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1)
+        )
+        w = torch.zeros(4, DEAD_FEATURES)
+        w[1, DEAD_F_RANK1] = 1.0
+        w[2, DEAD_F_RANK1] = 2.0
+        b = torch.tensor([1.0, -0.5, -0.5, -100.0])
+        with torch.no_grad():
+            net[2].bias.fill_(-100.0)
+    with torch.no_grad():
+        net[0].weight.copy_(w)
+        net[0].bias.copy_(b)
+    torch.random.set_rng_state(generator_state)
+    return net
+
+
+def reference_unit_activity(
+    net: nn.Sequential, activation: int, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per unit of ``net[activation]``'s output over the samples ``x`` (plain torch).
+
+    Returns ``(dead, scores)``: never positive, and the ReDo dormancy score (mean |h|
+    of the unit over the layer's average of those means).
+    """
+    with torch.no_grad():
+        h = net[: activation + 1](x).double()
+    mean_abs = h.abs().mean(0)
+    return ~(h > 0).any(0), mean_abs / mean_abs.mean()

@@ -157,3 +157,23 @@ class _Untraceable(nn.Module):
 def test_fx_rewrite_explains_untraceable_models() -> None:
     with pytest.raises(ValueError, match=r"cannot be traced by torch\.fx.*nn\.ReLU modules"):
         swap_functional_relu(_Untraceable())
+
+
+def test_eval_mode_passes_are_not_counted() -> None:
+    model = nn.Sequential(nn.Linear(3, 2), nn.ReLU())
+    tracker = ActivityTracker.for_module(model)
+    tracker.attach()
+    model(torch.randn(4, 3))
+    model.eval()
+    model(torch.randn(100, 3))  # a validation pass
+    tracker.detach()
+    assert tracker.stats()["1"].samples == 4
+
+
+def test_shared_activation_across_widths_is_an_error() -> None:
+    relu = nn.ReLU()
+    tracker = ActivityTracker([("relu", relu)])
+    tracker.attach()
+    relu(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="its own activation module"):
+        relu(torch.randn(2, 5))

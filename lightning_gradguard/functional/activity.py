@@ -110,14 +110,21 @@ class _LayerAccumulator:
 
     @torch.no_grad()
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if not isinstance(output, Tensor) or output.dim() == 0:
-            return
+        if not module.training or not isinstance(output, Tensor) or output.dim() == 0:
+            return  # validation, test and predict passes (eval mode) are not training activity
         dim = unit_dim(output, self.layout)
         h = output.detach()
         moved = h.movedim(dim, -1).reshape(-1, h.shape[dim])
         active = (moved > 0).sum(0, dtype=torch.float64)
         abs_sum = moved.abs().sum(0, dtype=torch.float64)
-        if self.active is None or self.abs_sum is None or self.active.shape != active.shape:
+        if self.active is not None and self.active.shape != active.shape:
+            raise ValueError(
+                f"{type(module).__name__} produced {active.numel()} units after "
+                f"{self.active.numel()} in the same window: one activation module is shared by "
+                "layers of different widths. Give each layer its own activation module so its "
+                "units can be measured."
+            )
+        if self.active is None or self.abs_sum is None:
             self.active, self.abs_sum, self.samples = active, abs_sum, moved.shape[0]
         else:
             self.active += active
@@ -129,24 +136,21 @@ class _LayerAccumulator:
         self.samples = 0
 
 
-def _offsets(filled: list[_LayerAccumulator]) -> list[bool]:
-    """For the flat reduce buffer: True at each layer's sample-count slot."""
-    marks: list[bool] = []
-    for accumulator in filled:
-        assert accumulator.active is not None
-        marks += [False] * (2 * accumulator.active.numel()) + [True]
-    return marks
-
-
 class ActivityTracker:
     """Accumulate per-unit activity of named activation modules over a window.
 
     Args:
         modules: ``(name, module)`` pairs to hook; their outputs are measured.
         layout: unit layout, see :func:`unit_dim`.
+        device: where statistics live when this rank recorded nothing in a window.
     """
 
-    def __init__(self, modules: Iterable[tuple[str, nn.Module]], layout: str = "auto") -> None:
+    def __init__(
+        self,
+        modules: Iterable[tuple[str, nn.Module]],
+        layout: str = "auto",
+        device: torch.device | str = "cpu",
+    ) -> None:
         if layout not in ("auto", "channels_first", "channels_last"):
             raise ValueError(
                 f"layout={layout!r} is not a unit layout: use 'auto', 'channels_first' "
@@ -154,6 +158,7 @@ class ActivityTracker:
             )
         self.modules = dict(modules)
         self.layout = layout
+        self.device = torch.device(device)  # for the reduction when this rank saw nothing
         self._accumulators = {name: _LayerAccumulator(layout) for name in self.modules}
         self._handles: list[Any] = []
 
@@ -171,7 +176,8 @@ class ActivityTracker:
             named = [(n, m) for n, m in model.named_modules() if n and isinstance(m, types)]
         else:
             named = [(n, m) for n, m in model.named_modules() if n and select(n, m)]
-        return cls(named, layout)
+        device = next(model.parameters(), torch.empty(0)).device
+        return cls(named, layout, device)
 
     @property
     def attached(self) -> bool:
@@ -197,36 +203,47 @@ class ActivityTracker:
             accumulator.reset()
 
     def reduce(self) -> None:
-        """Sum the statistics across ranks: one ``all_reduce`` for every layer together.
+        """Sum the statistics across ranks, every layer together.
 
         A no-op outside a distributed run. Every rank must call it (it is a
-        collective), after the same number of windows.
+        collective), after the same number of windows. Two collectives: a tiny one
+        agreeing on each layer's unit count (a layer that did not run on some rank,
+        in a conditional branch say, is filled with zeros there), then one
+        ``all_reduce`` of every layer's statistics in a single flat buffer.
         """
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
-        filled = [a for a in self._accumulators.values() if a.active is not None]
-        if not filled:
+        accumulators = list(self._accumulators.values())
+        if not accumulators:
             return
+        device = next((a.active.device for a in accumulators if a.active is not None), self.device)
+        local_units = [0 if a.active is None else a.active.numel() for a in accumulators]
+        units = torch.tensor(local_units, dtype=torch.float64, device=device)
+        dist.all_reduce(units, op=dist.ReduceOp.MAX)
+        agreed = [int(u) for u in units.tolist()]
         parts: list[Tensor] = []
-        for accumulator in filled:
-            assert accumulator.active is not None and accumulator.abs_sum is not None
+        for accumulator, count in zip(accumulators, agreed):
+            if accumulator.active is None or accumulator.abs_sum is None:
+                active = abs_sum = torch.zeros(count, dtype=torch.float64, device=device)
+            else:
+                active, abs_sum = accumulator.active, accumulator.abs_sum
             samples = torch.full((1,), float(accumulator.samples), dtype=torch.float64)
-            parts += [
-                accumulator.active,
-                accumulator.abs_sum,
-                samples.to(accumulator.active.device),
-            ]
+            parts += [active, abs_sum, samples.to(device)]
         flat = torch.cat(parts)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        totals = flat[[i for i, p in enumerate(_offsets(filled)) if p]].tolist()
+        sample_slots = []
         offset = 0
-        for accumulator, samples in zip(filled, totals):
-            assert accumulator.active is not None
-            units = accumulator.active.numel()
-            accumulator.active = flat[offset : offset + units]
-            accumulator.abs_sum = flat[offset + units : offset + 2 * units]
-            accumulator.samples = int(samples)
-            offset += 2 * units + 1
+        for count in agreed:
+            sample_slots.append(offset + 2 * count)
+            offset += 2 * count + 1
+        totals = flat[sample_slots].tolist()
+        offset = 0
+        for accumulator, count, samples in zip(accumulators, agreed, totals):
+            if count:
+                accumulator.active = flat[offset : offset + count]
+                accumulator.abs_sum = flat[offset + count : offset + 2 * count]
+                accumulator.samples = int(samples)
+            offset += 2 * count + 1
 
     def device_stats(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Per layer ``(dead, scores)`` as device tensors (no host transfer)."""
