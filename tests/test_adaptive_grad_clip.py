@@ -231,7 +231,8 @@ def test_fp16_scaler_skips_are_counted_not_doubled() -> None:
         logger = _fit(model, [clipper, CountSteps()], steps=12, plugins=[plugin])
     scaler_skipped = 12 - len(steps_taken)
     assert scaler_skipped >= 1
-    assert clipper.skipped_steps == 0  # the callback did not act on them
+    assert clipper._own_skips == 0  # the callback did not act on them
+    assert clipper.skipped_steps == scaler_skipped  # but it counts them
     assert clipper.state_dict()["skipped_steps"] == scaler_skipped
     assert logger.at_step(11)["clip/skipped_steps"] == scaler_skipped
 
@@ -256,3 +257,16 @@ def test_resume_in_a_fresh_process_equals_uninterrupted_run(tmp_path: Path) -> N
     assert any(not torch.equal(first[k], straight[k]) for k in straight)  # 20 more steps did move
     for key in straight:
         assert torch.equal(resumed[key], straight[key]), key
+
+
+def test_two_clippers_both_skip_decisions_apply() -> None:
+    torch.manual_seed(0)
+    model = _Recording()
+    model.inject_at = 2
+    first = AdaptiveGradClip(policy=FixedNorm(10.0), skip_nonfinite=False, skip_spikes=True)
+    second = AdaptiveGradClip(policy=FixedNorm(1e9))  # this one skips non-finite steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _fit(model, [first, second], steps=4)
+    assert second.skipped_steps == 1 and first.skipped_steps == 0
+    assert torch.isfinite(torch.cat([p.detach().flatten() for p in model.parameters()])).all()

@@ -66,7 +66,7 @@ def test_update_ratio_matches_sgd_update() -> None:
             params.append(module_param_norms(m)),
         ),
     )
-    logger = _fit(model, GradNormMonitor(log_every_n_steps=2), max_steps=6)
+    logger = _fit(model, GradNormMonitor(log_every_n_steps=2, update_ratio_every=1), max_steps=6)
     logged_steps = sorted(
         {s for s, m in logger.calls if any(k.startswith("update_ratio/") for k in m)}
     )
@@ -76,6 +76,13 @@ def test_update_ratio_matches_sgd_update() -> None:
         for layer in ("net.0", "net.2", "net.4"):
             expected = 0.05 * grads[step][layer] / params[step][layer]
             assert logged[f"update_ratio/{layer}"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_update_ratios_every_tenth_logging_step_by_default() -> None:
+    logger = _fit(TinyMLP(), GradNormMonitor(log_every_n_steps=1), max_steps=21)
+    steps = sorted({s for s, m in logger.calls if "update_ratio/net.0" in m})
+    assert steps == [0, 10, 20]
+    assert sorted({s for s, m in logger.calls if "param_norm/net.0" in m}) == list(range(21))
 
 
 def test_interval_defaults_to_trainer_log_every_n_steps() -> None:

@@ -155,7 +155,8 @@ class AdaptiveGradClip(Callback):
         self.spike_min_samples = spike_min_samples
         self.max_consecutive_skips = max_consecutive_skips
         self.log_every_n_steps = log_every_n_steps
-        self.skipped_steps = 0
+        self._own_skips = 0  # steps this callback skipped (host count)
+        self._wrapped: set[int] = set()
         self._states: dict[int, _ClipState] = {}
         self._loaded: dict[str, Any] = {}
         self._monitor: Any = None
@@ -169,7 +170,7 @@ class AdaptiveGradClip(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """Policy state per optimizer and counters: CPU tensors and Python primitives."""
-        state: dict[str, Any] = {"skipped_steps": self.skipped_steps + self._scaler_skips_on_host()}
+        state: dict[str, Any] = {"skipped_steps": self.skipped_steps}
         for index, s in self._states.items():
             state[f"optimizer_{index}"] = {
                 "steps_seen": s.steps_seen,
@@ -182,7 +183,16 @@ class AdaptiveGradClip(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (applied when each optimizer is first seen)."""
         self._loaded = dict(state_dict)
-        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self._own_skips = int(state_dict.get("skipped_steps", 0))
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped so far: by this callback, or by the fp16 GradScaler.
+
+        Reading it moves the GradScaler count to the host (a sync): do it outside
+        the training step.
+        """
+        return self._own_skips + self._scaler_skips_on_host()
 
     def _scaler_skips_on_host(self) -> int:
         return sum(int(s.scaler_skips) for s in self._states.values() if s.scaler_skips is not None)
@@ -240,15 +250,17 @@ class AdaptiveGradClip(Callback):
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         for optimizer in getattr(trainer, "optimizers", []):
-            if "step" in vars(optimizer):  # drop the instance wrapper: the class's step returns
+            if "step" in vars(optimizer):  # drop the instance wrappers: the class's step returns
                 del optimizer.step
+        self._wrapped = set()
 
     # ------------------------------------------------------------------ skipping
 
     def _wrap_step(self, optimizer: Any, index: int) -> None:
-        if "step" in vars(optimizer):  # already wrapped (a second fit with the same optimizer)
+        if id(optimizer) in self._wrapped:  # this callback wraps each optimizer once
             return
-        original = optimizer.step
+        self._wrapped.add(id(optimizer))
+        original = optimizer.step  # the class's step, or another clipper's wrapper: they chain
 
         def step(closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
             loss = None
@@ -271,7 +283,7 @@ class AdaptiveGradClip(Callback):
         if not bool(flag):  # the one host read per step that skipping costs
             state.consecutive_skips = 0
             return False
-        self.skipped_steps += 1
+        self._own_skips += 1
         state.consecutive_skips += 1
         nonfinite = state.nonfinite_flag is not None and bool(state.nonfinite_flag)
         if nonfinite:  # a bad step: worth one more pass to name the layers
@@ -429,9 +441,7 @@ class AdaptiveGradClip(Callback):
         host = {k: v[0] for k, v in to_host(values).items()}
         metrics = {
             f"clip/threshold{suffix}": host["threshold"],
-            f"clip/skipped_steps{suffix}": float(
-                self.skipped_steps + host.get("scaler_skips", 0.0)
-            ),
+            f"clip/skipped_steps{suffix}": float(self._own_skips + host.get("scaler_skips", 0.0)),
             f"grad_norm/total_clipped{suffix}": host["clipped"],
         }
         if self.policy.uses_norms:
