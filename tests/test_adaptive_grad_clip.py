@@ -270,3 +270,60 @@ def test_two_clippers_both_skip_decisions_apply() -> None:
         _fit(model, [first, second], steps=4)
     assert second.skipped_steps == 1 and first.skipped_steps == 0
     assert torch.isfinite(torch.cat([p.detach().flatten() for p in model.parameters()])).all()
+
+
+class _ManualTwoOptimizers(pl.LightningModule):
+    """Manual optimization, two optimizers: the clipper runs inside each ``opt.step()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.a = torch.nn.Linear(6, 6)
+        self.b = torch.nn.Linear(6, 1)
+        self.raw: dict[str, list[list[torch.Tensor]]] = {"a": [], "b": []}
+        self.used: dict[str, list[list[torch.Tensor]]] = {"a": [], "b": []}
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt_a, opt_b = self.optimizers()
+        for name, opt, module in (("a", opt_a, self.a), ("b", opt_b, self.b)):
+            opt.zero_grad()
+            self.manual_backward(self.b(torch.tanh(self.a(batch[0]))).pow(2).mean() * 50)
+            self.raw[name].append([p.grad.clone() for p in module.parameters()])
+            opt.step()
+            self.used[name].append([p.grad.clone() for p in module.parameters()])
+
+    def configure_optimizers(self) -> Any:
+        return (
+            torch.optim.SGD(self.a.parameters(), lr=0.01),
+            torch.optim.SGD(self.b.parameters(), lr=0.01),
+        )
+
+    def train_dataloader(self) -> Any:
+        data = torch.utils.data.TensorDataset(torch.randn(48, 6))
+        return torch.utils.data.DataLoader(data, batch_size=16)
+
+
+def test_manual_optimization_clips_each_optimizer_with_its_own_state() -> None:
+    torch.manual_seed(0)
+    model = _ManualTwoOptimizers()
+    clipper = AdaptiveGradClip(policy=ZClip(warmup_steps=2, max_grad_norm=0.5))
+    _fit(model, [clipper], steps=6)  # 3 batches x 2 optimizers
+    assert set(clipper._states) == {0, 1}
+    policies = [clipper._states[i].policy for i in (0, 1)]
+    assert policies[0] is not policies[1]
+    assert not torch.equal(policies[0].mean, policies[1].mean)  # separate statistics
+    for name in ("a", "b"):
+        for raw, used in zip(model.raw[name], model.used[name]):
+            raw_norm = float(torch.nn.utils.get_total_norm(raw))
+            assert float(torch.nn.utils.get_total_norm(used)) <= min(raw_norm, 0.5) * (1 + 1e-5)
+
+
+def test_deepspeed_is_refused_at_setup_with_what_to_do() -> None:
+    from types import SimpleNamespace
+
+    from pytorch_lightning.strategies import DeepSpeedStrategy
+
+    strategy = object.__new__(DeepSpeedStrategy)  # the check needs the type, not a DeepSpeed run
+    trainer = SimpleNamespace(strategy=strategy, gradient_clip_val=None, callbacks=[])
+    with pytest.raises(RuntimeError, match="gradient_clipping"):
+        AdaptiveGradClip(policy="norm").setup(trainer, None, "fit")
