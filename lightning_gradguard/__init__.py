@@ -21,12 +21,16 @@ _LAZY = {
     "DeadUnitMonitor": "lightning_gradguard.callbacks.dead_unit_monitor",
     "GradNormMonitor": "lightning_gradguard.callbacks.grad_norm_monitor",
     "GradGuardMixin": "lightning_gradguard.mixin",
+    "InitAtStart": "lightning_gradguard.callbacks.reinit",
+    "LayerReinit": "lightning_gradguard.callbacks.reinit",
+    "UnitRecycler": "lightning_gradguard.callbacks.reinit",
 }
 
 if TYPE_CHECKING:
     from lightning_gradguard.callbacks.adaptive_grad_clip import AdaptiveGradClip
     from lightning_gradguard.callbacks.dead_unit_monitor import DeadUnitMonitor
     from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
+    from lightning_gradguard.callbacks.reinit import InitAtStart, LayerReinit, UnitRecycler
     from lightning_gradguard.mixin import GradGuardMixin
 
 
@@ -41,5 +45,8 @@ __all__ = [
     "DeadUnitMonitor",
     "GradGuardMixin",
     "GradNormMonitor",
+    "InitAtStart",
+    "LayerReinit",
+    "UnitRecycler",
     "__version__",
 ]

@@ -3,5 +3,13 @@
 from lightning_gradguard.callbacks.adaptive_grad_clip import AdaptiveGradClip
 from lightning_gradguard.callbacks.dead_unit_monitor import DeadUnitMonitor
 from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
+from lightning_gradguard.callbacks.reinit import InitAtStart, LayerReinit, UnitRecycler
 
-__all__ = ["AdaptiveGradClip", "DeadUnitMonitor", "GradNormMonitor"]
+__all__ = [
+    "AdaptiveGradClip",
+    "DeadUnitMonitor",
+    "GradNormMonitor",
+    "InitAtStart",
+    "LayerReinit",
+    "UnitRecycler",
+]

@@ -1,0 +1,442 @@
+"""Re-initialization callbacks: ``InitAtStart``, ``UnitRecycler`` (ReDo) and ``LayerReinit``.
+
+Every rank re-initializes identically: random draws come from a generator seeded
+with ``seed`` and the global step, and every decision is taken from statistics
+that are the same on all ranks (reduced activity, all-reduced gradient norms).
+Sharded (FSDP2) parameters are refused at setup with a message: a unit's
+incoming and outgoing weights live on different ranks there.
+
+Example:
+    >>> import pytorch_lightning as pl
+    >>> from lightning_gradguard import UnitRecycler
+    >>> trainer = pl.Trainer(callbacks=[UnitRecycler(every_n_steps=500)], logger=False)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_gradguard._compat import Callback, rank_zero_warn
+from lightning_gradguard.functional.activity import ActivityTracker
+from lightning_gradguard.functional.init import (
+    SCHEMES,
+    WEIGHT_LAYERS,
+    UnitPair,
+    consumer_nonlinearities,
+    infer_unit_pairs,
+    init_,
+    init_weight_,
+    lsuv_,
+    recycle_units_,
+)
+from lightning_gradguard.logging import log_to_loggers
+
+
+def _generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The same generator on every rank: seeded from ``seed`` and the step."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed * 1_000_003 + step)
+    return generator
+
+
+def _refuse_sharded(pl_module: nn.Module, owner: str) -> None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return
+    if any(isinstance(p, DTensor) for p in pl_module.parameters()):
+        raise RuntimeError(
+            f"{owner} does not support sharded (FSDP2 / ModelParallelStrategy) parameters: "
+            "re-initialized rows and their optimizer state live on other ranks. Use DDP, or "
+            "initialize before sharding (e.g. init_ in configure_model)."
+        )
+
+
+def _check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES and scheme != "lsuv":
+        raise ValueError(f"scheme={scheme!r} is not an init scheme: use one of {list(SCHEMES)}.")
+
+
+def _positive(value: Any, argument: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{argument}={value!r} must be a positive integer.")
+
+
+def _optimizer_of(trainer: Any, parameter: Tensor) -> torch.optim.Optimizer | None:
+    for optimizer in trainer.optimizers:
+        if any(p is parameter for group in optimizer.param_groups for p in group["params"]):
+            return optimizer
+    return None
+
+
+class InitAtStart(Callback):
+    """Apply He / Glorot / orthogonal / GPT-2 normal init, or LSUV, without editing the module.
+
+    Named schemes run in ``setup``, before the model is wrapped for DDP (which
+    then broadcasts rank 0's weights anyway); draws use ``seed``, so every rank
+    gets the same weights regardless. LSUV needs data: it runs at
+    ``on_train_start`` on the first training batch of rank 0, whose weights are
+    then broadcast to every rank.
+
+    Args:
+        scheme: one of ``kaiming_normal``, ``kaiming_uniform``, ``xavier_normal``,
+            ``xavier_uniform``, ``orthogonal``, ``normal`` or ``lsuv``.
+        seed: seed of the random draws.
+        input_fn: maps a training batch to the model's input for LSUV (default:
+            the first element of a tuple/list batch, or the batch itself).
+        **init_kwargs: passed to :func:`~lightning_gradguard.functional.init_`
+            (``std``, ``residual_projections``, ``n_layers``, ``nonlinearity``) or
+            :func:`~lightning_gradguard.functional.lsuv_` (``target_std``, ``tol``,
+            ``max_iters``).
+    """
+
+    def __init__(
+        self,
+        scheme: str = "kaiming_normal",
+        seed: int = 0,
+        input_fn: Callable[[Any], Any] | None = None,
+        **init_kwargs: Any,
+    ) -> None:
+        _check_scheme(scheme)
+        self.scheme = scheme
+        self.seed = seed
+        self.input_fn = input_fn
+        self.init_kwargs = init_kwargs
+        self.report: Any = None
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit" or self.scheme == "lsuv":
+            return
+        _refuse_sharded(pl_module, "InitAtStart")
+        device = next(pl_module.parameters(), torch.empty(0)).device
+        self.report = init_(
+            pl_module, self.scheme, generator=_generator(self.seed, 0, device), **self.init_kwargs
+        )
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.scheme != "lsuv" or trainer.global_step > 0:  # not again on resume
+            return
+        _refuse_sharded(pl_module, "InitAtStart")
+        batch = next(iter(trainer.train_dataloader))
+        inputs = (
+            self.input_fn(batch)
+            if self.input_fn
+            else (batch[0] if isinstance(batch, (tuple, list)) else batch)
+        )
+        inputs = pl_module.transfer_batch_to_device(inputs, pl_module.device, 0)
+        device = next(pl_module.parameters(), torch.empty(0)).device
+        self.report = lsuv_(
+            pl_module, inputs, generator=_generator(self.seed, 0, device), **self.init_kwargs
+        )
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            with torch.no_grad():
+                for parameter in pl_module.parameters():
+                    dist.broadcast(parameter.data, src=0)
+
+
+class UnitRecycler(Callback):
+    """Recycle dormant units (ReDo, Sokar et al., 2023) every ``every_n_steps`` steps.
+
+    Over a measuring window of ``window`` training batches the activity of each
+    producer→consumer pair's activation is accumulated (the same
+    :class:`~lightning_gradguard.functional.ActivityTracker` as ``DeadUnitMonitor``,
+    summed across ranks); units whose dormancy score is at most ``tau`` get new
+    incoming weights, zero bias, zero outgoing weights and zeroed optimizer state
+    (:func:`~lightning_gradguard.functional.recycle_units_`). The output layer is
+    never recycled: it is nobody's producer.
+
+    Logged: ``recycled_units/<layer>`` (units recycled in that window, by
+    producer layer). Events (step, kind, layer, detail) are kept in ``events``.
+
+    Args:
+        every_n_steps: start a measuring window every this many optimizer steps.
+        window: training batches per window.
+        tau: dormancy threshold (ReDo's default 0.025; 0 recycles only dead units).
+        pairs: ``[producer, consumer, activation]`` name triples; inferred from the
+            model's ``nn.Sequential`` stacks when omitted.
+        scheme: init scheme of the new incoming weights.
+        seed: seed of the random draws (with the step: identical on every rank).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        window: int = 10,
+        tau: float = 0.025,
+        pairs: list[list[str]] | None = None,
+        scheme: str = "kaiming_normal",
+        seed: int = 0,
+    ) -> None:
+        _positive(every_n_steps, "every_n_steps")
+        _positive(window, "window")
+        if window > every_n_steps:
+            raise ValueError(f"window={window} must not exceed every_n_steps={every_n_steps}.")
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or tau < 0:
+            raise ValueError(f"tau={tau!r} must be a non-negative number.")
+        _check_scheme(scheme)
+        if scheme == "lsuv":
+            raise ValueError("scheme='lsuv' needs data; recycled units use a named scheme.")
+        if pairs is not None and not all(
+            isinstance(p, (list, tuple)) and len(p) == 3 for p in pairs
+        ):
+            raise ValueError(
+                f"pairs={pairs!r} must be [producer, consumer, activation] name triples."
+            )
+        self.every_n_steps = every_n_steps
+        self.window = window
+        self.tau = float(tau)
+        self.pairs = None if pairs is None else [list(p) for p in pairs]
+        self.scheme = scheme
+        self.seed = seed
+        self.events: list[dict[str, Any]] = []
+        self.recycled_total = 0
+        self._pairs: list[UnitPair] = []
+        self._tracker: ActivityTracker | None = None
+        self._batches = 0
+        self._window_started_at = -1
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(tau=self.tau, pairs=self.pairs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "events": [dict(e) for e in self.events],
+            "recycled_total": self.recycled_total,
+            "window_started_at": self._window_started_at,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.events = [dict(e) for e in state_dict.get("events", [])]
+        self.recycled_total = int(state_dict.get("recycled_total", 0))
+        self._window_started_at = int(state_dict.get("window_started_at", -1))
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        _refuse_sharded(pl_module, "UnitRecycler")
+        if self.pairs is None:
+            self._pairs = [p for p in infer_unit_pairs(pl_module) if p.activation is not None]
+            if not self._pairs:
+                raise ValueError(
+                    f"UnitRecycler could not infer producer/consumer pairs in "
+                    f"{type(pl_module).__name__}: it looks inside nn.Sequential stacks "
+                    "(Linear/Conv, norm, activation, Linear/Conv). Pass pairs=[[producer, "
+                    "consumer, activation], ...] with module names."
+                )
+        else:
+            self._pairs = [UnitPair(p, c, a) for p, c, a in self.pairs]
+            modules = dict(pl_module.named_modules())
+            missing = sorted({n for p in self.pairs for n in p if n not in modules})
+            if missing:
+                raise ValueError(f"pairs name modules that do not exist: {missing}.")
+        activations = [
+            (p.activation, pl_module.get_submodule(p.activation))
+            for p in self._pairs
+            if p.activation
+        ]
+        device = next(pl_module.parameters(), torch.empty(0)).device
+        self._tracker = ActivityTracker(activations, device=device)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self._tracker is not None:
+            self._tracker.detach()
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        tracker = self._tracker
+        step = int(trainer.global_step)
+        if (
+            tracker is None
+            or tracker.attached
+            or step % self.every_n_steps
+            or step == self._window_started_at
+        ):
+            return
+        self._window_started_at = step
+        self._batches = 0
+        tracker.reset()
+        tracker.attach()
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        tracker = self._tracker
+        if tracker is None or not tracker.attached:
+            return
+        self._batches += 1
+        if self._batches < self.window:
+            return
+        tracker.detach()
+        tracker.reduce()
+        stats = tracker.stats()
+        step = int(trainer.global_step)
+        metrics: dict[str, float] = {}
+        for index, pair in enumerate(self._pairs):
+            if pair.activation is None or pair.activation not in stats:
+                continue
+            mask = stats[pair.activation].dormant(self.tau)
+            optimizer = _optimizer_of(trainer, pl_module.get_submodule(pair.producer).weight)
+            device = pl_module.get_submodule(pair.producer).weight.device
+            generator = _generator(self.seed, step * 131 + index, device)
+            count = recycle_units_(pl_module, pair, mask, optimizer, self.scheme, generator)
+            metrics[f"recycled_units/{pair.producer}"] = float(count)
+            if count:
+                self.recycled_total += count
+                self.events.append(
+                    {
+                        "step": step,
+                        "kind": "recycle",
+                        "layer": pair.producer,
+                        "detail": f"{count} of {mask.numel()} units dormant (tau={self.tau:g})",
+                    }
+                )
+        if trainer.is_global_zero:
+            log_to_loggers(trainer, metrics, step=step)
+
+
+class LayerReinit(Callback):
+    """Re-initialize layers whose gradients vanished, or on a schedule.
+
+    Vanishing is read from a :class:`~lightning_gradguard.GradNormMonitor` listed
+    before this callback (its norms and its ``vanishing_threshold``/``patience``
+    detection: no second pass over the gradients), every ``check_every_n_steps``
+    steps. A re-initialized layer gets a fresh weight (``scheme``, gain of its
+    consuming activation), zero bias, and its optimizer state cleared (moments
+    zeroed, Adam's ``step`` back to 0); the monitor's streak for it restarts.
+
+    Args:
+        check_every_n_steps: how often the monitor's vanishing flags are read (one
+            host read per check).
+        at_steps: explicit schedule: re-initialize ``layers`` at these global steps.
+        layers: module names for the schedule (and, if given, the only layers the
+            vanishing rule may touch).
+        scheme: init scheme.
+        max_reinits_per_layer: a layer is re-initialized at most this many times by
+            the vanishing rule (a layer that vanishes again needs another remedy).
+        seed: seed of the random draws (with the step: identical on every rank).
+    """
+
+    def __init__(
+        self,
+        check_every_n_steps: int = 50,
+        at_steps: list[int] | None = None,
+        layers: list[str] | None = None,
+        scheme: str = "kaiming_normal",
+        max_reinits_per_layer: int = 1,
+        seed: int = 0,
+    ) -> None:
+        _positive(check_every_n_steps, "check_every_n_steps")
+        _positive(max_reinits_per_layer, "max_reinits_per_layer")
+        _check_scheme(scheme)
+        if scheme == "lsuv":
+            raise ValueError("scheme='lsuv' needs data; LayerReinit uses a named scheme.")
+        if at_steps is not None and not layers:
+            raise ValueError("at_steps needs layers=[...]: the modules to re-initialize.")
+        self.check_every_n_steps = check_every_n_steps
+        self.at_steps = None if at_steps is None else sorted(int(s) for s in at_steps)
+        self.layers = None if layers is None else list(layers)
+        self.scheme = scheme
+        self.max_reinits_per_layer = max_reinits_per_layer
+        self.seed = seed
+        self.events: list[dict[str, Any]] = []
+        self.reinit_counts: dict[str, int] = {}
+        self._monitor: Any = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(layers=self.layers, at_steps=self.at_steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"events": [dict(e) for e in self.events], "reinit_counts": dict(self.reinit_counts)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.events = [dict(e) for e in state_dict.get("events", [])]
+        self.reinit_counts = {
+            str(k): int(v) for k, v in state_dict.get("reinit_counts", {}).items()
+        }
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
+
+        callbacks = list(trainer.callbacks)
+        monitors = [
+            cb for cb in callbacks[: callbacks.index(self)] if isinstance(cb, GradNormMonitor)
+        ]
+        self._monitor = monitors[0] if monitors else None
+        if self._monitor is None and self.at_steps is None:
+            raise ValueError(
+                "LayerReinit reads vanishing gradients from a GradNormMonitor: add "
+                "GradNormMonitor() before LayerReinit in Trainer(callbacks=[...]), or give "
+                "an explicit schedule with at_steps=[...] and layers=[...]."
+            )
+        if self.layers is not None:
+            modules = dict(pl_module.named_modules())
+            bad = [n for n in self.layers if not isinstance(modules.get(n), WEIGHT_LAYERS)]
+            if bad:
+                raise ValueError(
+                    f"layers={self.layers!r}: {bad} are not Linear/Conv modules of the model."
+                )
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        _refuse_sharded(pl_module, "LayerReinit")
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = int(trainer.global_step)
+        scheduled = self.at_steps is not None and step in self.at_steps and bool(self.layers)
+        done = any(e["step"] == step and e["detail"] == "schedule" for e in self.events)
+        if scheduled and not done and self.layers:
+            self._reinit(trainer, pl_module, list(self.layers), step, "schedule")
+        if self._monitor is None or step % self.check_every_n_steps:
+            return
+        for view in list(self._monitor._views.values()):
+            flags = view.health.vanishing.tolist()  # one host read per check
+            names = [n for n, flag in zip(view.grouping.names, flags) if flag]
+            modules = dict(pl_module.named_modules())
+            chosen = [
+                n
+                for n in names
+                if isinstance(modules.get(n), WEIGHT_LAYERS)
+                and (self.layers is None or n in self.layers)
+                and self.reinit_counts.get(n, 0) < self.max_reinits_per_layer
+            ]
+            if not chosen:
+                continue
+            self._reinit(trainer, pl_module, chosen, step, "vanishing gradients")
+            with torch.no_grad():
+                for name in chosen:
+                    g = view.grouping.names.index(name)
+                    view.health.vanishing[g] = False
+                    view.health.vanish_streak[g] = 0
+
+    @torch.no_grad()
+    def _reinit(
+        self, trainer: Any, pl_module: Any, names: list[str], step: int, reason: str
+    ) -> None:
+        gains = consumer_nonlinearities(pl_module)
+        for offset, name in enumerate(names):
+            module = pl_module.get_submodule(name)
+            weight = module.weight
+            nl, slope = gains.get(name) or ("relu", 0.0)
+            generator = _generator(self.seed, step * 131 + offset, weight.device)
+            init_weight_(weight, self.scheme, nl, slope, generator=generator)
+            params = [weight]
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+                params.append(module.bias)
+            for parameter in params:
+                optimizer = _optimizer_of(trainer, parameter)
+                if optimizer is not None and parameter in optimizer.state:
+                    for value in optimizer.state[parameter].values():
+                        if isinstance(value, Tensor):
+                            value.zero_()  # moments, and Adam's step back to 0
+            if reason != "schedule":  # the limit is for the vanishing rule only
+                self.reinit_counts[name] = self.reinit_counts.get(name, 0) + 1
+            self.events.append({"step": step, "kind": "reinit", "layer": name, "detail": reason})
+        rank_zero_warn(f"LayerReinit: re-initialized {', '.join(names)} at step {step} ({reason}).")
