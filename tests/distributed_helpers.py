@@ -547,3 +547,44 @@ def reference_unit_activity(
         h = net[: activation + 1](x).double()
     mean_abs = h.abs().mean(0)
     return ~(h > 0).any(0), mean_abs / mean_abs.mean()
+
+
+# --------------------------------------------------------------------------- re-initialization runs
+#
+# Used by ``tests/test_distributed_reinit.py`` and ``tests/workers/reinit_run.py``. The
+# recycling run reuses the dead-unit dataset (rank 0 sees the even, rank 1 the odd sample
+# indices; ``DEAD_F_RANK0`` / ``DEAD_F_RANK1`` mark them) and its windows
+# (``DEAD_EVERY_N_STEPS``, ``DEAD_WINDOW``: decisions at ``DEAD_LOG_STEPS``).
+
+REINIT_SEED = 77  # ``seed`` of the re-initialization callbacks
+REINIT_LR = 1e-3  # Adam; small, so a unit dead on one rank's data stays dead there
+REINIT_WEIGHT_DECAY = 0.1  # L2 decay gives dead units non-zero Adam moments
+REINIT_AT_STEP = 2  # LayerReinit's schedule
+REINIT_LAYERS = ("net.0", "net.4")
+
+
+def make_recycle_net() -> nn.Sequential:
+    """``Linear(6, 4) → ReLU → Linear(4, 3) → ReLU → Linear(3, 1)``, hand-set.
+
+    First hidden layer: unit 0 always fires (bias 1), unit 1 only on rank 0's samples,
+    unit 2 only on rank 1's samples, unit 3 never (bias -100, weights on the Gaussian
+    features so that weight decay moves them). Second hidden layer: units 0 and 2 fire
+    whenever unit 0 does, unit 1 never (bias -100).
+    """
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(SEED + 8)
+    net = nn.Sequential(
+        nn.Linear(DEAD_FEATURES, 4), nn.ReLU(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1)
+    )
+    w0 = torch.zeros(4, DEAD_FEATURES)
+    w0[1, DEAD_F_RANK0] = 1.0
+    w0[2, DEAD_F_RANK1] = 1.0
+    w0[3, 3:] = torch.tensor([0.3, -0.2, 0.1])
+    w2 = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.2, 0.2, 0.2, 0.2], [0.5, 0.0, 0.0, 0.0]])
+    with torch.no_grad():
+        net[0].weight.copy_(w0)
+        net[0].bias.copy_(torch.tensor([1.0, -0.5, -0.5, -100.0]))
+        net[2].weight.copy_(w2)
+        net[2].bias.copy_(torch.tensor([0.0, -100.0, 0.0]))
+    torch.random.set_rng_state(generator_state)
+    return net

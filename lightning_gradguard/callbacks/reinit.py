@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +58,16 @@ def _refuse_sharded(pl_module: nn.Module, owner: str) -> None:
         )
 
 
+def _keyword_names(function: Callable[..., Any], taken: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(n for n in inspect.signature(function).parameters if n not in taken)
+
+
+# What InitAtStart(**init_kwargs) may pass on: the callback owns the model, the data and
+# the generator (from ``seed``).
+_INIT_KWARGS = _keyword_names(init_, ("model", "scheme", "generator"))
+_LSUV_KWARGS = _keyword_names(lsuv_, ("model", "batch", "generator"))
+
+
 def _check_scheme(scheme: str) -> None:
     if scheme not in SCHEMES and scheme != "lsuv":
         raise ValueError(f"scheme={scheme!r} is not an init scheme: use one of {list(SCHEMES)}.")
@@ -72,6 +83,26 @@ def _optimizer_of(trainer: Any, parameter: Tensor) -> torch.optim.Optimizer | No
         if any(p is parameter for group in optimizer.param_groups for p in group["params"]):
             return optimizer
     return None
+
+
+def _check_pair(pl_module: nn.Module, pair: UnitPair) -> None:
+    """Refuse an impossible producer/consumer pair at the start, not after the first window."""
+    producer = pl_module.get_submodule(pair.producer)
+    consumer = pl_module.get_submodule(pair.consumer)
+    for module, role in ((producer, "producer"), (consumer, "consumer")):
+        if not isinstance(module, WEIGHT_LAYERS):
+            raise ValueError(
+                f"pairs: {role} {getattr(pair, role)!r} is a {type(module).__name__}, "
+                "not Linear/Conv."
+            )
+    produced, consumed = producer.weight, consumer.weight
+    assert isinstance(produced, Tensor) and isinstance(consumed, Tensor)
+    units, reads = produced.shape[0], consumed.shape[1]
+    if units != reads:
+        raise ValueError(
+            f"pairs: consumer {pair.consumer!r} reads {reads} inputs but producer "
+            f"{pair.producer!r} makes {units} units: not a producer/consumer pair."
+        )
 
 
 class InitAtStart(Callback):
@@ -103,6 +134,13 @@ class InitAtStart(Callback):
         **init_kwargs: Any,
     ) -> None:
         _check_scheme(scheme)
+        allowed = _LSUV_KWARGS if scheme == "lsuv" else _INIT_KWARGS
+        unknown = sorted(set(init_kwargs) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"InitAtStart(scheme={scheme!r}) got unknown keyword arguments {unknown}: "
+                f"use {list(allowed)}."
+            )
         self.scheme = scheme
         self.seed = seed
         self.input_fn = input_fn
@@ -233,6 +271,8 @@ class UnitRecycler(Callback):
             missing = sorted({n for p in self.pairs for n in p if n not in modules})
             if missing:
                 raise ValueError(f"pairs name modules that do not exist: {missing}.")
+            for pair in self._pairs:
+                _check_pair(pl_module, pair)
         activations = [
             (p.activation, pl_module.get_submodule(p.activation))
             for p in self._pairs
@@ -373,6 +413,12 @@ class LayerReinit(Callback):
                 "LayerReinit reads vanishing gradients from a GradNormMonitor: add "
                 "GradNormMonitor() before LayerReinit in Trainer(callbacks=[...]), or give "
                 "an explicit schedule with at_steps=[...] and layers=[...]."
+            )
+        if self._monitor is not None and not self._monitor.detect and self.at_steps is None:
+            raise ValueError(
+                "LayerReinit reads the vanishing flags of the GradNormMonitor before it, but that "
+                "monitor has detect=False and never sets them: use GradNormMonitor(detect=True), "
+                "or give an explicit schedule with at_steps=[...] and layers=[...]."
             )
         if self.layers is not None:
             modules = dict(pl_module.named_modules())
