@@ -230,12 +230,12 @@ def test_init_at_start_equals_torch_init_with_the_seeded_generator(
 def test_init_at_start_validates_its_arguments_early() -> None:
     with pytest.raises(ValueError, match="scheme='he' is not an init scheme"):
         InitAtStart("he")
-    with pytest.raises(ValueError, match=r"unknown keyword arguments \['std'\].*'target_std'"):
-        InitAtStart("lsuv", std=0.02)
-    with pytest.raises(ValueError, match=r"unknown keyword arguments \['tol'\].*'n_layers'"):
-        InitAtStart("normal", tol=0.1)
-    with pytest.raises(ValueError, match=r"\['generator'\]"):  # the callback draws from `seed`
-        InitAtStart("orthogonal", generator=torch.Generator())
+    with pytest.raises(ValueError, match="n_layers=None"):
+        InitAtStart("normal", residual_projections=["*.c_proj"])
+    with pytest.raises(ValueError, match="nonlinearity='swish'"):
+        InitAtStart("xavier_normal", nonlinearity="swish")
+    with pytest.raises(TypeError, match="generator"):  # the callback draws from `seed`
+        InitAtStart("orthogonal", generator=torch.Generator())  # type: ignore[call-arg]
 
 
 def _tanh_net(depth: int = 6, width: int = 32) -> nn.Sequential:

@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -58,16 +57,6 @@ def _refuse_sharded(pl_module: nn.Module, owner: str) -> None:
         )
 
 
-def _keyword_names(function: Callable[..., Any], taken: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(n for n in inspect.signature(function).parameters if n not in taken)
-
-
-# What InitAtStart(**init_kwargs) may pass on: the callback owns the model, the data and
-# the generator (from ``seed``).
-_INIT_KWARGS = _keyword_names(init_, ("model", "scheme", "generator"))
-_LSUV_KWARGS = _keyword_names(lsuv_, ("model", "batch", "generator"))
-
-
 def _check_scheme(scheme: str) -> None:
     if scheme not in SCHEMES and scheme != "lsuv":
         raise ValueError(f"scheme={scheme!r} is not an init scheme: use one of {list(SCHEMES)}.")
@@ -108,11 +97,11 @@ def _check_pair(pl_module: nn.Module, pair: UnitPair) -> None:
 class InitAtStart(Callback):
     """Apply He / Glorot / orthogonal / GPT-2 normal init, or LSUV, without editing the module.
 
-    Named schemes run in ``setup``, before the model is wrapped for DDP (which
-    then broadcasts rank 0's weights anyway); draws use ``seed``, so every rank
-    gets the same weights regardless. LSUV needs data: it runs at
-    ``on_train_start`` on the first training batch of rank 0, whose weights are
-    then broadcast to every rank.
+    It runs once, before the first training step of a fresh fit (never when
+    resuming from a checkpoint): named schemes in ``on_fit_start`` (after
+    ``configure_model``, so layers built there are included), LSUV in
+    ``on_train_start`` on the first training batch. Draws use ``seed``, so every
+    rank gets the same weights; after LSUV, rank 0's weights are broadcast.
 
     Args:
         scheme: one of ``kaiming_normal``, ``kaiming_uniform``, ``xavier_normal``,
@@ -120,10 +109,13 @@ class InitAtStart(Callback):
         seed: seed of the random draws.
         input_fn: maps a training batch to the model's input for LSUV (default:
             the first element of a tuple/list batch, or the batch itself).
-        **init_kwargs: passed to :func:`~lightning_gradguard.functional.init_`
-            (``std``, ``residual_projections``, ``n_layers``, ``nonlinearity``) or
-            :func:`~lightning_gradguard.functional.lsuv_` (``target_std``, ``tol``,
-            ``max_iters``).
+        nonlinearity: forced gain, see :func:`~lightning_gradguard.functional.init_`.
+        std: std of ``scheme="normal"`` (GPT-2: 0.02).
+        residual_projections: glob patterns of GPT-2 residual projections.
+        n_layers: number of residual blocks (with ``residual_projections``).
+        target_std: LSUV's target output std.
+        tol: LSUV's tolerance.
+        max_iters: LSUV's rescaling passes per layer.
     """
 
     def __init__(
@@ -131,33 +123,51 @@ class InitAtStart(Callback):
         scheme: str = "kaiming_normal",
         seed: int = 0,
         input_fn: Callable[[Any], Any] | None = None,
-        **init_kwargs: Any,
+        nonlinearity: str | None = None,
+        std: float = 0.02,
+        residual_projections: list[str] | None = None,
+        n_layers: int | None = None,
+        target_std: float = 1.0,
+        tol: float = 0.1,
+        max_iters: int = 10,
     ) -> None:
         _check_scheme(scheme)
-        allowed = _LSUV_KWARGS if scheme == "lsuv" else _INIT_KWARGS
-        unknown = sorted(set(init_kwargs) - set(allowed))
-        if unknown:
-            raise ValueError(
-                f"InitAtStart(scheme={scheme!r}) got unknown keyword arguments {unknown}: "
-                f"use {list(allowed)}."
-            )
         self.scheme = scheme
         self.seed = seed
         self.input_fn = input_fn
-        self.init_kwargs = init_kwargs
+        self.init_kwargs: dict[str, Any] = {
+            "nonlinearity": nonlinearity,
+            "std": std,
+            "residual_projections": tuple(residual_projections or ()),
+            "n_layers": n_layers,
+        }
+        self.lsuv_kwargs: dict[str, Any] = {
+            "target_std": target_std,
+            "tol": tol,
+            "max_iters": max_iters,
+        }
+        if scheme != "lsuv":  # validate now: init_ on an empty module checks the arguments
+            init_(nn.Module(), scheme, **self.init_kwargs)
         self.report: Any = None
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage != "fit" or self.scheme == "lsuv":
+    @staticmethod
+    def _resuming(trainer: Any) -> bool:
+        return bool(getattr(trainer, "ckpt_path", None)) or int(trainer.global_step) > 0
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.scheme == "lsuv" or self._resuming(trainer):
             return
         _refuse_sharded(pl_module, "InitAtStart")
         device = next(pl_module.parameters(), torch.empty(0)).device
-        self.report = init_(
-            pl_module, self.scheme, generator=_generator(self.seed, 0, device), **self.init_kwargs
-        )
+        generator = _generator(self.seed, 0, device)
+        self.report = init_(pl_module, self.scheme, generator=generator, **self.init_kwargs)
+        if not self.report:
+            rank_zero_warn(
+                f"InitAtStart: {type(pl_module).__name__} has no Linear/Conv layer to initialize."
+            )
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.scheme != "lsuv" or trainer.global_step > 0:  # not again on resume
+        if self.scheme != "lsuv" or self._resuming(trainer):
             return
         _refuse_sharded(pl_module, "InitAtStart")
         batch = next(iter(trainer.train_dataloader))
@@ -168,9 +178,8 @@ class InitAtStart(Callback):
         )
         inputs = pl_module.transfer_batch_to_device(inputs, pl_module.device, 0)
         device = next(pl_module.parameters(), torch.empty(0)).device
-        self.report = lsuv_(
-            pl_module, inputs, generator=_generator(self.seed, 0, device), **self.init_kwargs
-        )
+        generator = _generator(self.seed, 0, device)
+        self.report = lsuv_(pl_module, inputs, generator=generator, **self.lsuv_kwargs)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             with torch.no_grad():
                 for parameter in pl_module.parameters():

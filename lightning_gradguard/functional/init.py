@@ -408,6 +408,12 @@ def _reset_optimizer_entries(
         value[index] = 0.0  # exp_avg, exp_avg_sq, max_exp_avg_sq, momentum_buffer, ...
 
 
+def _zero_grad_entries(parameter: Tensor, index: tuple[Any, ...]) -> None:
+    """Drop gradients already accumulated for recycled entries (mid-accumulation recycling)."""
+    if parameter.grad is not None:
+        parameter.grad[index] = 0.0
+
+
 def _reset_norm_units(
     norm: nn.Module, mask: Tensor, units: int, optimizer: torch.optim.Optimizer | None
 ) -> None:
@@ -445,7 +451,8 @@ def recycle_units_(
     affine parameters of norm layers in between reset for that unit
     (BatchNorm: running mean 0, variance 1; weight 1, bias 0); and the
     optimizer state of exactly those entries zeroed (SGD ``momentum_buffer``,
-    Adam/AdamW ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``). Adam's ``step``
+    Adam/AdamW ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), as are any
+    gradients already accumulated for them. Adam's ``step``
     is per tensor and is left as it is: the fresh entries restart from zero
     moments with the tensor's bias correction.
 
@@ -506,12 +513,15 @@ def recycle_units_(
     init_weight_(fresh, scheme, nonlinearity, slope, generator=generator)
     produced[mask] = fresh[mask]
     _reset_optimizer_entries(optimizer, produced, (mask,))
+    _zero_grad_entries(produced, (mask,))
     produced_bias = _bias(producer)
     if produced_bias is not None:
         produced_bias[mask] = 0.0
         _reset_optimizer_entries(optimizer, produced_bias, (mask,))
+        _zero_grad_entries(produced_bias, (mask,))
     consumed[:, mask] = 0.0
     _reset_optimizer_entries(optimizer, consumed, (slice(None), mask))
+    _zero_grad_entries(consumed, (slice(None), mask))
     for norm_name in pair.norms:
         _reset_norm_units(model.get_submodule(norm_name), mask, units, optimizer)
     return count
@@ -535,7 +545,8 @@ def shrink_perturb_(
         model: the model.
         shrink: factor on the current parameters, in (0, 1].
         perturb: factor on the fresh draw, >= 0.
-        generator: seeds the fresh draws, for identical noise on every rank.
+        generator: seeds the fresh draws, for identical noise on every rank
+            (without one, the global RNG gives the seed).
         modules: names of the layers to treat (default: every Linear/Conv).
 
     Returns:
@@ -547,10 +558,11 @@ def shrink_perturb_(
         raise ValueError(f"perturb={perturb!r} must be a non-negative number.")
     wanted = None if modules is None else set(modules)
     changed: list[str] = []
-    seed = None if generator is None else int(torch.randint(0, 2**62, (1,), generator=generator))
+    # One seed for the fresh draws: from the generator, else from the global RNG (which then
+    # advances, so two calls perturb differently, as two draws should).
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
+        torch.manual_seed(seed)
         for name, module in model.named_modules():
             if not isinstance(module, WEIGHT_LAYERS) or (wanted is not None and name not in wanted):
                 continue
