@@ -14,7 +14,11 @@ from typing import Any
 from torch import nn
 
 from lightning_gradguard._compat import Callback, rank_zero_warn
-from lightning_gradguard.functional.activity import DEFAULT_ACTIVATIONS, ActivityTracker
+from lightning_gradguard.functional.activity import (
+    DEFAULT_ACTIVATIONS,
+    ActivityTracker,
+    MeasuringWindows,
+)
 from lightning_gradguard.functional.norms import clean_parameter_name
 from lightning_gradguard.functional.surgery import swap_activations
 from lightning_gradguard.logging import log_to_loggers
@@ -121,8 +125,7 @@ class DeadUnitMonitor(Callback):
         self.events: list[dict[str, Any]] = []
         self.last_stats: dict[str, dict[str, float]] = {}
         self._tracker: ActivityTracker | None = None
-        self._batches_in_window = 0
-        self._window_started_at = -1
+        self._windows = MeasuringWindows(every_n_steps, window)
 
     @property
     def state_key(self) -> str:
@@ -133,14 +136,14 @@ class DeadUnitMonitor(Callback):
         return {
             "swapped": list(self.swapped),
             "events": [dict(e) for e in self.events],
-            "window_started_at": self._window_started_at,
+            "window_started_at": self._windows.started_at,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore; the swaps are re-applied to the model before the first step."""
         self.swapped = list(state_dict.get("swapped", []))
         self.events = [dict(e) for e in state_dict.get("events", [])]
-        self._window_started_at = int(state_dict.get("window_started_at", -1))
+        self._windows.started_at = int(state_dict.get("window_started_at", -1))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -194,27 +197,15 @@ class DeadUnitMonitor(Callback):
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
-        tracker = self._tracker
-        if tracker is None or tracker.attached or not tracker.modules:
-            return
-        step = int(trainer.global_step)
-        if step % self.every_n_steps == 0 and step != self._window_started_at:
-            self._window_started_at = step
-            self._batches_in_window = 0
-            tracker.reset()
-            tracker.attach()
+        if self._tracker is not None:
+            self._windows.maybe_open(int(trainer.global_step), self._tracker)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         tracker = self._tracker
-        if tracker is None or not tracker.attached:
+        if tracker is None or not self._windows.maybe_close(tracker):
             return
-        self._batches_in_window += 1
-        if self._batches_in_window < self.window:
-            return
-        tracker.detach()
-        tracker.reduce()  # a collective: every rank gets here after the same batches
         stats = tracker.stats()
         self.last_stats = {
             name: {"dead": s.dead_fraction, "dormant": s.dormant_fraction(self.dormant_tau)}

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_gradguard._compat import Callback, rank_zero_warn
-from lightning_gradguard.functional.activity import ActivityTracker
+from lightning_gradguard.functional.activity import ActivityTracker, MeasuringWindows
 from lightning_gradguard.functional.init import (
     SCHEMES,
     WEIGHT_LAYERS,
@@ -244,8 +244,7 @@ class UnitRecycler(Callback):
         self.recycled_total = 0
         self._pairs: list[UnitPair] = []
         self._tracker: ActivityTracker | None = None
-        self._batches = 0
-        self._window_started_at = -1
+        self._windows = MeasuringWindows(every_n_steps, window)
 
     @property
     def state_key(self) -> str:
@@ -255,13 +254,13 @@ class UnitRecycler(Callback):
         return {
             "events": [dict(e) for e in self.events],
             "recycled_total": self.recycled_total,
-            "window_started_at": self._window_started_at,
+            "window_started_at": self._windows.started_at,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.events = [dict(e) for e in state_dict.get("events", [])]
         self.recycled_total = int(state_dict.get("recycled_total", 0))
-        self._window_started_at = int(state_dict.get("window_started_at", -1))
+        self._windows.started_at = int(state_dict.get("window_started_at", -1))
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         _refuse_sharded(pl_module, "UnitRecycler")
@@ -297,31 +296,15 @@ class UnitRecycler(Callback):
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
-        tracker = self._tracker
-        step = int(trainer.global_step)
-        if (
-            tracker is None
-            or tracker.attached
-            or step % self.every_n_steps
-            or step == self._window_started_at
-        ):
-            return
-        self._window_started_at = step
-        self._batches = 0
-        tracker.reset()
-        tracker.attach()
+        if self._tracker is not None:
+            self._windows.maybe_open(int(trainer.global_step), self._tracker)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         tracker = self._tracker
-        if tracker is None or not tracker.attached:
+        if tracker is None or not self._windows.maybe_close(tracker):
             return
-        self._batches += 1
-        if self._batches < self.window:
-            return
-        tracker.detach()
-        tracker.reduce()
         stats = tracker.stats()
         step = int(trainer.global_step)
         metrics: dict[str, float] = {}

@@ -3,6 +3,7 @@
 from lightning_gradguard.functional.activity import (
     DEFAULT_ACTIVATIONS,
     ActivityTracker,
+    MeasuringWindows,
     UnitStats,
     unit_dim,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "GradientHealth",
     "GroupedNorms",
     "LSUVReport",
+    "MeasuringWindows",
     "NormGrouping",
     "ParameterSnapshot",
     "SpikeWindow",

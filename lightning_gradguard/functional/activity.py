@@ -277,3 +277,52 @@ class ActivityTracker:
             )
             offset += 2 * units
         return out
+
+
+@dataclass
+class MeasuringWindows:
+    """When an :class:`ActivityTracker` measures: ``window`` batches every ``every_n_steps`` steps.
+
+    Call :meth:`maybe_open` before each training batch and :meth:`maybe_close` after
+    it; ``maybe_close`` returns True once a window is complete, with the hooks
+    removed and the statistics reduced across ranks. Outside windows nothing is
+    hooked.
+
+    Example:
+        >>> from torch import nn
+        >>> relu = nn.ReLU()
+        >>> tracker, windows = ActivityTracker([("relu", relu)]), MeasuringWindows(4, 2)
+        >>> done = []
+        >>> for step in range(6):
+        ...     windows.maybe_open(step, tracker)
+        ...     _ = relu(torch.randn(3, 2))
+        ...     done.append(windows.maybe_close(tracker))
+        >>> done
+        [False, True, False, False, False, True]
+    """
+
+    every_n_steps: int
+    window: int
+    started_at: int = -1
+    batches: int = 0
+
+    def maybe_open(self, step: int, tracker: ActivityTracker) -> None:
+        """Attach the hooks if a window is due at ``step`` (the global step)."""
+        if tracker.attached or not tracker.modules:
+            return
+        if step % self.every_n_steps == 0 and step != self.started_at:
+            self.started_at = step
+            self.batches = 0
+            tracker.reset()
+            tracker.attach()
+
+    def maybe_close(self, tracker: ActivityTracker) -> bool:
+        """Count a batch; at the window's end detach, reduce across ranks and return True."""
+        if not tracker.attached:
+            return False
+        self.batches += 1
+        if self.batches < self.window:
+            return False
+        tracker.detach()
+        tracker.reduce()  # a collective: every rank gets here after the same batches
+        return True
