@@ -21,6 +21,7 @@ _LAZY = {
     "DeadUnitMonitor": "lightning_gradguard.callbacks.dead_unit_monitor",
     "GradNormMonitor": "lightning_gradguard.callbacks.grad_norm_monitor",
     "GradGuardMixin": "lightning_gradguard.mixin",
+    "HealthReport": "lightning_gradguard.callbacks.health_report",
     "InitAtStart": "lightning_gradguard.callbacks.reinit",
     "LayerReinit": "lightning_gradguard.callbacks.reinit",
     "UnitRecycler": "lightning_gradguard.callbacks.reinit",
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from lightning_gradguard.callbacks.adaptive_grad_clip import AdaptiveGradClip
     from lightning_gradguard.callbacks.dead_unit_monitor import DeadUnitMonitor
     from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
+    from lightning_gradguard.callbacks.health_report import HealthReport
     from lightning_gradguard.callbacks.reinit import InitAtStart, LayerReinit, UnitRecycler
     from lightning_gradguard.mixin import GradGuardMixin
 
@@ -45,6 +47,7 @@ __all__ = [
     "DeadUnitMonitor",
     "GradGuardMixin",
     "GradNormMonitor",
+    "HealthReport",
     "InitAtStart",
     "LayerReinit",
     "UnitRecycler",

@@ -410,12 +410,31 @@ class RunData:
         return [r for r in self.records if r.WhichOneof("record_type") == kind]
 
 
-def load_run(path: str | Path) -> RunData:
-    """Read a run from its ``.wandb`` file, or from a folder holding exactly one run."""
+def load_run(path: str | Path, wait_s: float = 30.0) -> RunData:
+    """Read a run from its ``.wandb`` file, or from a folder holding exactly one run.
+
+    wandb's writer process may still be flushing the file's last block after
+    ``run.finish()`` returns: a file that ends inside a record is read again, for
+    up to ``wait_s`` seconds, before the error is raised. Any other corruption
+    raises at once.
+    """
+    import time
+
     path = Path(path)
     if path.is_dir():
         runs = find_run_files(path)
         if len(runs) != 1:
             raise FileNotFoundError(f"expected one .wandb file under {path}, found {runs}")
         path = runs[0]
-    return RunData.from_file(path)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            run = RunData.from_file(path)
+        except WandbFileError as error:
+            if "file ends inside" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+            continue
+        if run.exit_code is not None or time.monotonic() > deadline:
+            return run
+        time.sleep(0.2)  # the exit record is the last one wandb writes

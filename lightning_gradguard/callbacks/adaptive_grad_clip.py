@@ -30,7 +30,7 @@ from lightning_gradguard.functional.norms import (
 )
 from lightning_gradguard.functional.policies import ClipPolicy, make_policy
 from lightning_gradguard.functional.spikes import SpikeWindow
-from lightning_gradguard.logging import log_to_loggers, to_host
+from lightning_gradguard.logging import log_to_loggers, record_event, to_host
 
 SCOPES = ("global", "layer")
 
@@ -157,6 +157,7 @@ class AdaptiveGradClip(Callback):
         self.log_every_n_steps = log_every_n_steps
         self._own_skips = 0  # steps this callback skipped (host count)
         self._wrapped: set[int] = set()
+        self._trainer: Any = None
         self._states: dict[int, _ClipState] = {}
         self._loaded: dict[str, Any] = {}
         self._monitor: Any = None
@@ -200,6 +201,7 @@ class AdaptiveGradClip(Callback):
     # ------------------------------------------------------------------ lifecycle
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._trainer = trainer
         strategy = type(trainer.strategy).__name__
         if "DeepSpeed" in strategy:
             raise RuntimeError(
@@ -301,6 +303,9 @@ class AdaptiveGradClip(Callback):
                 "checkpoint. Raise max_consecutive_skips to tolerate longer bursts."
             )
         rank_zero_warn(f"AdaptiveGradClip: skipped optimizer step ({reason}).")
+        if self._trainer is not None:
+            kind = "nonfinite" if nonfinite else "spike"
+            record_event(self._trainer, kind, "", f"skipped optimizer step ({reason})")
         return True
 
     # ------------------------------------------------------------------ the step

@@ -21,7 +21,7 @@ from lightning_gradguard.functional.activity import (
 )
 from lightning_gradguard.functional.norms import clean_parameter_name
 from lightning_gradguard.functional.surgery import swap_activations
-from lightning_gradguard.logging import log_to_loggers
+from lightning_gradguard.logging import log_to_loggers, record_event
 
 RESCUE_MODES = ("never", "start", "threshold")
 
@@ -126,6 +126,7 @@ class DeadUnitMonitor(Callback):
         self.last_stats: dict[str, dict[str, float]] = {}
         self._tracker: ActivityTracker | None = None
         self._windows = MeasuringWindows(every_n_steps, window)
+        self._reported_dying: set[str] = set()
 
     @property
     def state_key(self) -> str:
@@ -218,6 +219,10 @@ class DeadUnitMonitor(Callback):
             metrics[f"dormant_units/{layer}"] = values["dormant"]
         if trainer.is_global_zero:
             log_to_loggers(trainer, metrics, step=int(trainer.global_step))
+        for name, values in self.last_stats.items():
+            if values["dead"] > self.dead_threshold and name not in self._reported_dying:
+                self._reported_dying.add(name)
+                record_event(trainer, "dying", name, f"{values['dead']:.0%} of units dead")
         if self.rescue == "threshold":
             dying = [
                 name
@@ -247,6 +252,7 @@ class DeadUnitMonitor(Callback):
             if dead is not None:
                 detail += f", {dead:.0%} dead"
             self.events.append({"step": step, "kind": "swap", "layer": name, "detail": detail})
+            record_event(trainer, "swap", name, detail, step=step)
         rank_zero_warn(
             f"DeadUnitMonitor: swapped ReLU for LeakyReLU({self.negative_slope:g}) in "
             f"{', '.join(names)} at step {step} ({reason})."

@@ -31,7 +31,7 @@ from lightning_gradguard.functional.norms import (
     parse_norm_type,
     validate_group_by,
 )
-from lightning_gradguard.logging import log_to_loggers, to_host
+from lightning_gradguard.logging import log_to_loggers, record_event, to_host
 
 REMEDIES_VANISHING = (
     "Classic remedies: He (Kaiming) initialization for ReLU layers or Glorot (Xavier) for "
@@ -430,7 +430,7 @@ class GradNormMonitor(Callback):
                 metrics[key] = values[0]
         if self.detect:
             metrics[f"grad_norm/nonfinite_steps{view.suffix}"] = host["health/nonfinite_steps"][0]
-            self._warn(view, host)
+            self._warn(trainer, view, host)
         log_to_loggers(trainer, metrics, step=view.step_for_log)
 
     # Norms are accumulated in float32 for speed; below TINY_NORM (vanishing gradients)
@@ -477,7 +477,7 @@ class GradNormMonitor(Callback):
             metrics[f"{prefix}/{names[i]}"] = values[i]
         return metrics
 
-    def _warn(self, view: _OptimizerView, host: dict[str, list[float]]) -> None:
+    def _warn(self, trainer: Any, view: _OptimizerView, host: dict[str, list[float]]) -> None:
         names = view.grouping.names
         vanishing = [
             n
@@ -492,6 +492,8 @@ class GradNormMonitor(Callback):
                 f"(L{self.norm_type:g} norm below {self.vanishing_threshold:g} for {self.patience} "
                 f"consecutive steps). {REMEDIES_VANISHING}"
             )
+            for layer in vanishing:
+                record_event(trainer, "vanishing", layer, f"norm < {self.vanishing_threshold:g}")
         explosions = int(host["health/explosions"][0])
         if explosions > view.warned_explosions:
             view.warned_explosions = explosions
@@ -500,6 +502,10 @@ class GradNormMonitor(Callback):
                 f"{self.explosion_factor:g}x its running level "
                 f"({host['health/level'][0]:.3g}) for {self.patience} consecutive steps. "
                 f"{REMEDIES_EXPLODING}"
+            )
+            level = host["health/level"][0]
+            record_event(
+                trainer, "exploding", "total", f"norm > {self.explosion_factor:g}x {level:.3g}"
             )
         nonfinite = int(host["health/nonfinite_steps"][0])
         if nonfinite and not view.warned_nonfinite:
@@ -510,3 +516,4 @@ class GradNormMonitor(Callback):
                 f"GradNormMonitor: non-finite gradients (inf/NaN) in {nonfinite} step(s); at the "
                 f"first one they appeared in: {shown}. {REMEDIES_EXPLODING}"
             )
+            record_event(trainer, "nonfinite", shown, f"{nonfinite} step(s) with inf/NaN gradients")

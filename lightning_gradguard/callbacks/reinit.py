@@ -34,7 +34,7 @@ from lightning_gradguard.functional.init import (
     lsuv_,
     recycle_units_,
 )
-from lightning_gradguard.logging import log_to_loggers
+from lightning_gradguard.logging import log_to_loggers, record_event
 
 
 def _generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -327,6 +327,7 @@ class UnitRecycler(Callback):
                         "detail": f"{count} of {mask.numel()} units dormant (tau={self.tau:g})",
                     }
                 )
+                record_event(trainer, "recycle", pair.producer, self.events[-1]["detail"], step)
         if trainer.is_global_zero:
             log_to_loggers(trainer, metrics, step=step)
 
@@ -477,4 +478,5 @@ class LayerReinit(Callback):
             if reason != "schedule":  # the limit is for the vanishing rule only
                 self.reinit_counts[name] = self.reinit_counts.get(name, 0) + 1
             self.events.append({"step": step, "kind": "reinit", "layer": name, "detail": reason})
+            record_event(trainer, "reinit", name, reason, step=step)
         rank_zero_warn(f"LayerReinit: re-initialized {', '.join(names)} at step {step} ({reason}).")

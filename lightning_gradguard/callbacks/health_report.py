@@ -1,0 +1,429 @@
+"""``HealthReport``: pictures, histograms, the events table and run summary, for any logger.
+
+Example:
+    >>> import pytorch_lightning as pl
+    >>> from lightning_gradguard import GradNormMonitor, HealthReport
+    >>> trainer = pl.Trainer(callbacks=[GradNormMonitor(), HealthReport()], logger=False)
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_gradguard._compat import Callback
+from lightning_gradguard.functional.norms import NormGrouping, local_tensors
+from lightning_gradguard.logging import (
+    EVENT_COLUMNS,
+    event_log,
+    metric_history,
+    tensorboard_writers,
+    to_host,
+    wandb_runs,
+)
+
+METRIC_PREFIXES = (
+    "grad_norm",
+    "param_norm",
+    "update_ratio",
+    "clip",
+    "dead_units",
+    "dormant_units",
+    "recycled_units",
+    "grad_hist",
+    "gradguard",
+)
+"""Key prefixes that get their own W&B sections against ``trainer/global_step``."""
+
+_NOT_LAYERS = {
+    "total",
+    "total_clipped",
+    "nonfinite_steps",
+    "layers_min",
+    "layers_median",
+    "layers_max",
+}
+
+
+def _public_config(callback: Any) -> dict[str, Any]:
+    """The constructor arguments of a callback, as plain values (for the run config)."""
+    config: dict[str, Any] = {}
+    for name in inspect.signature(type(callback).__init__).parameters:
+        if name in ("self", "args", "kwargs") or not hasattr(callback, name):
+            continue
+        value = getattr(callback, name)
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            config[name] = value
+        elif isinstance(value, (list, tuple)) and all(
+            isinstance(v, (bool, int, float, str)) for v in value
+        ):
+            config[name] = list(value)
+        else:
+            config[name] = repr(value)
+    return config
+
+
+class HealthReport(Callback):
+    """Pictures, gradient histograms, the events table and a run summary.
+
+    It draws from what the other lightning_gradguard callbacks logged (their
+    metric history) and did (their events), so it adds no pass over the
+    gradients, except for the opt-in histograms.
+
+    - Pictures every ``picture_every_n_steps`` steps and at the end of fit: a
+      gradient-flow heatmap (layers × steps, log-scale norm, vanishing cells
+      marked), the dead-unit fraction per layer over time, and the clip threshold
+      against the raw norm. Saved as PNG files in ``out_dir`` for users of any
+      logger, and logged as images to W&B (``gradguard/<picture>``) and TensorBoard.
+    - Histograms of every layer's gradients (``grad_hist/<layer>``), opt-in, every
+      ``histogram_every_n_steps`` steps: computed on the device with
+      ``torch.histc`` after AMP unscaling and the DDP reduction (the gradients the
+      optimizer really uses), moved to the host in one transfer. Under FSDP2 they
+      describe this rank's shards.
+    - The events table ``gradguard/events`` (step, kind, layer, detail): skipped
+      steps, swaps, re-initializations, recycling, vanishing / exploding /
+      non-finite warnings. W&B gets a ``wandb.Table``, TensorBoard a text table.
+    - W&B alerts on non-finite gradients, explosions and mass dying, at most
+      ``max_alerts_per_hour`` per kind.
+    - With a ``WandbLogger``: the callbacks' settings in the run config, metric
+      sections (``define_metric``) against ``trainer/global_step``, and totals in
+      the run summary (skipped steps, swapped layers, recycled units, worst layers).
+
+    Everything goes through the Trainer's loggers on rank zero; with no logger the
+    PNG files are still written.
+
+    Args:
+        picture_every_n_steps: draw and log the pictures every this many steps
+            (``None``: only at the end of fit).
+        histogram_every_n_steps: log gradient histograms every this many steps
+            (``None``, the default: never).
+        histogram_bins: bins per histogram.
+        out_dir: folder of the PNG files (default: the first logger's folder +
+            ``/gradguard``, else ``./gradguard``).
+        alerts: send W&B alerts.
+        max_alerts_per_hour: the rate limit per alert kind.
+    """
+
+    def __init__(
+        self,
+        picture_every_n_steps: int | None = 500,
+        histogram_every_n_steps: int | None = None,
+        histogram_bins: int = 64,
+        out_dir: str | None = None,
+        alerts: bool = True,
+        max_alerts_per_hour: int = 5,
+    ) -> None:
+        for argument, value in (
+            ("picture_every_n_steps", picture_every_n_steps),
+            ("histogram_every_n_steps", histogram_every_n_steps),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"{argument}={value!r} must be a positive integer or None.")
+        if (
+            isinstance(histogram_bins, bool)
+            or not isinstance(histogram_bins, int)
+            or histogram_bins < 2
+        ):
+            raise ValueError(f"histogram_bins={histogram_bins!r} must be an integer >= 2.")
+        if (
+            isinstance(max_alerts_per_hour, bool)
+            or not isinstance(max_alerts_per_hour, int)
+            or max_alerts_per_hour < 0
+        ):
+            raise ValueError(
+                f"max_alerts_per_hour={max_alerts_per_hour!r} must be an integer >= 0."
+            )
+        self.picture_every_n_steps = picture_every_n_steps
+        self.histogram_every_n_steps = histogram_every_n_steps
+        self.histogram_bins = histogram_bins
+        self.out_dir = out_dir
+        self.alerts = alerts
+        self.max_alerts_per_hour = max_alerts_per_hour
+        self.pictures: dict[str, Path] = {}
+        self._grouping: NormGrouping | None = None
+        self._last_picture_step = -1
+
+    # ------------------------------------------------------------------ set-up
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        event_log(trainer).max_alerts_per_hour = self.max_alerts_per_hour if self.alerts else 0
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        runs = wandb_runs(trainer)
+        if not runs:
+            return
+        config = {
+            f"gradguard/{type(cb).__name__}": _public_config(cb)
+            for cb in trainer.callbacks
+            if type(cb).__module__.startswith("lightning_gradguard")
+        }
+        for run in runs:
+            run.config.update(config, allow_val_change=True)
+            run.define_metric("trainer/global_step")
+            for prefix in METRIC_PREFIXES:
+                run.define_metric(f"{prefix}/*", step_metric="trainer/global_step")
+
+    def _folder(self, trainer: Any) -> Path:
+        if self.out_dir is not None:
+            return Path(self.out_dir)
+        for logger in getattr(trainer, "loggers", []):
+            root = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+            if root:
+                return Path(root) / "gradguard"
+        return Path(os.getcwd()) / "gradguard"
+
+    # ------------------------------------------------------------------ histograms
+
+    @torch.no_grad()
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        every = self.histogram_every_n_steps
+        if every is None or int(trainer.global_step) % every:
+            return
+        if self._grouping is None:
+            self._grouping = NormGrouping.from_module(pl_module)
+        grouping = self._grouping
+        rows: dict[str, Tensor] = {}
+        for g, name in enumerate(grouping.names):
+            grads = [
+                p.grad
+                for p, i in zip(grouping.parameters, grouping.group_index)
+                if i == g and p.grad is not None
+            ]
+            if not grads:
+                continue
+            local, _ = local_tensors(grads)
+            flat = torch.cat([t.detach().reshape(-1).float() for t in local])
+            bounds = torch.stack([flat.min(), flat.max()]) if flat.numel() else torch.zeros(2)
+            counts = torch.histc(
+                flat, bins=self.histogram_bins, min=0, max=0
+            )  # min=max=0: data range
+            rows[name] = torch.cat([bounds.to(counts), counts])
+        if not rows or not trainer.is_global_zero:
+            return
+        host = to_host(rows)  # one transfer for every layer
+        step = int(trainer.global_step)
+        self._log_histograms(trainer, host, step)
+
+    def _log_histograms(self, trainer: Any, host: dict[str, list[float]], step: int) -> None:
+        import numpy as np
+
+        for run in wandb_runs(trainer):
+            import wandb
+
+            payload: dict[str, Any] = {"trainer/global_step": step}
+            for name, values in host.items():
+                low, high, counts = values[0], values[1], values[2:]
+                if not (math.isfinite(low) and math.isfinite(high)):
+                    continue
+                high = high if high > low else low + 1e-12
+                edges = np.linspace(low, high, len(counts) + 1)
+                payload[f"grad_hist/{name}"] = wandb.Histogram(
+                    np_histogram=(np.asarray(counts), edges)
+                )
+            run.log(payload)
+        for writer in tensorboard_writers(trainer):
+            for name, values in host.items():
+                low, high, counts = values[0], values[1], values[2:]
+                if not (math.isfinite(low) and math.isfinite(high)):
+                    continue
+                high = high if high > low else low + 1e-12
+                edges = np.linspace(low, high, len(counts) + 1)
+                centers = (edges[:-1] + edges[1:]) / 2
+                total = float(sum(counts))
+                writer.add_histogram_raw(
+                    f"grad_hist/{name}",
+                    min=low,
+                    max=high,
+                    num=total,
+                    sum=float(np.dot(centers, counts)),
+                    sum_squares=float(np.dot(centers**2, counts)),
+                    bucket_limits=edges[1:].tolist(),
+                    bucket_counts=list(counts),
+                    global_step=step,
+                )
+
+    # ------------------------------------------------------------------ pictures
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        every = self.picture_every_n_steps
+        step = int(trainer.global_step)
+        if every is None or step == 0 or step % every or step == self._last_picture_step:
+            return
+        self._last_picture_step = step
+        if trainer.is_global_zero:
+            self._draw_and_log(trainer, step)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.is_global_zero:
+            return
+        step = int(trainer.global_step)
+        self._draw_and_log(trainer, step)
+        self._log_events(trainer, step)
+        self._log_summary(trainer)
+
+    def _series(self, trainer: Any, prefix: str) -> tuple[list[int], list[str], Any]:
+        """Steps, layer names and values of ``<prefix>/<layer>`` keys from the history.
+
+        The values are a ``numpy.ma`` masked array: a layer not logged at a step (a
+        large model logs only its extreme layers) is masked, drawn as "not logged";
+        NaN stays for values that really were non-finite.
+        """
+        import numpy as np
+
+        rows: dict[int, dict[str, float]] = {}
+        layers: list[str] = []
+        for step, metrics in metric_history(trainer):
+            for key, value in metrics.items():
+                head, _, layer = key.partition("/")
+                if head != prefix or not layer or layer in _NOT_LAYERS or layer.startswith("total"):
+                    continue
+                if layer not in layers:
+                    layers.append(layer)
+                rows.setdefault(step, {})[layer] = value
+        steps = sorted(rows)
+        values = np.array([[rows[s].get(layer, math.nan) for layer in layers] for s in steps])
+        missing = np.array([[layer not in rows[s] for layer in layers] for s in steps], dtype=bool)
+        return steps, layers, np.ma.masked_array(values, mask=missing.reshape(values.shape))
+
+    def _draw_and_log(self, trainer: Any, step: int) -> None:
+        from lightning_gradguard import plots
+
+        folder = self._folder(trainer)
+        drawn: dict[str, Path] = {}
+        steps, layers, norms = self._series(trainer, "grad_norm")
+        if steps and layers:
+            threshold = next(
+                (
+                    getattr(cb, "vanishing_threshold", None)
+                    for cb in trainer.callbacks
+                    if hasattr(cb, "vanishing_threshold")
+                ),
+                1e-7,
+            )
+            figure = plots.gradient_flow_heatmap(
+                steps, layers, norms, vanishing_threshold=threshold
+            )
+            drawn["gradient_flow"] = plots.save_png(figure, folder / "gradient_flow.png")
+        steps, layers, fractions = self._series(trainer, "dead_units")
+        if steps and layers:
+            events = [
+                (e["step"], e["layer"])
+                for e in event_log(trainer).events
+                if e["kind"] in ("swap", "recycle")
+            ]
+            threshold = next(
+                (
+                    getattr(cb, "dead_threshold", None)
+                    for cb in trainer.callbacks
+                    if hasattr(cb, "dead_threshold")
+                ),
+                None,
+            )
+            figure = plots.dead_units_chart(
+                steps, layers, fractions, threshold=threshold, events=events
+            )
+            drawn["dead_units"] = plots.save_png(figure, folder / "dead_units.png")
+        clip_steps, raw, threshold_values, clipped = self._clip_series(trainer)
+        if clip_steps:
+            skipped = [
+                e["step"] for e in event_log(trainer).events if e["detail"].startswith("skipped")
+            ]
+            figure = plots.clip_chart(
+                clip_steps, raw, threshold_values, clipped, skipped_steps=skipped
+            )
+            drawn["clipping"] = plots.save_png(figure, folder / "clipping.png")
+        self.pictures.update(drawn)
+        self._log_images(trainer, drawn, step)
+
+    def _clip_series(self, trainer: Any) -> tuple[list[int], list[float], list[float], list[float]]:
+        rows: dict[int, dict[str, float]] = {}
+        for step, metrics in metric_history(trainer):
+            for key in ("grad_norm/total", "clip/threshold", "grad_norm/total_clipped"):
+                if key in metrics:
+                    rows.setdefault(step, {})[key] = metrics[key]
+        steps = sorted(
+            s for s, r in rows.items() if "clip/threshold" in r and "grad_norm/total" in r
+        )
+        raw = [rows[s]["grad_norm/total"] for s in steps]
+        threshold = [rows[s]["clip/threshold"] for s in steps]
+        clipped = [rows[s].get("grad_norm/total_clipped", math.nan) for s in steps]
+        return steps, raw, threshold, clipped
+
+    def _log_images(self, trainer: Any, drawn: dict[str, Path], step: int) -> None:
+        if not drawn:
+            return
+        for run in wandb_runs(trainer):
+            import wandb
+
+            payload: dict[str, Any] = {
+                f"gradguard/{name}": wandb.Image(str(path)) for name, path in drawn.items()
+            }
+            payload["trainer/global_step"] = step
+            run.log(payload)
+        writers = tensorboard_writers(trainer)
+        if writers:
+            from matplotlib.image import imread
+
+            for name, path in drawn.items():
+                image = imread(path)
+                for writer in writers:
+                    writer.add_image(f"gradguard/{name}", image, step, dataformats="HWC")
+
+    # ------------------------------------------------------------------ end of fit
+
+    def _log_events(self, trainer: Any, step: int) -> None:
+        events = event_log(trainer).events
+        for run in wandb_runs(trainer):
+            import wandb
+
+            table = wandb.Table(
+                columns=list(EVENT_COLUMNS), data=[[e[c] for c in EVENT_COLUMNS] for e in events]
+            )
+            run.log({"gradguard/events": table, "trainer/global_step": step})
+        for writer in tensorboard_writers(trainer):
+            lines = ["| step | kind | layer | detail |", "|---|---|---|---|"]
+            lines += [
+                f"| {e['step']} | {e['kind']} | {e['layer']} | {e['detail']} |" for e in events
+            ]
+            writer.add_text("gradguard/events", "\n".join(lines), step)
+
+    def summary(self, trainer: Any) -> dict[str, Any]:
+        """Totals of the run: skipped steps, swapped layers, recycled units, worst layers."""
+        events = event_log(trainer).events
+        totals: dict[str, Any] = {
+            "gradguard/events": len(events),
+            "gradguard/skipped_steps": sum(1 for e in events if e["detail"].startswith("skipped")),
+            "gradguard/swapped_layers": sorted({e["layer"] for e in events if e["kind"] == "swap"}),
+            "gradguard/reinitialized_layers": sorted(
+                {e["layer"] for e in events if e["kind"] == "reinit"}
+            ),
+            "gradguard/recycled_units": 0,
+        }
+        for callback in trainer.callbacks:
+            if hasattr(callback, "skipped_steps") and type(callback).__name__ == "AdaptiveGradClip":
+                totals["gradguard/skipped_steps"] = int(callback.skipped_steps)
+            if hasattr(callback, "recycled_total"):
+                totals["gradguard/recycled_units"] += int(callback.recycled_total)
+        steps, layers, norms = self._series(trainer, "grad_norm")
+        if steps and layers:
+            last = norms[-1].filled(math.nan)
+            ranked = sorted((float(v), n) for v, n in zip(last, layers) if math.isfinite(v))
+            totals["gradguard/weakest_layers"] = [n for _, n in ranked[:3]]
+            totals["gradguard/strongest_layers"] = [n for _, n in ranked[-3:][::-1]]
+        return totals
+
+    def _log_summary(self, trainer: Any) -> None:
+        totals = self.summary(trainer)
+        for run in wandb_runs(trainer):
+            for key, value in totals.items():
+                run.summary[key] = value
