@@ -71,7 +71,11 @@ def wandb_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, P
         logger = WandbLogger(offline=True, save_dir=str(root), project="gradguard-tests")
         model = _fit(logger, _callbacks(out_dir=str(root / "pictures")))
         logger.experiment.finish()
-        yield load_run(root), root, model
+        run = load_run(root)
+        import wandb
+
+        wandb.teardown()  # the process-wide wandb settings (offline mode) must not leak
+        yield run, root, model
 
 
 def test_config_and_metric_sections(wandb_run: tuple[Any, Path, _Troubled]) -> None:

@@ -59,6 +59,8 @@ def run_dir(wandb_env: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
         run.summary["final"] = {"acc": 0.875}
     finally:
         run.finish()
+    wr.load_run(out)  # wait until the writer has flushed the file
+    wandb.teardown()  # the process-wide wandb settings must not leak into other tests
     return out, run_id
 
 
@@ -328,6 +330,7 @@ def test_lightning_wandb_logger(wandb_env: Path, tmp_path: Path) -> None:
         logger.experiment.finish()
 
     run = wr.load_run(tmp_path)
+    wandb.teardown()
     assert run.run_id == run_id
     assert run.path.parent.parent == tmp_path / "wandb"
     assert run.user_config == {"lr": 0.1, "net": {"width": 4}}

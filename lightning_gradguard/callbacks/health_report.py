@@ -51,6 +51,30 @@ _NOT_LAYERS = {
 }
 
 
+def finite_histogram(values: Tensor, bins: int) -> Tensor:
+    """``[low, high, count_1, ..., count_bins]`` of the finite entries, with no host sync.
+
+    The range is the finite entries' min and max (computed on the device, unlike
+    ``torch.histc(min=0, max=0)``, which reads it back); inf/NaN entries are left
+    out (a step with non-finite gradients reaches this before it is skipped). All
+    equal values fall in the first bin of ``[v, v]``.
+
+    Example:
+        >>> finite_histogram(torch.tensor([0.0, 1.0, 1.0, float("nan"), 4.0]), 4).tolist()
+        [0.0, 4.0, 1.0, 2.0, 0.0, 1.0]
+    """
+    finite = torch.isfinite(values)
+    low = torch.where(finite, values, torch.inf).min() if values.numel() else values.new_zeros(())
+    high = torch.where(finite, values, -torch.inf).max() if values.numel() else values.new_zeros(())
+    low = torch.where(torch.isfinite(low), low, 0.0)
+    high = torch.where(torch.isfinite(high), high, low)
+    width = (high - low).clamp_min(torch.finfo(values.dtype).tiny)
+    index = ((values - low) / width * bins).nan_to_num(0.0).clamp(0, bins - 1).long()
+    counts = torch.zeros(bins, dtype=values.dtype, device=values.device)
+    counts.index_add_(0, index, finite.to(values.dtype))
+    return torch.cat([low.view(1), high.view(1), counts])
+
+
 def _public_config(callback: Any) -> dict[str, Any]:
     """The constructor arguments of a callback, as plain values (for the run config)."""
     config: dict[str, Any] = {}
@@ -85,7 +109,7 @@ class HealthReport(Callback):
       ``histogram_every_n_steps`` steps: computed on the device with
       ``torch.histc`` after AMP unscaling and the DDP reduction (the gradients the
       optimizer really uses), moved to the host in one transfer. Under FSDP2 they
-      describe this rank's shards.
+      describe this rank's shards. Non-finite elements are left out.
     - The events table ``gradguard/events`` (step, kind, layer, detail): skipped
       steps, swaps, re-initializations, recycling, vanishing / exploding /
       non-finite warnings. W&B gets a ``wandb.Table``, TensorBoard a text table.
@@ -185,8 +209,8 @@ class HealthReport(Callback):
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         every = self.histogram_every_n_steps
-        if every is None or int(trainer.global_step) % every:
-            return
+        if every is None or int(trainer.global_step) % every or not trainer.is_global_zero:
+            return  # only rank zero logs: the others skip the work too
         if self._grouping is None:
             self._grouping = NormGrouping.from_module(pl_module)
         grouping = self._grouping
@@ -197,20 +221,13 @@ class HealthReport(Callback):
                 for p, i in zip(grouping.parameters, grouping.group_index)
                 if i == g and p.grad is not None
             ]
-            if not grads:
-                continue
-            local, _ = local_tensors(grads)
-            flat = torch.cat([t.detach().reshape(-1).float() for t in local])
-            bounds = torch.stack([flat.min(), flat.max()]) if flat.numel() else torch.zeros(2)
-            counts = torch.histc(
-                flat, bins=self.histogram_bins, min=0, max=0
-            )  # min=max=0: data range
-            rows[name] = torch.cat([bounds.to(counts), counts])
-        if not rows or not trainer.is_global_zero:
-            return
-        host = to_host(rows)  # one transfer for every layer
-        step = int(trainer.global_step)
-        self._log_histograms(trainer, host, step)
+            if grads:
+                local, _ = local_tensors(grads)
+                flat = torch.cat([t.detach().reshape(-1).float() for t in local])
+                rows[name] = finite_histogram(flat, self.histogram_bins)
+        if rows:
+            host = to_host(rows)  # one transfer for every layer
+            self._log_histograms(trainer, host, int(trainer.global_step))
 
     def _log_histograms(self, trainer: Any, host: dict[str, list[float]], step: int) -> None:
         import numpy as np
@@ -267,7 +284,9 @@ class HealthReport(Callback):
         if not trainer.is_global_zero:
             return
         step = int(trainer.global_step)
-        self._draw_and_log(trainer, step)
+        # Drawn again even when this step already had pictures: the monitors flush
+        # their last metrics at the end of fit. Logged only once per step.
+        self._draw_and_log(trainer, step, log=step != self._last_picture_step)
         self._log_events(trainer, step)
         self._log_summary(trainer)
 
@@ -295,7 +314,7 @@ class HealthReport(Callback):
         missing = np.array([[layer not in rows[s] for layer in layers] for s in steps], dtype=bool)
         return steps, layers, np.ma.masked_array(values, mask=missing.reshape(values.shape))
 
-    def _draw_and_log(self, trainer: Any, step: int) -> None:
+    def _draw_and_log(self, trainer: Any, step: int, log: bool = True) -> None:
         from lightning_gradguard import plots
 
         folder = self._folder(trainer)
@@ -343,7 +362,8 @@ class HealthReport(Callback):
             )
             drawn["clipping"] = plots.save_png(figure, folder / "clipping.png")
         self.pictures.update(drawn)
-        self._log_images(trainer, drawn, step)
+        if log:
+            self._log_images(trainer, drawn, step)
 
     def _clip_series(self, trainer: Any) -> tuple[list[int], list[float], list[float], list[float]]:
         rows: dict[int, dict[str, float]] = {}
