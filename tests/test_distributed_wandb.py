@@ -197,6 +197,9 @@ def test_wandb_disabled_still_writes_pictures(
         warnings.simplefilter("ignore")
         trainer.fit(_NanAtHistogramStep())
     logger.experiment.finish()
+    import wandb
+
+    wandb.teardown()  # the process-wide "disabled" setting must not leak into other tests
     for name in PICTURES:
         assert (tmp_path / "pictures" / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
     assert set(report.pictures) == set(PICTURES)
