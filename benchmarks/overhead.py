@@ -91,7 +91,7 @@ from torch.utils.data import DataLoader
 
 # Imported up front: it imports the unified ``lightning`` package too, whose loggers
 # ``_quiet`` then silences.
-from lightning_gradguard import AdaptiveGradClip, DeadUnitMonitor, GradNormMonitor
+from lightning_gradguard import AdaptiveGradClip, DeadUnitMonitor, GradNormMonitor, HealthReport
 from lightning_gradguard.functional import AGC, AutoClip, EMARatio, FixedNorm, FixedValue, ZClip
 
 # --------------------------------------------------------------------------- loggers
@@ -368,6 +368,13 @@ def _gradguard_every50(ctx: BenchContext) -> VariantSetup:
     return VariantSetup(callbacks=[GradNormMonitor(log_every_n_steps=50)])
 
 
+def _health_report(ctx: BenchContext) -> VariantSetup:
+    # The reporting extras at their default intervals (pictures every 500 steps, no
+    # histograms) on top of the monitor: compare with "GradNormMonitor every 50".
+    report = HealthReport(out_dir=str(ctx.workdir / "pictures"))
+    return VariantSetup(callbacks=[GradNormMonitor(log_every_n_steps=50), report])
+
+
 def _gradguard_ratio_every_step(ctx: BenchContext) -> VariantSetup:
     return VariantSetup(callbacks=[GradNormMonitor(log_every_n_steps=1, update_ratio_every=1)])
 
@@ -548,6 +555,7 @@ VARIANTS: dict[str, Variant] = {
     # Not run by default; for finding where GradNormMonitor's time goes.
     "gradguard_grads_only": Variant("GradNormMonitor grads only", _gradguard_grads_only),
     "gradguard_every50": Variant("GradNormMonitor every 50", _gradguard_every50),
+    "health_report": Variant("GradNormMonitor every 50 + HealthReport", _health_report),
     "gradguard_ratio_every_step": Variant(
         "GradNormMonitor ratios every step", _gradguard_ratio_every_step
     ),
@@ -595,7 +603,13 @@ VARIANTS: dict[str, Variant] = {
 DEFAULT_VARIANTS = tuple(
     name
     for name in VARIANTS
-    if name not in ("gradguard_grads_only", "gradguard_every50", "gradguard_ratio_every_step")
+    if name
+    not in (
+        "gradguard_grads_only",
+        "gradguard_every50",
+        "gradguard_ratio_every_step",
+        "health_report",
+    )
 )
 
 

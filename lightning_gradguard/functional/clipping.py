@@ -147,9 +147,17 @@ def _unitwise_norms(stacked: Tensor) -> Tensor:
     and scalars (one norm per tensor), ``(n, units, 1, ...)`` otherwise.
     """
     dims = tuple(range(1, stacked.dim())) if stacked.dim() <= 2 else tuple(range(2, stacked.dim()))
+    # float32 accumulation (half precision is upcast): a float64 norm on CPU copies the
+    # whole tensor first, and AGC's decision needs no more than float32 precision.
+    dtype = torch.float32 if stacked.dtype in (torch.float16, torch.bfloat16) else None
     if not dims:  # a stack of scalars
-        return stacked.abs().double()
-    return torch.linalg.vector_norm(stacked, dim=dims, keepdim=True, dtype=torch.float64)
+        return stacked.abs().float()
+    return torch.linalg.vector_norm(stacked, dim=dims, keepdim=True, dtype=dtype)
+
+
+STACK_LIMIT = 1 << 16
+"""Same-shaped tensors up to this many elements are stacked for one AGC pass; larger ones
+are processed one by one (stacking them would only copy)."""
 
 
 @torch.no_grad()
@@ -192,10 +200,20 @@ def agc_(
     for i, g in enumerate(grads):
         if i not in done:
             by_shape.setdefault((tuple(g.shape), g.dtype, g.device), []).append(i)
+    batches: list[list[int]] = []
     for indices in by_shape.values():
+        if grads[indices[0]].numel() <= STACK_LIMIT:
+            batches.append(indices)
+        else:
+            batches.extend([i] for i in indices)
+    for indices in batches:
         group_grads = [grads[i] for i in indices]
-        w_norm = _unitwise_norms(torch.stack([weights[i] for i in indices]))
-        g_norm = _unitwise_norms(torch.stack(group_grads))
+        if len(indices) == 1:
+            w_norm = _unitwise_norms(weights[indices[0]].unsqueeze(0))
+            g_norm = _unitwise_norms(group_grads[0].unsqueeze(0))
+        else:
+            w_norm = _unitwise_norms(torch.stack([weights[i] for i in indices]))
+            g_norm = _unitwise_norms(torch.stack(group_grads))
         max_norm = w_norm.clamp_min(eps) * clipping
         # Scale only where the unit is too large, as timm does: with clipping·eps < grad_eps
         # a min(1, max_norm / max(‖G‖, grad_eps)) would also shrink units already small enough.
