@@ -117,9 +117,11 @@ def test_quick_run_prints_tables_with_every_variant(tmp_path: Path) -> None:
             assert entry["variants"][name]["logged_keys"] > bare_keys, name
     targets = {t["target"]: t for t in data["targets"]}
     assert len(targets) == len(data["targets"])
+    packages = {"timm": "timm_agc", "zclip Z": "zclip_pkg", "smartclip": "smartclip_autoclip"}
     for text, target in targets.items():
-        if "timm" in text and "timm_agc" in skipped:
-            assert target["met"] is None
+        missing = [v for word, v in packages.items() if word in text and v in skipped]
+        if missing:  # an optional baseline package is not installed: no verdict
+            assert target["met"] is None, text
         else:
             assert target["met"] in (True, False), text
     # Nothing written next to the caller: Lightning and wandb files go to a temp folder.
