@@ -131,3 +131,36 @@ def quiet_trainer_kwargs(**overrides: Any) -> dict[str, Any]:
     }
     kwargs.update(overrides)
     return kwargs
+
+
+def load_example(script: Any) -> Any:
+    """Import an example script as a module (registered, so its dataclasses resolve)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(script.stem, script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_example_quick(script: Any, out: Any) -> tuple[dict[str, Any], str]:
+    """Run ``script --quick --out out/results.json`` in ``out``; return the JSON and stdout."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(out / "results.json")],
+        cwd=out,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout[-5000:]
+    return json.loads((out / "results.json").read_text(encoding="utf-8")), result.stdout

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from helpers import load_example, run_example_quick
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "dying_relu.py"
@@ -21,28 +17,13 @@ NEXT_EPOCH_END = STEPS_PER_EPOCH * 7  # step 161
 
 
 def _load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("dying_relu", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_example(SCRIPT)
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
     out = tmp_path_factory.mktemp("dying_relu")
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out / "results.json")],
-        cwd=out,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=180,
-    )
-    assert result.returncode == 0, result.stdout[-5000:]
-    return json.loads((out / "results.json").read_text(encoding="utf-8")), result.stdout
+    return run_example_quick(SCRIPT, out)
 
 
 def _run(results: dict[str, Any], config: str) -> dict[str, Any]:

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from helpers import load_example, run_example_quick
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "exploding.py"
@@ -19,28 +15,13 @@ POLICY_NAMES = ("FixedNorm", "FixedValue", "AutoClip", "ZClip", "EMARatio", "AGC
 
 
 def _load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("exploding", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_example(SCRIPT)
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
     out = tmp_path_factory.mktemp("exploding")
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out / "results.json")],
-        cwd=out,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=180,
-    )
-    assert result.returncode == 0, result.stdout[-5000:]
-    return json.loads((out / "results.json").read_text(encoding="utf-8")), result.stdout
+    return run_example_quick(SCRIPT, out)
 
 
 def _run(results: dict[str, Any], scenario: str, config: str) -> dict[str, Any]:

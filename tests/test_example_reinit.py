@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import run_example_quick
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "reinit.py"
@@ -21,17 +18,7 @@ DEPTH = 25
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
     out = tmp_path_factory.mktemp("reinit")
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out / "results.json")],
-        cwd=out,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=180,
-    )
-    assert result.returncode == 0, result.stdout[-5000:]
-    return json.loads((out / "results.json").read_text(encoding="utf-8")), result.stdout
+    return run_example_quick(SCRIPT, out)
 
 
 def _run(part: dict[str, Any], config: str) -> dict[str, Any]:
