@@ -41,7 +41,8 @@ def test_logged_norms_equal_torch_reference_every_step() -> None:
             params_before.append(module_param_norms(m)),
         )
     )
-    logger = _fit(model, GradNormMonitor(log_every_n_steps=1), max_steps=5)
+    monitor = GradNormMonitor(log_every_n_steps=1, param_norm_every_n_steps=1)
+    logger = _fit(model, monitor, max_steps=5)
     assert len(seen) == 5
     for step, reference in enumerate(seen):
         logged = logger.at_step(step)
@@ -82,7 +83,19 @@ def test_update_ratios_every_tenth_logging_step_by_default() -> None:
     logger = _fit(TinyMLP(), GradNormMonitor(log_every_n_steps=1), max_steps=21)
     steps = sorted({s for s, m in logger.calls if "update_ratio/net.0" in m})
     assert steps == [0, 10, 20]
-    assert sorted({s for s, m in logger.calls if "param_norm/net.0" in m}) == list(range(21))
+    # Parameter norms: on logging steps at least 10 optimizer steps apart by default.
+    assert sorted({s for s, m in logger.calls if "param_norm/net.0" in m}) == [0, 10, 20]
+
+
+@pytest.mark.parametrize(
+    ("log_every", "param_every", "expected"),
+    [(1, 1, list(range(9))), (1, 4, [0, 4, 8]), (3, 4, [0, 6]), (3, 2, [0, 3, 6]), (4, 10, [0])],
+)
+def test_param_norm_cadence(log_every: int, param_every: int, expected: list[int]) -> None:
+    # Every ceil(param_every / log_every)-th logging step.
+    monitor = GradNormMonitor(log_every_n_steps=log_every, param_norm_every_n_steps=param_every)
+    logger = _fit(TinyMLP(), monitor, max_steps=9)
+    assert sorted({s for s, m in logger.calls if "param_norm/net.0" in m}) == expected
 
 
 def test_interval_defaults_to_trainer_log_every_n_steps() -> None:

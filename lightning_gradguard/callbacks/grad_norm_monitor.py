@@ -88,7 +88,8 @@ class GradNormMonitor(Callback):
     Keys (``<layer>`` is the owning module's dotted path):
 
     - ``grad_norm/total`` and ``grad_norm/<layer>`` (every logging step),
-    - ``param_norm/<layer>`` (every logging step) and ``update_ratio/<layer>``
+    - ``param_norm/<layer>`` (on logging steps at least ``param_norm_every_n_steps``
+      optimizer steps apart) and ``update_ratio/<layer>``
       (‖Δθ‖ / ‖θ‖ of that step, every ``update_ratio_every``-th logging step),
     - ``grad_norm/total_clipped`` when Lightning clips (``gradient_clip_val`` or an
       overridden ``configure_gradient_clipping``; ``AdaptiveGradClip`` logs it itself),
@@ -119,6 +120,11 @@ class GradNormMonitor(Callback):
             two more passes over them, the most expensive thing the monitor does:
             with ``log_every_n_steps=1`` the default 10 keeps the monitor within a
             few percent of the bare step.
+        param_norm_every_n_steps: parameter norms move slowly and cost one more pass
+            over the weights, so they are computed on logging steps at least this
+            many optimizer steps apart: every logging step with the Trainer's
+            default interval of 50, every 10th step when logging every step.
+            Set it to 1 for parameter norms on every logging step.
         max_layers_logged: above this many layers, log summaries instead.
         extreme_layers: how many smallest and largest layers a summary names.
         detect: run vanishing / exploding / non-finite detection.
@@ -145,6 +151,7 @@ class GradNormMonitor(Callback):
         log_param_norms: bool = True,
         log_update_ratio: bool = True,
         update_ratio_every: int = 10,
+        param_norm_every_n_steps: int = 10,
         max_layers_logged: int = 64,
         extreme_layers: int = 3,
         detect: bool = True,
@@ -193,6 +200,8 @@ class GradNormMonitor(Callback):
         self.log_update_ratio = log_update_ratio
         _positive_int(update_ratio_every, "update_ratio_every")
         self.update_ratio_every = update_ratio_every
+        _positive_int(param_norm_every_n_steps, "param_norm_every_n_steps")
+        self.param_norm_every_n_steps = param_norm_every_n_steps
         self.max_layers_logged = max_layers_logged
         self.extreme_layers = extreme_layers
         self.detect = detect
@@ -265,6 +274,8 @@ class GradNormMonitor(Callback):
             self._interval = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
         else:
             self._interval = self.log_every_n_steps
+        # Logging steps between two parameter-norm measurements (ceil division).
+        self._param_norm_every = -(-self.param_norm_every_n_steps // self._interval)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._views = {}
@@ -368,7 +379,8 @@ class GradNormMonitor(Callback):
             "grad_norm/<layers>": norms.groups,
         }
         l2_param_norms: Tensor | None = None
-        if self.log_param_norms:
+        log_index = (view.steps_seen - 1) // self._interval
+        if self.log_param_norms and log_index % self._param_norm_every == 0:
             pending["param_norm/<layers>"] = param_norms(view.grouping, self.norm_type).groups
             if self.norm_type == 2.0:
                 l2_param_norms = pending["param_norm/<layers>"]
@@ -376,7 +388,6 @@ class GradNormMonitor(Callback):
             pending.update({f"health/{k}": v for k, v in view.health.flags().items()})
         view.pending = pending
         view.step_for_log = int(trainer.global_step)
-        log_index = (view.steps_seen - 1) // self._interval
         if self.log_update_ratio and log_index % self.update_ratio_every == 0:
             view.snapshot = ParameterSnapshot.take(view.grouping)
             view.snapshot_norms = l2_param_norms
