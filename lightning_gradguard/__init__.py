@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "AdaptiveGradClip": "lightning_gradguard.callbacks.adaptive_grad_clip",
     "DeadUnitMonitor": "lightning_gradguard.callbacks.dead_unit_monitor",
+    "GradGuard": "lightning_gradguard.callbacks.gradguard",
     "GradNormMonitor": "lightning_gradguard.callbacks.grad_norm_monitor",
     "GradGuardMixin": "lightning_gradguard.mixin",
     "HealthReport": "lightning_gradguard.callbacks.health_report",
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from lightning_gradguard.callbacks.adaptive_grad_clip import AdaptiveGradClip
     from lightning_gradguard.callbacks.dead_unit_monitor import DeadUnitMonitor
     from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
+    from lightning_gradguard.callbacks.gradguard import GradGuard
     from lightning_gradguard.callbacks.health_report import HealthReport
     from lightning_gradguard.callbacks.reinit import InitAtStart, LayerReinit, UnitRecycler
     from lightning_gradguard.mixin import GradGuardMixin
@@ -45,6 +47,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AdaptiveGradClip",
     "DeadUnitMonitor",
+    "GradGuard",
     "GradGuardMixin",
     "GradNormMonitor",
     "HealthReport",

@@ -3,12 +3,14 @@
 from lightning_gradguard.callbacks.adaptive_grad_clip import AdaptiveGradClip
 from lightning_gradguard.callbacks.dead_unit_monitor import DeadUnitMonitor
 from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
+from lightning_gradguard.callbacks.gradguard import GradGuard
 from lightning_gradguard.callbacks.health_report import HealthReport
 from lightning_gradguard.callbacks.reinit import InitAtStart, LayerReinit, UnitRecycler
 
 __all__ = [
     "AdaptiveGradClip",
     "DeadUnitMonitor",
+    "GradGuard",
     "GradNormMonitor",
     "HealthReport",
     "InitAtStart",

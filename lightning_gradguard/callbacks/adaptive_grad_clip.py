@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_gradguard._compat import Callback, rank_zero_warn
+from lightning_gradguard.callbacks._parts import flat_callbacks
 from lightning_gradguard.functional.norms import (
     GroupBy,
     GroupedNorms,
@@ -224,7 +225,7 @@ class AdaptiveGradClip(Callback):
         self._monitor = None
         from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
 
-        callbacks = list(trainer.callbacks)
+        callbacks = flat_callbacks(trainer)
         for position, callback in enumerate(callbacks):
             if isinstance(callback, GradNormMonitor):
                 if position < callbacks.index(self):

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_gradguard._compat import Callback
+from lightning_gradguard.callbacks._parts import flat_callbacks
 from lightning_gradguard.functional.norms import NormGrouping, local_tensors
 from lightning_gradguard.logging import (
     EVENT_COLUMNS,
@@ -186,7 +187,7 @@ class HealthReport(Callback):
             return
         config = {
             f"gradguard/{type(cb).__name__}": _public_config(cb)
-            for cb in trainer.callbacks
+            for cb in flat_callbacks(trainer)
             if type(cb).__module__.startswith("lightning_gradguard")
         }
         for run in runs:
@@ -324,7 +325,7 @@ class HealthReport(Callback):
             threshold = next(
                 (
                     getattr(cb, "vanishing_threshold", None)
-                    for cb in trainer.callbacks
+                    for cb in flat_callbacks(trainer)
                     if hasattr(cb, "vanishing_threshold")
                 ),
                 1e-7,
@@ -343,7 +344,7 @@ class HealthReport(Callback):
             threshold = next(
                 (
                     getattr(cb, "dead_threshold", None)
-                    for cb in trainer.callbacks
+                    for cb in flat_callbacks(trainer)
                     if hasattr(cb, "dead_threshold")
                 ),
                 None,
@@ -429,7 +430,7 @@ class HealthReport(Callback):
             ),
             "gradguard/recycled_units": 0,
         }
-        for callback in trainer.callbacks:
+        for callback in flat_callbacks(trainer):
             if hasattr(callback, "skipped_steps") and type(callback).__name__ == "AdaptiveGradClip":
                 totals["gradguard/skipped_steps"] = int(callback.skipped_steps)
             if hasattr(callback, "recycled_total"):

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_gradguard._compat import Callback, rank_zero_warn
+from lightning_gradguard.callbacks._parts import flat_callbacks
 from lightning_gradguard.functional.activity import ActivityTracker, MeasuringWindows
 from lightning_gradguard.functional.init import (
     SCHEMES,
@@ -396,7 +397,7 @@ class LayerReinit(Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
 
-        callbacks = list(trainer.callbacks)
+        callbacks = flat_callbacks(trainer)
         monitors = [
             cb for cb in callbacks[: callbacks.index(self)] if isinstance(cb, GradNormMonitor)
         ]

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -109,6 +110,34 @@ class FixedNorm(ClipPolicy):
 
     def config(self) -> dict[str, Any]:
         return {"max_norm": self.max_norm}
+
+
+class NoClip(ClipPolicy):
+    """Never clip: for step skipping alone (``AdaptiveGradClip(policy="none")``).
+
+    The threshold is infinite and the gradients are not touched (no pass over them).
+
+    Example:
+        >>> g = torch.tensor([3.0, 4.0])
+        >>> NoClip().clip_([g], [g], torch.tensor(5.0))
+        (tensor(inf), tensor(1.))
+        >>> g
+        tensor([3., 4.])
+    """
+
+    name = "none"
+
+    def threshold(self, norm: Tensor) -> Tensor:
+        return torch.full_like(norm, math.inf)
+
+    def clip_(
+        self,
+        parameters: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        norm: Tensor,
+        group_index: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        return self.threshold(norm), torch.ones_like(norm)
 
 
 class FixedValue(ClipPolicy):
@@ -398,6 +427,7 @@ POLICIES: dict[str, type[ClipPolicy]] = {
     "autoclip": AutoClip,
     "zclip": ZClip,
     "ema_ratio": EMARatio,
+    "none": NoClip,
 }
 """String shorthands accepted by ``AdaptiveGradClip(policy=...)``."""
 
@@ -412,8 +442,10 @@ def make_policy(policy: str | ClipPolicy) -> ClipPolicy:
         return policy
     if isinstance(policy, str) and policy in POLICIES:
         return POLICIES[policy]()
+    close = difflib.get_close_matches(str(policy), POLICIES, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ValueError(
-        f"policy={policy!r} is not a clipping policy: use one of {sorted(POLICIES)} "
+        f"policy={policy!r} is not a clipping policy{hint}: use one of {sorted(POLICIES)} "
         "or a policy object such as ZClip(z_thresh=3.0)."
     )
 

@@ -1,0 +1,204 @@
+"""``GradGuard``: monitoring, adaptive clipping and dead-unit rescue in one callback."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+
+from lightning_gradguard._compat import Callback
+from lightning_gradguard.callbacks.adaptive_grad_clip import AdaptiveGradClip
+from lightning_gradguard.callbacks.dead_unit_monitor import RESCUE_MODES, DeadUnitMonitor
+from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
+from lightning_gradguard.callbacks.health_report import HealthReport
+from lightning_gradguard.functional.policies import ClipPolicy
+
+# Every hook of Lightning's Callback base class (the two packages have the same ones).
+_HOOKS = tuple(
+    name
+    for name in dir(pl.Callback)
+    if (name.startswith("on_") or name in ("setup", "teardown"))
+    and callable(getattr(pl.Callback, name))
+)
+
+
+def _build(part: type[Callback], argument: str, options: dict[str, Any] | None) -> Any:
+    """Construct one part, naming the GradGuard argument in any error it raises."""
+    try:
+        return part(**(options or {}))
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"GradGuard({argument}=...): {error}") from None
+
+
+class GradGuard(Callback):
+    """Gradient health in one line: monitor, clip, skip bad steps, rescue dead ReLUs.
+
+    The bundle holds the library's callbacks as parts and runs them in this
+    order, every hook:
+
+    1. :class:`~lightning_gradguard.GradNormMonitor` (``monitor``): per-layer
+       gradient norms, parameter norms, update ratios, vanishing/exploding/
+       non-finite warnings.
+    2. :class:`~lightning_gradguard.AdaptiveGradClip` (``clip``): the policy
+       (default ZClip), with non-finite steps skipped. It reuses the monitor's
+       norms: one pass over the gradients for both.
+    3. :class:`~lightning_gradguard.DeadUnitMonitor` (``dead_units``): dead and
+       dormant units per activation layer, with ``rescue`` (default: swap the
+       ReLU of a layer that is more than half dead for LeakyReLU). One activity
+       tracker, hooked only inside its measuring windows.
+    4. :class:`~lightning_gradguard.HealthReport` (``report``): pictures,
+       histograms, the events table, alerts and a run summary.
+
+    Every part can be switched off (``monitor=False``, ``clip=None``,
+    ``dead_units=False``, ``report=False``) and configured with a dict of its own
+    arguments (``monitor_args``, ``clip_args``, ``dead_unit_args``,
+    ``report_args``); the parts are available as attributes (``monitor``,
+    ``clipper``, ``dead_units``, ``report``; ``None`` when off) and, in order, in
+    ``gradguard_parts``. Their states are saved in the bundle's checkpoint entry.
+
+    Args:
+        monitor: log per-layer norms and detect vanishing/exploding gradients.
+        clip: clipping policy: ``"zclip"``, ``"autoclip"``, ``"ema_ratio"``,
+            ``"norm"``, ``"value"``, ``"agc"`` or a
+            :class:`~lightning_gradguard.functional.ClipPolicy`; ``None`` for no
+            clipping (non-finite steps are then still skipped if ``skip_nonfinite``).
+        skip_nonfinite: skip optimizer steps whose gradients contain inf or NaN.
+        skip_spikes: also skip steps whose global norm spikes far above the recent
+            ones.
+        dead_units: measure dead and dormant units.
+        rescue: what to do about dying ReLUs: ``"threshold"``, ``"start"`` or
+            ``"never"`` (see ``DeadUnitMonitor``).
+        report: add ``HealthReport`` (W&B extras and PNG pictures).
+        log_every_n_steps: logging interval of the monitor and the clipper;
+            ``None`` uses the Trainer's ``log_every_n_steps``.
+        monitor_args: more ``GradNormMonitor`` arguments.
+        clip_args: more ``AdaptiveGradClip`` arguments.
+        dead_unit_args: more ``DeadUnitMonitor`` arguments.
+        report_args: more ``HealthReport`` arguments.
+
+    Example:
+        >>> guard = GradGuard(clip="autoclip", dead_unit_args={"every_n_steps": 50})
+        >>> [type(part).__name__ for part in guard.gradguard_parts]
+        ['GradNormMonitor', 'AdaptiveGradClip', 'DeadUnitMonitor', 'HealthReport']
+        >>> GradGuard(clip=None, skip_nonfinite=False, dead_units=False, report=False)
+        GradGuard(GradNormMonitor)
+    """
+
+    def __init__(
+        self,
+        monitor: bool = True,
+        clip: str | ClipPolicy | None = "zclip",
+        skip_nonfinite: bool = True,
+        skip_spikes: bool = False,
+        dead_units: bool = True,
+        rescue: str = "threshold",
+        report: bool = True,
+        log_every_n_steps: int | None = None,
+        monitor_args: dict[str, Any] | None = None,
+        clip_args: dict[str, Any] | None = None,
+        dead_unit_args: dict[str, Any] | None = None,
+        report_args: dict[str, Any] | None = None,
+    ) -> None:
+        for name, flag in (
+            ("monitor", monitor),
+            ("skip_nonfinite", skip_nonfinite),
+            ("skip_spikes", skip_spikes),
+            ("dead_units", dead_units),
+            ("report", report),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"GradGuard({name}={flag!r}) must be True or False.")
+        if rescue not in RESCUE_MODES:
+            close = difflib.get_close_matches(str(rescue), RESCUE_MODES, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"GradGuard(rescue={rescue!r}) is not a rescue mode: use one of "
+                f"{list(RESCUE_MODES)}.{hint}"
+            )
+        for name, options in (
+            ("monitor_args", monitor_args),
+            ("clip_args", clip_args),
+            ("dead_unit_args", dead_unit_args),
+            ("report_args", report_args),
+        ):
+            if options is not None and not isinstance(options, dict):
+                raise TypeError(
+                    f"GradGuard({name}={options!r}) must be a dict of keyword arguments."
+                )
+        self.log_every_n_steps = log_every_n_steps
+        self.clip = clip
+        self.rescue = rescue
+        interval = {"log_every_n_steps": log_every_n_steps}
+        self.monitor: GradNormMonitor | None = (
+            _build(GradNormMonitor, "monitor_args", {**interval, **(monitor_args or {})})
+            if monitor
+            else None
+        )
+        clip_options = {
+            "policy": "none" if clip is None else clip,  # "none": only skips bad steps
+            "skip_nonfinite": skip_nonfinite,
+            "skip_spikes": skip_spikes,
+            **interval,
+            **(clip_args or {}),
+        }
+        wants_clipper = clip is not None or skip_nonfinite or skip_spikes
+        self.clipper: AdaptiveGradClip | None = (
+            _build(AdaptiveGradClip, "clip_args", clip_options) if wants_clipper else None
+        )
+        self.dead_units: DeadUnitMonitor | None = (
+            _build(DeadUnitMonitor, "dead_unit_args", {"rescue": rescue, **(dead_unit_args or {})})
+            if dead_units
+            else None
+        )
+        self.report: HealthReport | None = (
+            _build(HealthReport, "report_args", report_args) if report else None
+        )
+        self.gradguard_parts: list[Any] = [
+            part
+            for part in (self.monitor, self.clipper, self.dead_units, self.report)
+            if part is not None
+        ]
+        base = {name: getattr(Callback, name, None) for name in _HOOKS}
+        self._hooked: dict[str, list[Callable[..., Any]]] = {
+            name: [
+                getattr(part, name)
+                for part in self.gradguard_parts
+                if getattr(type(part), name, None) is not base[name]
+            ]
+            for name in _HOOKS
+        }
+
+    def __repr__(self) -> str:
+        names = ", ".join(type(part).__name__ for part in self.gradguard_parts)
+        return f"GradGuard({names})"
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(parts=[p.state_key for p in self.gradguard_parts])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The parts' states, by class name (tensors and Python primitives only)."""
+        return {type(part).__name__: part.state_dict() for part in self.gradguard_parts}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Give each part its saved state; parts absent from the checkpoint start fresh."""
+        for part in self.gradguard_parts:
+            saved = state_dict.get(type(part).__name__)
+            if saved is not None:
+                part.load_state_dict(saved)
+
+
+def _forward(name: str) -> Callable[..., None]:
+    def hook(self: GradGuard, *args: Any, **kwargs: Any) -> None:
+        for method in self._hooked[name]:
+            method(*args, **kwargs)
+
+    hook.__name__ = hook.__qualname__ = name
+    hook.__doc__ = f"Run ``{name}`` of every part, in order."
+    return hook
+
+
+for _name in _HOOKS:
+    setattr(GradGuard, _name, _forward(_name))
