@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The demo: GradNormMonitor on a 25-layer MLP whose gradients vanish, then on the fix.
-# Arguments are passed to examples/digits_monitor.py (--epochs N, --out DIR, --quick).
+# The demo: vanishing gradients, exploding gradients and dying ReLUs on the digits data,
+# each trained without and with GradGuard (`gradguard demo`). Arguments go to the command
+# (--out DIR, --only SCENARIO, --wandb online|offline|disabled, --quick); see --help.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
-python examples/digits_monitor.py "$@"
+gradguard demo "$@"
