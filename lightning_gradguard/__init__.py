@@ -19,12 +19,14 @@ __version__ = "0.1.0"
 _LAZY = {
     "AdaptiveGradClip": "lightning_gradguard.callbacks.adaptive_grad_clip",
     "DeadUnitMonitor": "lightning_gradguard.callbacks.dead_unit_monitor",
+    "Diagnosis": "lightning_gradguard.doctor",
     "GradNormMonitor": "lightning_gradguard.callbacks.grad_norm_monitor",
     "GradGuardMixin": "lightning_gradguard.mixin",
     "HealthReport": "lightning_gradguard.callbacks.health_report",
     "InitAtStart": "lightning_gradguard.callbacks.reinit",
     "LayerReinit": "lightning_gradguard.callbacks.reinit",
     "UnitRecycler": "lightning_gradguard.callbacks.reinit",
+    "diagnose": "lightning_gradguard.doctor",
 }
 
 if TYPE_CHECKING:
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
     from lightning_gradguard.callbacks.health_report import HealthReport
     from lightning_gradguard.callbacks.reinit import InitAtStart, LayerReinit, UnitRecycler
+    from lightning_gradguard.doctor import Diagnosis, diagnose
     from lightning_gradguard.mixin import GradGuardMixin
 
 
@@ -45,6 +48,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AdaptiveGradClip",
     "DeadUnitMonitor",
+    "Diagnosis",
     "GradGuardMixin",
     "GradNormMonitor",
     "HealthReport",
@@ -52,4 +56,5 @@ __all__ = [
     "LayerReinit",
     "UnitRecycler",
     "__version__",
+    "diagnose",
 ]
