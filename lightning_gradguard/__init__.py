@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "AdaptiveGradClip": "lightning_gradguard.callbacks.adaptive_grad_clip",
     "DeadUnitMonitor": "lightning_gradguard.callbacks.dead_unit_monitor",
+    "Diagnosis": "lightning_gradguard.doctor",
     "GradGuard": "lightning_gradguard.callbacks.gradguard",
     "GradNormMonitor": "lightning_gradguard.callbacks.grad_norm_monitor",
     "GradGuardMixin": "lightning_gradguard.mixin",
@@ -26,6 +27,7 @@ _LAZY = {
     "InitAtStart": "lightning_gradguard.callbacks.reinit",
     "LayerReinit": "lightning_gradguard.callbacks.reinit",
     "UnitRecycler": "lightning_gradguard.callbacks.reinit",
+    "diagnose": "lightning_gradguard.doctor",
 }
 
 if TYPE_CHECKING:
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     from lightning_gradguard.callbacks.gradguard import GradGuard
     from lightning_gradguard.callbacks.health_report import HealthReport
     from lightning_gradguard.callbacks.reinit import InitAtStart, LayerReinit, UnitRecycler
+    from lightning_gradguard.doctor import Diagnosis, diagnose
     from lightning_gradguard.mixin import GradGuardMixin
 
 
@@ -47,6 +50,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AdaptiveGradClip",
     "DeadUnitMonitor",
+    "Diagnosis",
     "GradGuard",
     "GradGuardMixin",
     "GradNormMonitor",
@@ -55,4 +59,5 @@ __all__ = [
     "LayerReinit",
     "UnitRecycler",
     "__version__",
+    "diagnose",
 ]

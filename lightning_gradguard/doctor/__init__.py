@@ -1,0 +1,52 @@
+"""``diagnose(model, batch)`` and the ``gradguard doctor`` command: a gradient health check-up.
+
+A few forward/backward passes on a *copy* of the model (no optimizer step; the
+user's model, its buffers, gradients, modes and hooks are never touched), then
+one row per layer (every module that owns parameters): gradient norm,
+parameter norm, their ratio, the dead fraction of the activation that consumes
+the layer, that activation, and the weight std against what He and Glorot
+initialization would give. From the rows come findings (vanishing, exploding,
+non-finite, dying, deep sigmoid stacks, BatchNorm on tiny batches, weight
+scale, unused layers), each with a severity and concrete remedies, and an exit
+code a CI job can use.
+
+- :mod:`~lightning_gradguard.doctor.measure`: :func:`diagnose`, the passes and the rows;
+- :mod:`~lightning_gradguard.doctor.findings`: the rules and their recommendations;
+- :mod:`~lightning_gradguard.doctor.report`: :class:`Diagnosis`, text table and JSON;
+- :mod:`~lightning_gradguard.doctor.cli`: :func:`main`, the ``doctor`` subcommand
+  (also ``python -m lightning_gradguard.doctor``).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_gradguard.doctor import diagnose
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    >>> batch = (torch.randn(32, 8), torch.randint(0, 3, (32,)))
+    >>> diagnosis = diagnose(model, batch, steps=1)
+    >>> [row.name for row in diagnosis.rows], diagnosis.rows[0].activation
+    (['0', '2'], 'ReLU')
+    >>> diagnosis.exit_code  # no warning, no error: healthy
+    0
+"""
+
+from lightning_gradguard.doctor.cli import UsageError, import_object, main
+from lightning_gradguard.doctor.findings import Thresholds, find_problems
+from lightning_gradguard.doctor.measure import default_loss, diagnose, is_lightning_module
+from lightning_gradguard.doctor.report import FAIL_ON, SEVERITIES, Diagnosis, Finding, LayerRow
+
+__all__ = [
+    "FAIL_ON",
+    "SEVERITIES",
+    "Diagnosis",
+    "Finding",
+    "LayerRow",
+    "Thresholds",
+    "UsageError",
+    "default_loss",
+    "diagnose",
+    "find_problems",
+    "import_object",
+    "is_lightning_module",
+    "main",
+]
