@@ -52,7 +52,7 @@ def test_defaults_are_monitor_zclip_with_skipping_dead_units_with_rescue_and_rep
     ]
     assert guard.clipper is not None and guard.clipper.policy.name == "zclip"
     assert guard.clipper.skip_nonfinite
-    assert guard.dead_units is not None and guard.dead_units.rescue == "threshold"
+    assert guard.unit_monitor is not None and guard.unit_monitor.rescue == "threshold"
 
 
 def test_same_results_as_the_parts_listed_separately(tmp_path: Path) -> None:
@@ -177,7 +177,7 @@ def test_dead_relus_are_swapped_for_leaky_relu(tmp_path: Path) -> None:
     assert isinstance(model.net[3], nn.LeakyReLU)
     assert isinstance(model.net[1], nn.ReLU)  # the live layer is left alone
     assert logger.by_key("dead_units/net.3")["dead_units/net.3"][0][1] == 1.0
-    assert guard.dead_units is not None and guard.dead_units.swapped == ["net.3"]
+    assert guard.unit_monitor is not None and guard.unit_monitor.swapped == ["net.3"]
 
 
 def test_checkpoint_holds_every_part_and_resume_equals_an_uninterrupted_run(
@@ -219,7 +219,8 @@ def test_parts_can_be_switched_off_and_configured() -> None:
         report=False,
         clip_args={"max_consecutive_skips": 3},
     )
-    assert guard.monitor is None and guard.dead_units is None and guard.report is None
+    assert guard.norm_monitor is None and guard.unit_monitor is None
+    assert guard.health_report is None
     assert guard.clipper is not None and guard.clipper.policy.name == "none"
     assert guard.clipper.max_consecutive_skips == 3
     nothing = GradGuard(

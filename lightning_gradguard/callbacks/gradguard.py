@@ -54,9 +54,9 @@ class GradGuard(Callback):
     Every part can be switched off (``monitor=False``, ``clip=None``,
     ``dead_units=False``, ``report=False``) and configured with a dict of its own
     arguments (``monitor_args``, ``clip_args``, ``dead_unit_args``,
-    ``report_args``); the parts are available as attributes (``monitor``,
-    ``clipper``, ``dead_units``, ``report``; ``None`` when off) and, in order, in
-    ``gradguard_parts``. Their states are saved in the bundle's checkpoint entry.
+    ``report_args``); the parts are available as attributes (``norm_monitor``,
+    ``clipper``, ``unit_monitor``, ``health_report``; ``None`` when off) and, in
+    order, in ``gradguard_parts``. Their states are saved in the bundle's checkpoint entry.
 
     Args:
         monitor: log per-layer norms and detect vanishing/exploding gradients.
@@ -127,11 +127,20 @@ class GradGuard(Callback):
                 raise TypeError(
                     f"GradGuard({name}={options!r}) must be a dict of keyword arguments."
                 )
-        self.log_every_n_steps = log_every_n_steps
+        self.monitor = monitor
         self.clip = clip
+        self.skip_nonfinite = skip_nonfinite
+        self.skip_spikes = skip_spikes
+        self.dead_units = dead_units
         self.rescue = rescue
+        self.report = report
+        self.log_every_n_steps = log_every_n_steps
+        self.monitor_args = monitor_args
+        self.clip_args = clip_args
+        self.dead_unit_args = dead_unit_args
+        self.report_args = report_args
         interval = {"log_every_n_steps": log_every_n_steps}
-        self.monitor: GradNormMonitor | None = (
+        self.norm_monitor: GradNormMonitor | None = (
             _build(GradNormMonitor, "monitor_args", {**interval, **(monitor_args or {})})
             if monitor
             else None
@@ -147,17 +156,17 @@ class GradGuard(Callback):
         self.clipper: AdaptiveGradClip | None = (
             _build(AdaptiveGradClip, "clip_args", clip_options) if wants_clipper else None
         )
-        self.dead_units: DeadUnitMonitor | None = (
+        self.unit_monitor: DeadUnitMonitor | None = (
             _build(DeadUnitMonitor, "dead_unit_args", {"rescue": rescue, **(dead_unit_args or {})})
             if dead_units
             else None
         )
-        self.report: HealthReport | None = (
+        self.health_report: HealthReport | None = (
             _build(HealthReport, "report_args", report_args) if report else None
         )
         self.gradguard_parts: list[Any] = [
             part
-            for part in (self.monitor, self.clipper, self.dead_units, self.report)
+            for part in (self.norm_monitor, self.clipper, self.unit_monitor, self.health_report)
             if part is not None
         ]
         base = {name: getattr(Callback, name, None) for name in _HOOKS}
