@@ -91,7 +91,13 @@ from torch.utils.data import DataLoader
 
 # Imported up front: it imports the unified ``lightning`` package too, whose loggers
 # ``_quiet`` then silences.
-from lightning_gradguard import AdaptiveGradClip, DeadUnitMonitor, GradNormMonitor, HealthReport
+from lightning_gradguard import (
+    AdaptiveGradClip,
+    DeadUnitMonitor,
+    GradGuard,
+    GradNormMonitor,
+    HealthReport,
+)
 from lightning_gradguard.functional import AGC, AutoClip, EMARatio, FixedNorm, FixedValue, ZClip
 
 # --------------------------------------------------------------------------- loggers
@@ -375,6 +381,13 @@ def _health_report(ctx: BenchContext) -> VariantSetup:
     return VariantSetup(callbacks=[GradNormMonitor(log_every_n_steps=50), report])
 
 
+def _bundle(ctx: BenchContext) -> VariantSetup:
+    # The one-line default, logging every step: monitor + ZClip with skipping + dead units
+    # (windows of 10 batches every 100 steps) + HealthReport (pictures at the end of fit).
+    report_args = {"out_dir": str(ctx.workdir / "pictures")}
+    return VariantSetup(callbacks=[GradGuard(log_every_n_steps=1, report_args=report_args)])
+
+
 def _gradguard_ratio_every_step(ctx: BenchContext) -> VariantSetup:
     return VariantSetup(callbacks=[GradNormMonitor(log_every_n_steps=1, update_ratio_every=1)])
 
@@ -559,6 +572,7 @@ VARIANTS: dict[str, Variant] = {
     "gradguard_ratio_every_step": Variant(
         "GradNormMonitor ratios every step", _gradguard_ratio_every_step
     ),
+    "bundle": Variant("GradGuard (defaults, logging every step)", _bundle),
     # clipping
     "clip_norm": Variant("AdaptiveGradClip norm", _clipper(lambda: FixedNorm(1.0)), "clipping"),
     "clip_value": Variant("AdaptiveGradClip value", _clipper(FixedValue), "clipping"),

@@ -124,3 +124,14 @@ def test_console_script_is_installed() -> None:
     assert script.exists(), "pip install -e . creates the `gradguard` command"
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "gradguard demo --help" in done.stdout
+
+
+def test_online_mode_without_login_says_what_to_do(tmp_path: Path) -> None:
+    env = {"HOME": str(tmp_path), "WANDB_API_KEY": "", "WANDB_CONFIG_DIR": str(tmp_path / "cfg")}
+    done = _gradguard(
+        "demo", "--quick", "--only", "exploding", "--wandb", "online", "--out", str(tmp_path),
+        cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "run `wandb login` first, or use --wandb offline" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -166,7 +167,7 @@ class AdaptiveGradClip(Callback):
 
     # ------------------------------------------------------------------ identity / state
 
-    @property
+    @functools.cached_property  # Lightning reads it at every hook call: compute it once
     def state_key(self) -> str:
         return self._generate_state_key(policy=repr(self.policy), scope=self.scope)
 

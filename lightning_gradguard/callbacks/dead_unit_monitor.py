@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from torch import nn
@@ -128,7 +129,7 @@ class DeadUnitMonitor(Callback):
         self._windows = MeasuringWindows(every_n_steps, window)
         self._reported_dying: set[str] = set()
 
-    @property
+    @functools.cached_property  # Lightning reads it at every hook call: compute it once
     def state_key(self) -> str:
         return self._generate_state_key(rescue=self.rescue, activations=self.activations)
 

@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Sequence
@@ -216,7 +217,7 @@ class GradNormMonitor(Callback):
 
     # ------------------------------------------------------------------ identity / state
 
-    @property
+    @functools.cached_property  # Lightning reads it at every hook call: compute it once
     def state_key(self) -> str:
         group_by = (
             self.group_by

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -183,7 +184,7 @@ class GradGuard(Callback):
         names = ", ".join(type(part).__name__ for part in self.gradguard_parts)
         return f"GradGuard({names})"
 
-    @property
+    @functools.cached_property  # Lightning reads it at every hook call: compute it once
     def state_key(self) -> str:
         return self._generate_state_key(parts=[p.state_key for p in self.gradguard_parts])
 

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -247,7 +248,7 @@ class UnitRecycler(Callback):
         self._tracker: ActivityTracker | None = None
         self._windows = MeasuringWindows(every_n_steps, window)
 
-    @property
+    @functools.cached_property  # Lightning reads it at every hook call: compute it once
     def state_key(self) -> str:
         return self._generate_state_key(tau=self.tau, pairs=self.pairs)
 
@@ -381,7 +382,7 @@ class LayerReinit(Callback):
         self.reinit_counts: dict[str, int] = {}
         self._monitor: Any = None
 
-    @property
+    @functools.cached_property  # Lightning reads it at every hook call: compute it once
     def state_key(self) -> str:
         return self._generate_state_key(layers=self.layers, at_steps=self.at_steps)
 

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 import warnings
 from collections import Counter
@@ -38,6 +39,10 @@ BATCH_SIZE = 64
 LOG_EVERY_N_STEPS = 10
 QUICK_STEPS = 30
 """Steps per run with ``--quick`` (a smoke test: nothing has time to go wrong or right)."""
+
+
+class DemoError(RuntimeError):
+    """A problem the user can fix (printed as one line, exit code 2)."""
 
 
 @dataclass
@@ -152,6 +157,14 @@ def _wandb_logger(out: Path, scenario: Scenario, run: Run, mode: str, group: str
     )
     # Lightning always passes wandb's deprecated `anonymous` setting, which prints a warning.
     logger._wandb_init.pop("anonymous", None)
+    try:
+        logger.experiment  # noqa: B018 - start the run now, to fail early and clearly
+    except Exception as error:  # wandb raises several types (no API key, no network)
+        hint = "run `wandb login` first, or " if mode == "online" else ""
+        raise DemoError(
+            f"could not start a W&B run in {mode} mode ({type(error).__name__}: {error}); "
+            f"{hint}use --wandb offline (upload later with `wandb sync`) or --wandb disabled."
+        ) from error
     return logger
 
 
@@ -389,5 +402,9 @@ def report(results: list[RunResult], scenarios: list[Scenario], out: Path, mode:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``gradguard demo``; returns the exit code."""
     args = parse_args(argv)
-    run_demo(args)
+    try:
+        run_demo(args)
+    except DemoError as error:
+        print(f"gradguard demo: error: {error}", file=sys.stderr)
+        return 2
     return 0
