@@ -1,9 +1,9 @@
-"""Two-process DDP on CPU, with ``GradNormMonitor`` and ``AdaptiveGradClip``.
+"""Two-process DDP on CPU, with the one-line ``GradGuard``.
 
 ``Trainer(accelerator="cpu", devices=2, strategy="ddp")`` starts a second process
 running this same script; the two talk through gloo. Each rank trains on its half
 of every epoch of scikit-learn's digits data. DDP averages the gradients across the
-ranks before ``on_before_optimizer_step``, so both callbacks see the same gradients on
+ranks before ``on_before_optimizer_step``, so GradGuard sees the same gradients on
 every rank: the monitor logs the same norms, the clipper takes the same decisions,
 and the replicas stay identical. Rank 0 alone writes the CSV metrics and prints the
 result; the script checks at the end that both ranks hold the same parameters.
@@ -29,7 +29,7 @@ import torch
 from digits import DigitsClassifier, DigitsDataModule
 from pytorch_lightning.loggers import CSVLogger
 
-from lightning_gradguard import AdaptiveGradClip, GradNormMonitor
+from lightning_gradguard import GradGuard
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 # The 360 test images split evenly over 2 ranks: no image is counted twice.
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=5, help="epochs (default: 5)")
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size per rank")
-    parser.add_argument("--policy", default="zclip", help="AdaptiveGradClip policy shorthand")
+    parser.add_argument("--policy", default="zclip", help="GradGuard clipping policy")
     parser.add_argument("--log-every", type=int, default=5, help="logging interval in steps")
     parser.add_argument("--out", type=Path, default=Path("outputs/ddp_cpu"), help="log folder")
     return parser.parse_args(argv)
@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
     torch.set_num_threads(1)  # two processes on a few cores: no oversubscription
     pl.seed_everything(0, verbose=False)
-    clipper = AdaptiveGradClip(policy=args.policy)
+    # Monitor, clipper with step skipping, dead units (windows of 5 batches every 20 steps
+    # in this short run) and the report: the whole bundle, one pass over the gradients.
+    guard = GradGuard(clip=args.policy, dead_unit_args={"every_n_steps": 20, "window": 5})
     replicas = ReplicaCheck()
     logger = CSVLogger(args.out, name="ddp_cpu")
     trainer = pl.Trainer(
@@ -83,8 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         max_steps=args.max_steps,
         log_every_n_steps=args.log_every,
         logger=logger,
-        # The monitor first: it sees the raw gradients and the clipper reuses its norms.
-        callbacks=[GradNormMonitor(), clipper, replicas],
+        callbacks=[guard, replicas],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "grad_norm_first": norms[0],
         "grad_norm_last": norms[-1],
         "clip_threshold_last": metric_values(metrics_csv, "clip/threshold")[-1],
-        "skipped_steps": clipper.skipped_steps,
+        "skipped_steps": guard.clipper.skipped_steps if guard.clipper else 0,
         "replicas_identical": replicas.identical,
         "test_accuracy": tested["test/accuracy"],
         "metrics_csv": str(metrics_csv),

@@ -9,28 +9,16 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gradguard.demo.data import digits
 
 
 def digits_datasets() -> tuple[TensorDataset, TensorDataset]:
     """Standardized digits: ``(train, test)`` datasets of ``(features, label)``."""
-    x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.2, random_state=0, stratify=y
-    )
-    scaler = StandardScaler().fit(x_train)
-
-    def dataset(features: object, labels: object) -> TensorDataset:
-        return TensorDataset(
-            torch.tensor(scaler.transform(features), dtype=torch.float32),
-            torch.tensor(labels, dtype=torch.long),
-        )
-
-    return dataset(x_train, y_train), dataset(x_test, y_test)
+    train, (x_test, y_test) = digits()
+    return train, TensorDataset(x_test, y_test)
 
 
 class DigitsDataModule(pl.LightningDataModule):

@@ -57,13 +57,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import Logger
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import DeadUnitMonitor
+from lightning_gradguard.demo.data import digits
 
 WIDTH = 256
 BATCH_SIZE = 64
@@ -219,21 +217,6 @@ class EpochProbe(pl.Callback):
         _, logits = pl_module.pre_activations(self.x_test)
         accuracy = (logits.argmax(dim=1) == self.y_test).float().mean()
         self.accuracy.append(float(accuracy))
-
-
-def digits_tensors() -> tuple[TensorDataset, tuple[Tensor, Tensor]]:
-    """Train set (1437 samples) and test tensors (360), as in ``digits_monitor.py``."""
-    x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.2, random_state=0, stratify=y
-    )
-    scaler = StandardScaler().fit(x_train)
-
-    def features(values: Any) -> Tensor:
-        return torch.tensor(scaler.transform(values), dtype=torch.float32)
-
-    train = TensorDataset(features(x_train), torch.tensor(y_train, dtype=torch.long))
-    return train, (features(x_test), torch.tensor(y_test, dtype=torch.long))
 
 
 @dataclass
@@ -475,7 +458,7 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
     warnings.filterwarnings("ignore", ".*LeafSpec.*")  # Lightning vs. newer torch, harmless
     warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")  # no self.log
     warnings.filterwarnings("ignore", "DeadUnitMonitor: swapped")  # reported in the table
-    data = digits_tensors()
+    data = digits()
     total = len(CONFIGS) * len(args.seeds)
     print(f"Training {total} runs of {args.epochs} epochs each", flush=True)
     results: list[RunResult] = []

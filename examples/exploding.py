@@ -43,13 +43,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import AdaptiveGradClip
+from lightning_gradguard.demo.data import digits
 from lightning_gradguard.functional import AGC, AutoClip, EMARatio, FixedNorm, FixedValue, ZClip
 
 HIDDEN_LAYERS = 9
@@ -137,21 +135,6 @@ class RawGradNorms(pl.Callback):
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         norms = [torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]
         self.norms.append(torch.linalg.vector_norm(torch.stack(norms)))
-
-
-def digits_tensors() -> tuple[TensorDataset, tuple[Tensor, Tensor]]:
-    """Train set (1437 samples) and test tensors (360), as in ``digits_monitor.py``."""
-    x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.2, random_state=0, stratify=y
-    )
-    scaler = StandardScaler().fit(x_train)
-
-    def features(values: Any) -> Tensor:
-        return torch.tensor(scaler.transform(values), dtype=torch.float32)
-
-    train = TensorDataset(features(x_train), torch.tensor(y_train, dtype=torch.long))
-    return train, (features(x_test), torch.tensor(y_test, dtype=torch.long))
 
 
 @dataclass
@@ -336,7 +319,7 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")  # Lightning vs. newer torch, harmless
     warnings.filterwarnings("ignore", "AdaptiveGradClip: skipped")  # counted in the table
-    data = digits_tensors()
+    data = digits()
     total = len(scenarios) * len(CONFIGS) * len(args.seeds)
     print(f"Training {total} runs of {args.steps} steps each", flush=True)
     results: list[RunResult] = []

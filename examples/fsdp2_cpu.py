@@ -1,12 +1,13 @@
-"""FSDP2 on CPU, with ``GradNormMonitor`` and ``AdaptiveGradClip``.
+"""FSDP2 on CPU, with the one-line ``GradGuard``.
 
 Lightning's ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)``
 starts a second process running this same script (gloo between the two) and hands
 the model a device mesh. The model shards itself in ``configure_model`` with
 PyTorch's FSDP2 ``fully_shard``: each rank then holds half of the rows of every
-weight, and the gradients are ``DTensor`` shards. ``GradNormMonitor`` and
-``AdaptiveGradClip`` sum the local squared norms and reduce them across the ranks
-before the square root, so they log and clip with the norms of the whole model.
+weight, and the gradients are ``DTensor`` shards. GradGuard's monitor and clipper
+sum the local squared norms and reduce them across the ranks before the square
+root, so they log and clip with the norms of the whole model; its dead-unit counts
+are summed across the ranks too.
 (Lightning's ``FSDPStrategy``, FSDP1, needs a GPU; this one runs on CPU.)
 
 Usage::
@@ -33,7 +34,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from lightning_gradguard import AdaptiveGradClip, GradNormMonitor
+from lightning_gradguard import GradGuard
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 # The 360 test images split evenly over 2 ranks: no image is counted twice.
@@ -65,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=5, help="epochs (default: 5)")
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size per rank")
-    parser.add_argument("--policy", default="zclip", help="AdaptiveGradClip policy shorthand")
+    parser.add_argument("--policy", default="zclip", help="GradGuard clipping policy")
     parser.add_argument("--log-every", type=int, default=5, help="logging interval in steps")
     parser.add_argument("--out", type=Path, default=Path("outputs/fsdp2_cpu"), help="log folder")
     return parser.parse_args(argv)
@@ -76,7 +77,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
     torch.set_num_threads(1)  # two processes on a few cores: no oversubscription
     pl.seed_everything(0, verbose=False)
-    clipper = AdaptiveGradClip(policy=args.policy)
+    # Monitor, clipper with step skipping, dead units (windows of 5 batches every 20 steps
+    # in this short run) and the report: the whole bundle, one pass over the gradients.
+    guard = GradGuard(clip=args.policy, dead_unit_args={"every_n_steps": 20, "window": 5})
     logger = CSVLogger(args.out, name="fsdp2_cpu")
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -86,8 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         max_steps=args.max_steps,
         log_every_n_steps=args.log_every,
         logger=logger,
-        # The monitor first: it sees the raw gradients and the clipper reuses its norms.
-        callbacks=[GradNormMonitor(), clipper],
+        callbacks=[guard],
         enable_checkpointing=False,  # a sharded checkpoint is a folder per step: not needed here
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "grad_norm_first": norms[0],
         "grad_norm_last": norms[-1],
         "clip_threshold_last": metric_values(metrics_csv, "clip/threshold")[-1],
-        "skipped_steps": clipper.skipped_steps,
+        "skipped_steps": guard.clipper.skipped_steps if guard.clipper else 0,
         "test_accuracy": tested["test/accuracy"],
         "metrics_csv": str(metrics_csv),
     }

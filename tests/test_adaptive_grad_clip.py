@@ -327,3 +327,39 @@ def test_deepspeed_is_refused_at_setup_with_what_to_do() -> None:
     trainer = SimpleNamespace(strategy=strategy, gradient_clip_val=None, callbacks=[])
     with pytest.raises(RuntimeError, match="gradient_clipping"):
         AdaptiveGradClip(policy="norm").setup(trainer, None, "fit")
+
+
+@pytest.mark.parametrize(("max_norm", "scaling_passes"), [(1e9, 0), (1e-9, 6)])
+def test_gradients_are_scaled_only_on_steps_that_clip(max_norm: float, scaling_passes: int) -> None:
+    from torch.overrides import TorchFunctionMode
+
+    class CountScaling(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+            if func is torch._foreach_mul_:
+                CountScaling.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    class Observe(pl.Callback):
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            self.mode = CountScaling()
+            self.mode.__enter__()
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            self.mode.__exit__(None, None, None)
+
+    class PlainSGD(_Recording):
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    torch.manual_seed(0)
+    model = PlainSGD()
+    clipper = AdaptiveGradClip(policy=FixedNorm(max_norm), log_every_n_steps=100)
+    _fit(model, [Observe(), clipper], steps=6)
+    assert CountScaling.calls == scaling_passes  # SGD without momentum scales nothing itself
+    for raw, used in zip(model.raw, model.used):
+        total = torch.linalg.vector_norm(torch.stack([g.norm() for g in raw]))
+        coef = min(1.0, max_norm / (float(total) + 1e-6))
+        for g_raw, g_used in zip(raw, used):
+            torch.testing.assert_close(g_used, g_raw * coef, rtol=1e-5, atol=0)

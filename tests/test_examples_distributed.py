@@ -67,6 +67,9 @@ def _distributed_run(script: str, tmp: Path) -> tuple[str, list[dict[str, str]]]
     out = tmp / "logs"
     args = ("--max-steps", str(STEPS), "--log-every", str(LOG_EVERY), "--out", str(out))
     output = run_example(script, *args, cwd=tmp)
+    # GradGuard's report: rank 0 alone draws the pictures, next to the metrics.
+    pictures = sorted(p.name for p in out.rglob("gradguard/*.png"))
+    assert pictures == ["clipping.png", "dead_units.png", "gradient_flow.png"], pictures
     return output, metrics_rows(out)
 
 
@@ -93,6 +96,10 @@ def _check_norms_and_clipping(rows: list[dict[str, str]]) -> None:
     clipped = logged(rows, "grad_norm/total_clipped")
     for step, value in clipped.items():
         assert value <= thresholds[step] * (1 + 1e-5), step
+    # GradGuard's dead-unit window (batches 0-4) ended and was logged once, per hidden layer.
+    for activation in ("net.1", "net.3", "net.5"):
+        dead = logged(rows, f"dead_units/{activation}")
+        assert len(dead) == 1 and 0.0 <= next(iter(dead.values())) <= 1.0, activation
     accuracy = logged(rows, "test/accuracy")
     assert len(accuracy) == 1 and 0.0 <= next(iter(accuracy.values())) <= 1.0
 
@@ -123,7 +130,8 @@ def test_fsdp2_logs_the_norms_of_the_whole_model(
     """Same seed, same batches: the sharded run logs what the replicated run logs."""
     _, ddp_rows = ddp_run
     _, fsdp_rows = fsdp2_run
-    for key in ("grad_norm/total", "grad_norm/net.0", "grad_norm/head", "clip/threshold"):
+    keys = ("grad_norm/total", "grad_norm/net.0", "grad_norm/head", "clip/threshold")
+    for key in (*keys, "dead_units/net.1", "dormant_units/net.3"):
         ddp, fsdp = logged(ddp_rows, key), logged(fsdp_rows, key)
         assert ddp.keys() == fsdp.keys(), key
         for step in ddp:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from lightning_gradguard._compat import Callback, rank_zero_warn
 from lightning_gradguard.callbacks._parts import flat_callbacks
+from lightning_gradguard.functional.clipping import clip_coefficients, scale_
 from lightning_gradguard.functional.norms import (
     GroupBy,
     GroupedNorms,
@@ -44,8 +45,8 @@ class _ClipState:
     spikes: SpikeWindow | None
     layers: NormGrouping
     steps_seen: int = 0
-    skip_flag: Tensor | None = None
-    nonfinite_flag: Tensor | None = None
+    skip_flag: Tensor | bool | None = None  # a device flag, or already read on the host
+    nonfinite_flag: Tensor | bool | None = None
     consecutive_skips: int = 0
     scaler_skips: Tensor | None = None
 
@@ -399,12 +400,23 @@ class AdaptiveGradClip(Callback):
             skip, nonfinite = self._agree_across_ranks(torch.stack([skip, nonfinite])).unbind(0)
             if self.skip_nonfinite and not self._uses_scaler:
                 norm = torch.where(nonfinite, torch.full_like(norm, math.nan), norm)
-        threshold, coef = state.policy.clip_(present, grads, norm, index_tensor)
+        if deciding and type(state.policy).clip_ is ClipPolicy.clip_:
+            # Skipping pays one host read per step anyway: the same read also says
+            # whether any gradient needs scaling, and the scaling pass over the
+            # gradients runs only on the steps that clip (most steps do not).
+            threshold = state.policy.threshold(norm)
+            coef = clip_coefficients(threshold, norm)
+            needs_scaling = (coef < 1).any()
+            read = int(skip.long() | nonfinite.long() << 1 | needs_scaling.long() << 2)
+            state.skip_flag, state.nonfinite_flag = bool(read & 1), bool(read & 2)
+            if read & 4 and not read & 1:
+                scale_(grads, coef, index_tensor)
+        else:
+            threshold, coef = state.policy.clip_(present, grads, norm, index_tensor)
+            if deciding:
+                state.skip_flag, state.nonfinite_flag = skip, nonfinite
         if state.spikes is not None:
             state.spikes.record(total, ~skip)
-        if deciding:
-            state.skip_flag = skip
-            state.nonfinite_flag = nonfinite
         logging_step = state.steps_seen % self._interval == 0
         state.steps_seen += 1
         if logging_step:

@@ -107,17 +107,33 @@ def clip_by_norm_(
         tensor([0.6000, 0.8000])
     """
     coef = clip_coefficients(threshold, norm, eps)
+    scale_(grads, coef, group_index)
+    return coef
+
+
+@torch.no_grad()
+def scale_(grads: Sequence[Tensor], coef: Tensor, group_index: Tensor | None = None) -> None:
+    """Multiply gradients in place by a coefficient, or by one coefficient per group.
+
+    The scaling pass of norm clipping, for callers that computed the coefficients
+    already (and may skip this pass when none is below 1).
+
+    Example:
+        >>> g = [torch.tensor([3.0, 4.0]), torch.tensor([1.0])]
+        >>> scale_(g, torch.tensor([0.5, 2.0]), group_index=torch.tensor([0, 1]))
+        >>> g
+        [tensor([1.5000, 2.0000]), tensor([2.])]
+    """
     if not grads:
-        return coef
+        return
     locals_, _ = local_tensors(grads)
     if coef.dim() == 0:
         torch._foreach_mul_(locals_, coef.to(locals_[0].device, locals_[0].dtype))
-    else:
-        if group_index is None:
-            raise ValueError("clip_by_norm_: per-group thresholds need group_index.")
-        per_tensor = coef.index_select(0, group_index.to(coef.device)).to(locals_[0].dtype)
-        torch._foreach_mul_(locals_, list(per_tensor.to(locals_[0].device).unbind(0)))
-    return coef
+        return
+    if group_index is None:
+        raise ValueError("scale_: per-group coefficients need group_index.")
+    per_tensor = coef.index_select(0, group_index.to(coef.device)).to(locals_[0].dtype)
+    torch._foreach_mul_(locals_, list(per_tensor.to(locals_[0].device).unbind(0)))
 
 
 @torch.no_grad()
