@@ -338,10 +338,6 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, exact: bool 
     """
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
-    tensors = [t if t.numel() else t.new_zeros(1) for t in tensors]  # empty shard: norm 0, inf ok
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
 
     def norms_of(group: list[Tensor]) -> Tensor:
         if exact:
@@ -350,12 +346,11 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, exact: bool 
             return torch.stack(torch._foreach_norm(group, norm_type, dtype=torch.float32))
         return torch.stack(torch._foreach_norm(group, norm_type))
 
-    if len(by_device) == 1:
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for i, t in enumerate(tensors):
-            by_dtype.setdefault(t.dtype, []).append(i)
-        if len(by_dtype) == 1:
-            return norms_of(list(tensors)).to(torch.float64)
+    # The common case, checked in one pass: one device, one dtype, no empty shard.
+    dtype, device = tensors[0].dtype, tensors[0].device
+    if all(t.dtype is dtype and t.numel() and t.device == device for t in tensors):
+        return norms_of(list(tensors)).to(torch.float64)
+    tensors = [t if t.numel() else t.new_zeros(1) for t in tensors]  # empty shard: norm 0, inf ok
     first = tensors[0].device
     out = torch.empty(len(tensors), dtype=torch.float64, device=first)
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -442,14 +437,11 @@ def grouped_norms(
 
 
 def _present_gradients(grouping: NormGrouping) -> tuple[tuple[int, ...], list[Tensor]]:
-    present: list[int] = []
-    grads: list[Tensor] = []
-    for i, parameter in enumerate(grouping.parameters):
-        grad = parameter.grad
-        if grad is not None:
-            present.append(i)
-            grads.append(grad)
-    return tuple(present), grads
+    grads = [parameter.grad for parameter in grouping.parameters]
+    if all(grad is not None for grad in grads):  # the common case: all have a gradient
+        return tuple(range(len(grads))), grads  # type: ignore[return-value]
+    present = tuple(i for i, grad in enumerate(grads) if grad is not None)
+    return present, [grads[i] for i in present]  # type: ignore[misc]
 
 
 def grad_norms(
