@@ -73,12 +73,12 @@ from dying_relu import (  # examples/ is on sys.path when this script runs
     EpochProbe,
     MemoryLogger,
     SpikedMLP,
-    digits_tensors,
 )
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradNormMonitor, InitAtStart, UnitRecycler
+from lightning_gradguard.demo.data import digits
 
 LR = 1e-3
 DEPTH = 25
@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore", ".*LeafSpec.*")  # Lightning vs. newer torch, harmless
     warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")  # no self.log
     warnings.filterwarnings("ignore", "GradNormMonitor: .*")  # counted in the table
-    data: tuple[TensorDataset, tuple[Tensor, Tensor]] = digits_tensors()
+    data: tuple[TensorDataset, tuple[Tensor, Tensor]] = digits()
     init_results: list[InitResult] = []
     recycle_results: list[RecycleResult] = []
     seeds = ", ".join(map(str, args.seeds))

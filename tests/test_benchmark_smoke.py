@@ -21,6 +21,7 @@ DEFAULT_VARIANTS = {
     "gradguard": "GradNormMonitor",
     "pl_grad_norm": "pl grad_norm",
     "wandb_watch": "wandb.watch",
+    "bundle": "GradGuard (defaults, logging every step)",
     "clip_norm": "AdaptiveGradClip norm",
     "clip_value": "AdaptiveGradClip value",
     "clip_autoclip": "AdaptiveGradClip autoclip",
