@@ -19,7 +19,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import warnings
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from digits import DigitsClassifier, DigitsDataModule
+from digits import DigitsClassifier, DigitsDataModule, metric_values, two_process_args
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.strategies import ModelParallelStrategy
 from torch import nn
@@ -55,21 +54,10 @@ class ShardedDigitsClassifier(DigitsClassifier):
         fully_shard(self, mesh=mesh)
 
 
-def metric_values(metrics_csv: Path, key: str) -> list[float]:
-    """Every value of ``key`` in a ``CSVLogger`` metrics file, in step order."""
-    with metrics_csv.open(newline="") as handle:
-        return [float(row[key]) for row in csv.DictReader(handle) if row.get(key)]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--epochs", type=int, default=5, help="epochs (default: 5)")
-    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps")
-    parser.add_argument("--batch-size", type=int, default=64, help="batch size per rank")
-    parser.add_argument("--policy", default="zclip", help="GradGuard clipping policy")
-    parser.add_argument("--log-every", type=int, default=5, help="logging interval in steps")
-    parser.add_argument("--out", type=Path, default=Path("outputs/fsdp2_cpu"), help="log folder")
-    return parser.parse_args(argv)
+    description = __doc__.split("\n\n")[0] if __doc__ else None
+    args: argparse.Namespace = two_process_args("fsdp2_cpu", description, argv)
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
