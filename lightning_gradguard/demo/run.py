@@ -352,7 +352,9 @@ def run_demo(args: argparse.Namespace) -> list[RunResult]:
     print(f"gradguard demo: {len(plan)} runs on the digits data, results in {out}/")
     results = []
     with tqdm(
-        total=sum(steps for _, _, steps in plan), unit="step", disable=args.no_progress
+        total=sum(steps for _, _, steps in plan),
+        unit="step",
+        disable=True if args.no_progress else None,  # None: no bar when not on a terminal
     ) as bar:
         for scenario, run, steps in plan:
             bar.set_description(f"{scenario.name}: {run.label}")

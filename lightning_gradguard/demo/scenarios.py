@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -124,7 +124,6 @@ class Scenario:
     runs: tuple[Run, ...]
     explanation: str
     max_steps: int = -1
-    notes: dict[str, str] = field(default_factory=dict)
 
 
 def _vanishing(activation: str) -> DigitsClassifier:
