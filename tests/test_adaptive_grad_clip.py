@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
+from distributed_helpers import reference_agc_
 from helpers import CaptureLogger, TinyMLP, quiet_trainer_kwargs
 
 import lightning_gradguard.callbacks.adaptive_grad_clip as clip_module
@@ -363,3 +364,59 @@ def test_gradients_are_scaled_only_on_steps_that_clip(max_norm: float, scaling_p
         coef = min(1.0, max_norm / (float(total) + 1e-6))
         for g_raw, g_used in zip(raw, used):
             torch.testing.assert_close(g_used, g_raw * coef, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize(("clipping", "scaled_tensors"), [(1e9, 0), (1e-9, 6 * 6)])
+def test_agc_reads_the_gradients_once_and_scales_only_what_clips(
+    clipping: float, scaled_tensors: int
+) -> None:
+    from torch.overrides import TorchFunctionMode
+
+    from lightning_gradguard.functional import AGC
+
+    class Count(TorchFunctionMode):
+        scaled = 0
+        norm_passes = 0
+
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+            if func is torch._foreach_mul_:
+                Count.scaled += len(args[0])
+            if func is torch._foreach_norm:  # a whole-tensor norm pass besides AGC's
+                Count.norm_passes += 1
+            return func(*args, **(kwargs or {}))
+
+    class Observe(pl.Callback):
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            self.mode = Count()
+            self.mode.__enter__()
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            self.mode.__exit__(None, None, None)
+
+    class PlainSGD(_Recording):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weights: list[list[torch.Tensor]] = []
+
+        def on_after_backward(self) -> None:
+            super().on_after_backward()
+            self.weights.append([p.detach().clone() for p in self.parameters()])
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    torch.manual_seed(0)
+    model = PlainSGD()
+    clipper = AdaptiveGradClip(policy=AGC(clipping=clipping), log_every_n_steps=100)
+    _fit(model, [Observe(), clipper], steps=6)
+    assert Count.scaled == scaled_tensors  # 6 steps x 6 tensors, or none
+    assert Count.norm_passes == 0  # the total norm (for skipping) comes from AGC's units
+    names = [n for n, _ in model.named_parameters()]
+    assert len(model.used) == 6
+    for weights, raw, used in zip(model.weights, model.raw, model.used):
+        reference = [torch.nn.Parameter(w.clone()) for w in weights]
+        for r, g in zip(reference, raw):
+            r.grad = g.clone()
+        reference_agc_(reference, clipping, 1e-3)
+        for name, r, g_used in zip(names, reference, used):
+            torch.testing.assert_close(g_used, r.grad, rtol=1e-5, atol=1e-12, msg=name)

@@ -24,7 +24,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from lightning_gradguard.functional.clipping import agc_, clip_by_norm_, clip_by_value_
+from lightning_gradguard.functional.clipping import agc_, agc_plan, clip_by_norm_, clip_by_value_
 from lightning_gradguard.functional.policies import (
     AGC,
     POLICIES,
@@ -304,6 +304,38 @@ def test_agc_tiny_gradient_below_max_norm_is_untouched() -> None:
     _reference_agc([ref], clipping=clipping, eps=eps)
     torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-12, atol=0)
     assert mine.grad[0].tolist() == pytest.approx([3e-9, 4e-9], rel=1e-12)
+
+
+def test_agc_plan_decides_first_and_scales_only_what_clips() -> None:
+    gen = torch.Generator().manual_seed(6)
+    clipping = 0.05
+    # Distinct shapes: one batch each, in this order. Gradients far below the allowed
+    # size (0.05 times a weight norm of order 1) for the first and last, far above for
+    # the second.
+    specs = [((4, 3), 1e-4), ((5, 2), 10.0), ((4,), 1e-4)]
+    mine, theirs = [], []
+    for shape, size in specs:
+        data = torch.randn(shape, generator=gen, dtype=F64)
+        grad = torch.randn(shape, generator=gen, dtype=F64) * size
+        for bucket in (mine, theirs):
+            p = torch.nn.Parameter(data.clone())
+            p.grad = grad.clone()
+            bucket.append(p)
+    expected_total = torch.nn.utils.get_total_norm([p.grad for p in theirs])
+
+    plan = agc_plan(mine, clipping=clipping)
+    versions = [p.grad._version for p in mine]
+    assert plan.clips.tolist() == [False, True, False]
+    torch.testing.assert_close(plan.grad_norm(), expected_total, rtol=1e-12, atol=0)
+
+    plan.apply_(plan.clips.tolist())
+    _reference_agc(theirs, clipping, eps=1e-3)
+    for p, q in zip(mine, theirs):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=0)
+    # The batches with nothing to clip were not written at all.
+    assert [p.grad._version - v for p, v in zip(mine, versions)] == [0, 1, 0]
+    clipped_total = torch.nn.utils.get_total_norm([q.grad for q in theirs])
+    torch.testing.assert_close(plan.clipped_norm(), clipped_total, rtol=1e-12, atol=0)
 
 
 def test_agc_skips_parameters_without_grad() -> None:

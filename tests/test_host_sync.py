@@ -130,19 +130,13 @@ def test_clipping_without_skipping_never_syncs(policy: str, scope: str) -> None:
         assert dispatch == bare_dispatch
 
 
-@pytest.mark.parametrize(
-    ("policy", "read"),
-    [
-        ("zclip", "__int__"),  # the flags and "any gradient to scale?" in one integer
-        ("autoclip", "__int__"),
-        ("agc", "__bool__"),  # unit-wise scaling: the skip flag alone
-        ("value", "__bool__"),
-    ],
-)
-def test_skipping_costs_one_flag_read_per_step(policy: str, read: str) -> None:
+@pytest.mark.parametrize("policy", ["zclip", "autoclip", "agc", "value", "none"])
+def test_skipping_costs_one_flag_read_per_step(policy: str) -> None:
+    # The skip flags and which clipping passes have work to do travel in one ``tolist``
+    # (a copy to the host on a GPU; on the CPU it reads memory without a dispatched op).
     bare = _counts([], steps=4)
     clipper = AdaptiveGradClip(policy=policy, skip_spikes=True, log_every_n_steps=100)
     clipped = _counts([clipper], steps=4)
     for (bare_calls, bare_dispatch), (calls, dispatch) in list(zip(bare, clipped))[1:]:
-        assert calls - bare_calls == Counter({read: 1})
-        assert dispatch - bare_dispatch == 1
+        assert calls - bare_calls == Counter({"tolist": 1})
+        assert dispatch == bare_dispatch

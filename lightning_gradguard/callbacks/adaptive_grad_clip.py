@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lightning_gradguard._compat import Callback, rank_zero_warn
 from lightning_gradguard.callbacks._parts import flat_callbacks
-from lightning_gradguard.functional.clipping import clip_coefficients, scale_
+from lightning_gradguard.functional.clipping import AGCPlan
 from lightning_gradguard.functional.norms import (
     GroupBy,
     GroupedNorms,
@@ -45,8 +45,8 @@ class _ClipState:
     spikes: SpikeWindow | None
     layers: NormGrouping
     steps_seen: int = 0
-    skip_flag: Tensor | bool | None = None  # a device flag, or already read on the host
-    nonfinite_flag: Tensor | bool | None = None
+    skip_flag: bool | None = None  # read on the host with the clipping flags
+    nonfinite_flag: bool | None = None
     consecutive_skips: int = 0
     scaler_skips: Tensor | None = None
 
@@ -352,7 +352,7 @@ class AdaptiveGradClip(Callback):
             self._states[index] = state
         return index, state
 
-    def _norms(self, state: _ClipState, optimizer: Any) -> GroupedNorms:
+    def _norms(self, state: _ClipState, optimizer: Any, prepared: Any) -> GroupedNorms:
         monitor = self._monitor
         if monitor is not None:
             found = monitor.norms_for(optimizer)
@@ -365,17 +365,21 @@ class AdaptiveGradClip(Callback):
                     self.scope == "global" or grouping.names == state.grouping.names
                 ):
                     return norms
+        if isinstance(prepared, AGCPlan) and prepared.local and self.scope == "global":
+            total = prepared.grad_norm()  # from AGC's unit norms: no second pass
+            return GroupedNorms(groups=total.view(1), total=total, norm_type=2.0)
         return grad_norms(state.grouping)
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         index, state = self._state(trainer, pl_module, optimizer)
-        norms = self._norms(state, optimizer)
-        total = norms.total
-        norm = total if self.scope == "global" else norms.groups
         params = list(state.grouping.parameters)
         present = [p for p in params if p.grad is not None]
         grads = [p.grad for p in present if p.grad is not None]
+        prepared = state.policy.prepare(present)
+        norms = self._norms(state, optimizer, prepared)
+        total = norms.total
+        norm = total if self.scope == "global" else norms.groups
         index_tensor = None
         if self.scope == "layer":
             positions = tuple(i for i, p in enumerate(params) if p.grad is not None)
@@ -400,28 +404,27 @@ class AdaptiveGradClip(Callback):
             skip, nonfinite = self._agree_across_ranks(torch.stack([skip, nonfinite])).unbind(0)
             if self.skip_nonfinite and not self._uses_scaler:
                 norm = torch.where(nonfinite, torch.full_like(norm, math.nan), norm)
-        if deciding and type(state.policy).clip_ is ClipPolicy.clip_:
-            # Skipping pays one host read per step anyway: the same read also says
-            # whether any gradient needs scaling, and the scaling pass over the
-            # gradients runs only on the steps that clip (most steps do not).
-            threshold = state.policy.threshold(norm)
-            coef = clip_coefficients(threshold, norm)
-            needs_scaling = (coef < 1).any()
-            read = int(skip.long() | nonfinite.long() << 1 | needs_scaling.long() << 2)
-            state.skip_flag, state.nonfinite_flag = bool(read & 1), bool(read & 2)
-            if read & 4 and not read & 1:
-                scale_(grads, coef, index_tensor)
+        decision = state.policy.decide(present, grads, norm, index_tensor, prepared)
+        if deciding:
+            # Skipping pays one host read per step anyway: the same read also says which
+            # passes of the clipping would change anything, and only those run (on most
+            # steps of a healthy run, none).
+            flags = torch.cat(
+                [skip.view(1), nonfinite.view(1), decision.needs_scaling.to(skip.device)]
+            ).tolist()
+            state.skip_flag, state.nonfinite_flag = flags[0], flags[1]
+            if not flags[0]:
+                decision.apply_(flags[2:])
         else:
-            threshold, coef = state.policy.clip_(present, grads, norm, index_tensor)
-            if deciding:
-                state.skip_flag, state.nonfinite_flag = skip, nonfinite
+            decision.apply_()
+        threshold, coef = decision.threshold, decision.coef
         if state.spikes is not None:
             state.spikes.record(total, ~skip)
         logging_step = state.steps_seen % self._interval == 0
         state.steps_seen += 1
         if logging_step:
             # On every rank: without norms from the policy this is a collective under FSDP2.
-            clipped = self._clipped_norm(state, norm, coef)
+            clipped = self._clipped_norm(state, norm, coef, prepared)
             if trainer.is_global_zero:
                 self._log(trainer, state, index, threshold, coef, clipped)
 
@@ -433,10 +436,13 @@ class AdaptiveGradClip(Callback):
             return as_int.bool()
         return flag
 
-    def _clipped_norm(self, state: _ClipState, norm: Tensor, coef: Tensor) -> Tensor:
+    def _clipped_norm(self, state: _ClipState, norm: Tensor, coef: Tensor, prepared: Any) -> Tensor:
         """The global norm after clipping (from the policy's norms when it has them)."""
         if self.policy.uses_norms:
             return (norm * coef).pow(2).sum().sqrt() if self.scope == "layer" else norm * coef
+        if isinstance(prepared, AGCPlan) and prepared.local:
+            # A skipped step (its flag is read on the host by now) kept its gradients.
+            return prepared.grad_norm() if state.skip_flag else prepared.clipped_norm()
         return grad_norms(state.grouping).total
 
     def _log(

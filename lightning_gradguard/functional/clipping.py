@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -156,6 +157,12 @@ def clip_by_value_(grads: Sequence[Tensor], clip_value: float) -> None:
     torch._foreach_clamp_max_(locals_, clip_value)
 
 
+def _norm_dtype(tensor: Tensor) -> torch.dtype | None:
+    # float32 accumulation (half precision is upcast): a float64 norm on CPU copies the
+    # whole tensor first, and AGC's decision needs no more than float32 precision.
+    return torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else None
+
+
 def _unitwise_norms(stacked: Tensor) -> Tensor:
     """Norms of a stack of same-shaped tensors ``(n, *shape)``, unit-wise for matrices.
 
@@ -163,17 +170,164 @@ def _unitwise_norms(stacked: Tensor) -> Tensor:
     and scalars (one norm per tensor), ``(n, units, 1, ...)`` otherwise.
     """
     dims = tuple(range(1, stacked.dim())) if stacked.dim() <= 2 else tuple(range(2, stacked.dim()))
-    # float32 accumulation (half precision is upcast): a float64 norm on CPU copies the
-    # whole tensor first, and AGC's decision needs no more than float32 precision.
-    dtype = torch.float32 if stacked.dtype in (torch.float16, torch.bfloat16) else None
     if not dims:  # a stack of scalars
         return stacked.abs().float()
-    return torch.linalg.vector_norm(stacked, dim=dims, keepdim=True, dtype=dtype)
+    return torch.linalg.vector_norm(stacked, dim=dims, keepdim=True, dtype=_norm_dtype(stacked))
+
+
+def _unit_norms_of(tensor: Tensor) -> Tensor:
+    """The unit norms of one tensor, flat: one per row (output unit), or one for a vector."""
+    if tensor.dim() <= 1:
+        return torch.linalg.vector_norm(tensor, dtype=_norm_dtype(tensor)).view(1)
+    dims = tuple(range(1, tensor.dim()))
+    return torch.linalg.vector_norm(tensor, dim=dims, dtype=_norm_dtype(tensor))
 
 
 STACK_LIMIT = 1 << 16
 """Same-shaped tensors up to this many elements are stacked for one AGC pass; larger ones
 are processed one by one (stacking them would only copy)."""
+
+
+@dataclass
+class AGCPlan:
+    """AGC's decisions for one step, made before any gradient is touched.
+
+    :func:`agc_plan` makes it; :meth:`apply_` scales the gradients. In between,
+    :attr:`clips` says which batches have a unit to clip: a caller that reads flags
+    to the host anyway (to decide whether to skip the step) can read these with
+    them and leave the other batches alone. Scaling a batch where nothing clips
+    multiplies by exactly 1, so leaving it alone changes no value.
+
+    Attributes:
+        grads: the local gradients, one list per batch (tensors of one shape,
+            stacked for the norms, or one large tensor).
+        shapes: per batch, the shape its scales take to broadcast against the
+            stacked gradients: ``(n, units, 1, ...)``, or ``(n,)`` for vectors.
+        unit_norms: the gradient norm of every unit of every batch, flat.
+        scale: the factor of every unit, flat, aligned with ``unit_norms``; 1 where
+            the unit is small enough.
+        local: whether every tensor is a plain (unsharded) tensor, so that
+            :meth:`grad_norm` and :meth:`clipped_norm` are the global norms.
+    """
+
+    grads: list[list[Tensor]]
+    shapes: list[tuple[int, ...]]
+    unit_norms: Tensor
+    scale: Tensor
+    local: bool
+
+    @property
+    def clips(self) -> Tensor:
+        """A bool vector: does batch ``i`` have a unit to clip (device tensor, no sync)."""
+        smallest = [
+            piece.amin() if piece.numel() else torch.ones((), device=piece.device)
+            for piece in self._pieces()  # an empty shard has nothing to scale
+        ]
+        if not smallest:
+            return torch.zeros(0, dtype=torch.bool, device=self.scale.device)
+        return torch.stack(smallest) < 1
+
+    def grad_norm(self) -> Tensor:
+        """The 2-norm of all the gradients, from the unit norms (no pass over them).
+
+        Only global when :attr:`local`; under sharding it is this rank's part.
+        """
+        return self.unit_norms.double().square().sum().sqrt()
+
+    def clipped_norm(self) -> Tensor:
+        """The 2-norm the gradients have once :meth:`apply_` has run (no pass)."""
+        return (self.unit_norms.double() * self.scale).square().sum().sqrt()
+
+    def apply_(self, batches: Sequence[bool] | None = None) -> None:
+        """Scale the gradients in place: every batch, or those where ``batches`` is true."""
+        for i, (grads, shape, piece) in enumerate(zip(self.grads, self.shapes, self._pieces())):
+            if batches is None or batches[i]:
+                factors = piece.view(shape).to(grads[0].dtype).unbind(0)
+                torch._foreach_mul_(grads, list(factors))
+
+    def _pieces(self) -> tuple[Tensor, ...]:
+        return self.scale.split([math.prod(shape) for shape in self.shapes])
+
+
+@torch.no_grad()
+def agc_plan(
+    parameters: Sequence[Tensor], clipping: float = 0.01, eps: float = 1e-3, grad_eps: float = 1e-6
+) -> AGCPlan:
+    """Unit-wise adaptive gradient clipping, decided but not applied: see :func:`agc_`.
+
+    One pass over the weights and one over the gradients (their unit norms). The
+    returned plan gives the gradients' total norm at no further cost, and can
+    scale only the batches that need it.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(2, 2))
+        >>> w.grad = torch.tensor([[1.0, 0.0], [0.0, 0.001]])
+        >>> plan = agc_plan([w], clipping=0.01)
+        >>> plan.clips  # row 0 (norm 1 > 0.01·√2) clips
+        tensor([True])
+        >>> round(float(plan.grad_norm()), 6)
+        1.0
+        >>> plan.apply_()
+        >>> w.grad
+        tensor([[0.0141, 0.0000],
+                [0.0000, 0.0010]])
+    """
+    _check_positive(clipping, "clipping", "agc_")
+    _check_positive(eps, "eps", "agc_")
+    pairs = [(p.detach(), p.grad) for p in parameters if p.grad is not None]
+    if not pairs:
+        empty = torch.zeros(0)
+        return AGCPlan(grads=[], shapes=[], unit_norms=empty, scale=empty, local=True)
+    weights, weight_keys = local_tensors([w for w, _ in pairs])
+    grads, _ = local_tensors([g for _, g in pairs])
+    device = grads[0].device
+    batch_grads: list[list[Tensor]] = []
+    shapes: list[tuple[int, ...]] = []
+    w_norms: list[Tensor] = []
+    g_norms: list[Tensor] = []
+
+    def add(members: list[Tensor], shape: tuple[int, ...], w_norm: Tensor, g_norm: Tensor) -> None:
+        batch_grads.append(members)
+        shapes.append(shape)
+        w_norms.append(w_norm.flatten().to(device))
+        g_norms.append(g_norm.flatten().to(device))
+
+    sharded_vectors = [
+        i for i, (w, k) in enumerate(zip(weights, weight_keys)) if k and w.dim() <= 1
+    ]
+    if sharded_vectors:  # whole-tensor norms of vectors split across ranks: one reduction
+        from lightning_gradguard.functional.norms import grouped_norms
+
+        index = torch.arange(len(sharded_vectors))
+        w_norm = grouped_norms([pairs[i][0] for i in sharded_vectors], index, len(index)).groups
+        g_norm = grouped_norms([pairs[i][1] for i in sharded_vectors], index, len(index)).groups
+        add([grads[i] for i in sharded_vectors], (len(index),), w_norm, g_norm)
+    done = set(sharded_vectors)
+    by_shape: dict[tuple[Any, ...], list[int]] = {}
+    for i, g in enumerate(grads):
+        if i not in done:
+            by_shape.setdefault((tuple(g.shape), g.dtype, g.device), []).append(i)
+    for indices in by_shape.values():
+        if len(indices) > 1 and grads[indices[0]].numel() <= STACK_LIMIT:
+            w_stacked = _unitwise_norms(torch.stack([weights[i] for i in indices]))
+            g_stacked = _unitwise_norms(torch.stack([grads[i] for i in indices]))
+            add([grads[i] for i in indices], tuple(g_stacked.shape), w_stacked, g_stacked)
+            continue
+        for i in indices:  # large tensors one by one: stacking them would only copy
+            g_norm = _unit_norms_of(grads[i])
+            shape = (1, g_norm.numel(), *([1] * (grads[i].dim() - 1)))
+            add(
+                [grads[i]],
+                shape if grads[i].dim() > 1 else (1,),
+                _unit_norms_of(weights[i]),
+                g_norm,
+            )
+    w_all, g_all = torch.cat(w_norms), torch.cat(g_norms)
+    max_norm = w_all.clamp_min(eps) * clipping
+    # Scale only where the unit is too large, as timm does: with clipping·eps < grad_eps
+    # a min(1, max_norm / max(‖G‖, grad_eps)) would also shrink units already small enough.
+    scale = torch.where(g_all > max_norm, max_norm / g_all.clamp_min(grad_eps), 1.0)
+    return AGCPlan(batch_grads, shapes, g_all, scale, local=not any(weight_keys))
 
 
 @torch.no_grad()
@@ -188,8 +342,10 @@ def agc_(
     lets a zero-initialized weight still move. The classifier layer is usually
     left out: pass only the parameters to clip.
 
-    Tensors of the same shape are processed together (one stacked pass per
+    Small tensors of the same shape are processed together (one stacked pass per
     shape), so a model of many equal layers costs a few kernels, not a loop.
+    :func:`agc_plan` decides without applying, for callers that scale only where
+    something clips.
 
     Example:
         >>> w = torch.nn.Parameter(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
@@ -199,59 +355,4 @@ def agc_(
         tensor([[1.0000e-02, 0.0000e+00],
                 [0.0000e+00, 1.0000e-05]])
     """
-    _check_positive(clipping, "clipping", "agc_")
-    _check_positive(eps, "eps", "agc_")
-    pairs = [(p.detach(), p.grad) for p in parameters if p.grad is not None]
-    if not pairs:
-        return
-    weights, weight_keys = local_tensors([w for w, _ in pairs])
-    grads, _ = local_tensors([g for _, g in pairs])
-    sharded_vectors = [
-        i for i, (w, k) in enumerate(zip(weights, weight_keys)) if k and w.dim() <= 1
-    ]
-    if sharded_vectors:
-        _agc_sharded_vectors(pairs, sharded_vectors, clipping, eps, grad_eps)
-    done = set(sharded_vectors)
-    by_shape: dict[tuple[Any, ...], list[int]] = {}
-    for i, g in enumerate(grads):
-        if i not in done:
-            by_shape.setdefault((tuple(g.shape), g.dtype, g.device), []).append(i)
-    batches: list[list[int]] = []
-    for indices in by_shape.values():
-        if grads[indices[0]].numel() <= STACK_LIMIT:
-            batches.append(indices)
-        else:
-            batches.extend([i] for i in indices)
-    for indices in batches:
-        group_grads = [grads[i] for i in indices]
-        if len(indices) == 1:
-            w_norm = _unitwise_norms(weights[indices[0]].unsqueeze(0))
-            g_norm = _unitwise_norms(group_grads[0].unsqueeze(0))
-        else:
-            w_norm = _unitwise_norms(torch.stack([weights[i] for i in indices]))
-            g_norm = _unitwise_norms(torch.stack(group_grads))
-        max_norm = w_norm.clamp_min(eps) * clipping
-        # Scale only where the unit is too large, as timm does: with clipping·eps < grad_eps
-        # a min(1, max_norm / max(‖G‖, grad_eps)) would also shrink units already small enough.
-        scale = torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(grad_eps), 1.0)
-        scale = scale.to(group_grads[0].dtype)
-        torch._foreach_mul_(group_grads, list(scale.unbind(0)))
-
-
-def _agc_sharded_vectors(
-    pairs: list[tuple[Tensor, Tensor]],
-    indices: list[int],
-    clipping: float,
-    eps: float,
-    grad_eps: float,
-) -> None:
-    """AGC for 1-D parameters split across ranks: whole-tensor norms need one reduction."""
-    from lightning_gradguard.functional.norms import grouped_norms
-
-    index = torch.arange(len(indices))
-    w_norm = grouped_norms([pairs[i][0] for i in indices], index, len(indices)).groups
-    g_norm = grouped_norms([pairs[i][1] for i in indices], index, len(indices)).groups
-    max_norm = w_norm.clamp_min(eps) * clipping
-    scale = torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(grad_eps), 1.0)
-    locals_, _ = local_tensors([pairs[i][1] for i in indices])
-    torch._foreach_mul_(locals_, list(scale.to(locals_[0].dtype).unbind(0)))
+    agc_plan(parameters, clipping, eps, grad_eps).apply_()

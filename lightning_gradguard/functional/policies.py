@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,14 +24,56 @@ from torch import Tensor
 
 from lightning_gradguard.functional.clipping import (
     CLIP_EPS,
+    AGCPlan,
     _check_count,
     _check_fraction,
     _check_positive,
-    agc_,
-    clip_by_norm_,
+    agc_plan,
     clip_by_value_,
     clip_coefficients,
+    scale_,
 )
+
+
+@dataclass
+class ClipDecision:
+    """What a policy decided for one step, before any gradient is changed.
+
+    Attributes:
+        threshold: the threshold(s), a device tensor shaped like the norm.
+        coef: the clip coefficient(s), 1 where nothing clips (NaN for policies
+            that do not scale by a norm: value clipping, AGC).
+        needs_scaling: a bool vector on the device, one entry per part of the
+            work :meth:`apply_` would do; false where it would change nothing. A
+            caller that reads flags to the host anyway can read these with them
+            and pass them back to :meth:`apply_`, to skip the passes that would
+            change nothing.
+        scale: the in-place clipping, all in one (or ``None``: nothing to do).
+        scale_parts: the clipping part by part, given which parts to do; for
+            policies whose ``needs_scaling`` has several entries.
+
+    Example:
+        >>> g = torch.tensor([3.0, 4.0])
+        >>> decision = FixedNorm(1.0).decide([g], [g], torch.tensor(5.0))
+        >>> decision.needs_scaling, decision.coef
+        (tensor([True]), tensor(0.2000))
+        >>> decision.apply_([True])
+        >>> g
+        tensor([0.6000, 0.8000])
+    """
+
+    threshold: Tensor
+    coef: Tensor
+    needs_scaling: Tensor
+    scale: Callable[[], None] | None
+    scale_parts: Callable[[Sequence[bool] | None], None] | None = None
+
+    def apply_(self, parts: Sequence[bool] | None = None) -> None:
+        """Clip in place: everything, or only the parts flagged in ``parts``."""
+        if self.scale_parts is not None:
+            self.scale_parts(parts)
+        elif self.scale is not None and (parts is None or any(parts)):
+            self.scale()
 
 
 class ClipPolicy:
@@ -48,6 +91,40 @@ class ClipPolicy:
         """Return the threshold for ``norm`` and update the state. Device ops only."""
         raise NotImplementedError
 
+    def prepare(self, parameters: Sequence[Tensor]) -> Any:
+        """Work on the gradients that does not need the norm, done before it is known.
+
+        Most policies need none and return ``None``. :class:`AGC` measures its
+        units here, which also gives the total gradient norm without another pass.
+        """
+        return None
+
+    def decide(
+        self,
+        parameters: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        norm: Tensor,
+        group_index: Tensor | None = None,
+        prepared: Any = None,
+    ) -> ClipDecision:
+        """Decide how to clip, given the precomputed ``norm``(s); change nothing yet.
+
+        Args:
+            parameters: the parameters whose gradients are ``grads``.
+            grads: their gradients.
+            norm: the global norm (scalar) or one norm per group.
+            group_index: the group of every gradient when ``norm`` is per group.
+            prepared: what :meth:`prepare` returned for these parameters, if called.
+
+        Returns:
+            A :class:`ClipDecision`; its :meth:`~ClipDecision.apply_` clips.
+        """
+        threshold = self.threshold(norm)
+        coef = clip_coefficients(threshold, norm)
+        return ClipDecision(
+            threshold, coef, (coef < 1).any().view(1), lambda: scale_(grads, coef, group_index)
+        )
+
     def clip_(
         self,
         parameters: Sequence[Tensor],
@@ -60,9 +137,9 @@ class ClipPolicy:
         Returns:
             ``(threshold, coefficient)`` as device tensors.
         """
-        threshold = self.threshold(norm)
-        coef = clip_by_norm_(grads, threshold, norm, group_index)
-        return threshold, coef
+        decision = self.decide(parameters, grads, norm, group_index)
+        decision.apply_()
+        return decision.threshold, decision.coef
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments (for logging and state keys)."""
@@ -130,14 +207,16 @@ class NoClip(ClipPolicy):
     def threshold(self, norm: Tensor) -> Tensor:
         return torch.full_like(norm, math.inf)
 
-    def clip_(
+    def decide(
         self,
         parameters: Sequence[Tensor],
         grads: Sequence[Tensor],
         norm: Tensor,
         group_index: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        return self.threshold(norm), torch.ones_like(norm)
+        prepared: Any = None,
+    ) -> ClipDecision:
+        nothing = torch.zeros(1, dtype=torch.bool, device=norm.device)
+        return ClipDecision(self.threshold(norm), torch.ones_like(norm), nothing, None)
 
 
 class FixedValue(ClipPolicy):
@@ -155,15 +234,21 @@ class FixedValue(ClipPolicy):
     def threshold(self, norm: Tensor) -> Tensor:
         return torch.full_like(norm, self.clip_value)
 
-    def clip_(
+    def decide(
         self,
         parameters: Sequence[Tensor],
         grads: Sequence[Tensor],
         norm: Tensor,
         group_index: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        clip_by_value_(grads, self.clip_value)
-        return self.threshold(norm), torch.full_like(norm, math.nan)
+        prepared: Any = None,
+    ) -> ClipDecision:
+        always = torch.ones(1, dtype=torch.bool, device=norm.device)
+        return ClipDecision(
+            self.threshold(norm),
+            torch.full_like(norm, math.nan),
+            always,
+            lambda: clip_by_value_(grads, self.clip_value),
+        )
 
     def config(self) -> dict[str, Any]:
         return {"clip_value": self.clip_value}
@@ -187,15 +272,22 @@ class AGC(ClipPolicy):
     def threshold(self, norm: Tensor) -> Tensor:
         return torch.full_like(norm, self.clipping)
 
-    def clip_(
+    def prepare(self, parameters: Sequence[Tensor]) -> AGCPlan:
+        """The unit norms of weights and gradients, and the scales (see :func:`agc_plan`)."""
+        return agc_plan(parameters, self.clipping, self.eps)
+
+    def decide(
         self,
         parameters: Sequence[Tensor],
         grads: Sequence[Tensor],
         norm: Tensor,
         group_index: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        agc_(parameters, self.clipping, self.eps)
-        return self.threshold(norm), torch.full_like(norm, math.nan)
+        prepared: Any = None,
+    ) -> ClipDecision:
+        plan = prepared if isinstance(prepared, AGCPlan) else self.prepare(parameters)
+        return ClipDecision(
+            self.threshold(norm), torch.full_like(norm, math.nan), plan.clips, None, plan.apply_
+        )
 
     def config(self) -> dict[str, Any]:
         return {"clipping": self.clipping, "eps": self.eps}
