@@ -418,6 +418,16 @@ def _lightning_clip(ctx: BenchContext) -> VariantSetup:
     return VariantSetup(trainer_kwargs={"gradient_clip_val": 1.0})
 
 
+def _norm_pass_floor(ctx: BenchContext) -> VariantSetup:
+    """One fused norm over all gradients, nothing else: what every norm-based clipper
+    (and every monitor) must at least do, so the lowest ratio any of them can reach."""
+
+    def hook(module: BenchModule, optimizer: Any) -> None:
+        torch._foreach_norm([p.grad for p in module.parameters() if p.grad is not None])
+
+    return VariantSetup(before_optimizer_step=[hook])
+
+
 def _import_error(module: str, install: str) -> Callable[[], str | None]:
     def check() -> str | None:
         try:
@@ -585,6 +595,9 @@ VARIANTS: dict[str, Variant] = {
     ),
     "lightning_clip": Variant(
         "Trainer(gradient_clip_val=1.0)", _lightning_clip, "clipping baselines"
+    ),
+    "norm_floor": Variant(
+        "one _foreach_norm over the gradients (the floor)", _norm_pass_floor, "clipping baselines"
     ),
     "zclip_pkg": Variant(
         "zclip ZClipLightningCallback",

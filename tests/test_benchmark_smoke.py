@@ -30,6 +30,7 @@ DEFAULT_VARIANTS = {
     "clip_agc": "AdaptiveGradClip agc",
     "clip_zclip_log1": "AdaptiveGradClip zclip, logging every step",
     "lightning_clip": "Trainer(gradient_clip_val=1.0)",
+    "norm_floor": "one _foreach_norm over the gradients (the floor)",
     "zclip_pkg": "zclip ZClipLightningCallback",
     "smartclip_autoclip": "smartclip AutoClip",
     "timm_agc": "timm adaptive_clip_grad",
