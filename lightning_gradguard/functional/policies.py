@@ -2,7 +2,9 @@
 
 Every norm-based policy maps the current norm (a scalar for global clipping, or
 one norm per layer) to a threshold of the same shape and updates its state,
-using device operations only. :meth:`ClipPolicy.clip_` applies it in place.
+using device operations only. :meth:`ClipPolicy.clip_` applies it in place;
+:meth:`ClipPolicy.decide` decides first and says which passes of the clipping
+would change anything, for callers that read that to the host anyway.
 
 Example:
     >>> import torch
