@@ -32,12 +32,10 @@ def to_host(values: Mapping[str, Tensor]) -> dict[str, list[float]]:
     """
     if not values:
         return {}
-    flat = [v.detach().reshape(-1) for v in values.values()]
-    device = flat[0].device
-    if any(t.device != device for t in flat):
+    flat = [v.detach().reshape(-1).to(torch.float64) for v in values.values()]
+    devices = {t.device for t in flat}
+    if len(devices) > 1:
         flat = [t.cpu() for t in flat]
-    # torch.cat promotes every dtype (bool, int, float) to float64 with the first one.
-    flat[0] = flat[0].to(torch.float64)
     host = torch.cat(flat).cpu().tolist()  # the one device-to-host transfer
     out: dict[str, list[float]] = {}
     offset = 0
