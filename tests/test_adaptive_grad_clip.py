@@ -12,10 +12,11 @@ import pytorch_lightning as pl
 import torch
 from distributed_helpers import reference_agc_
 from helpers import CaptureLogger, TinyMLP, quiet_trainer_kwargs
+from torch.overrides import TorchFunctionMode
 
 import lightning_gradguard.callbacks.adaptive_grad_clip as clip_module
 from lightning_gradguard import AdaptiveGradClip, GradNormMonitor
-from lightning_gradguard.functional import FixedNorm, ZClip
+from lightning_gradguard.functional import AGC, FixedNorm, ZClip
 
 
 class _Recording(TinyMLP):
@@ -330,35 +331,57 @@ def test_deepspeed_is_refused_at_setup_with_what_to_do() -> None:
         AdaptiveGradClip(policy="norm").setup(trainer, None, "fit")
 
 
+class _CountTensorsPassed(TorchFunctionMode):
+    """Counts the calls of some torch functions, and the tensors handed to them."""
+
+    def __init__(self, *funcs: Any) -> None:
+        super().__init__()
+        self.calls = dict.fromkeys(funcs, 0)
+        self.tensors = dict.fromkeys(funcs, 0)
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+        if func in self.calls:
+            self.calls[func] += 1
+            self.tensors[func] += len(args[0]) if isinstance(args[0], (list, tuple)) else 1
+        return func(*args, **(kwargs or {}))
+
+
+class _CountDuringTraining(pl.Callback):
+    """Keeps a :class:`_CountTensorsPassed` active from the start to the end of training."""
+
+    def __init__(self, *funcs: Any) -> None:
+        self.counter = _CountTensorsPassed(*funcs)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.counter.__enter__()
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self.counter.__exit__(None, None, None)
+
+
+class _PlainSGD(_Recording):
+    """SGD without momentum: the optimizer itself never calls ``_foreach_mul_``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights: list[list[torch.Tensor]] = []
+
+    def on_after_backward(self) -> None:
+        super().on_after_backward()
+        self.weights.append([p.detach().clone() for p in self.parameters()])
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
 @pytest.mark.parametrize(("max_norm", "scaling_passes"), [(1e9, 0), (1e-9, 6)])
 def test_gradients_are_scaled_only_on_steps_that_clip(max_norm: float, scaling_passes: int) -> None:
-    from torch.overrides import TorchFunctionMode
-
-    class CountScaling(TorchFunctionMode):
-        calls = 0
-
-        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
-            if func is torch._foreach_mul_:
-                CountScaling.calls += 1
-            return func(*args, **(kwargs or {}))
-
-    class Observe(pl.Callback):
-        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            self.mode = CountScaling()
-            self.mode.__enter__()
-
-        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-            self.mode.__exit__(None, None, None)
-
-    class PlainSGD(_Recording):
-        def configure_optimizers(self) -> Any:
-            return torch.optim.SGD(self.parameters(), lr=0.01)
-
     torch.manual_seed(0)
-    model = PlainSGD()
+    model = _PlainSGD()
+    count = _CountDuringTraining(torch._foreach_mul_)
     clipper = AdaptiveGradClip(policy=FixedNorm(max_norm), log_every_n_steps=100)
-    _fit(model, [Observe(), clipper], steps=6)
-    assert CountScaling.calls == scaling_passes  # SGD without momentum scales nothing itself
+    _fit(model, [count, clipper], steps=6)
+    assert count.counter.calls[torch._foreach_mul_] == scaling_passes
     for raw, used in zip(model.raw, model.used):
         total = torch.linalg.vector_norm(torch.stack([g.norm() for g in raw]))
         coef = min(1.0, max_norm / (float(total) + 1e-6))
@@ -370,47 +393,14 @@ def test_gradients_are_scaled_only_on_steps_that_clip(max_norm: float, scaling_p
 def test_agc_reads_the_gradients_once_and_scales_only_what_clips(
     clipping: float, scaled_tensors: int
 ) -> None:
-    from torch.overrides import TorchFunctionMode
-
-    from lightning_gradguard.functional import AGC
-
-    class Count(TorchFunctionMode):
-        scaled = 0
-        norm_passes = 0
-
-        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
-            if func is torch._foreach_mul_:
-                Count.scaled += len(args[0])
-            if func is torch._foreach_norm:  # a whole-tensor norm pass besides AGC's
-                Count.norm_passes += 1
-            return func(*args, **(kwargs or {}))
-
-    class Observe(pl.Callback):
-        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            self.mode = Count()
-            self.mode.__enter__()
-
-        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-            self.mode.__exit__(None, None, None)
-
-    class PlainSGD(_Recording):
-        def __init__(self) -> None:
-            super().__init__()
-            self.weights: list[list[torch.Tensor]] = []
-
-        def on_after_backward(self) -> None:
-            super().on_after_backward()
-            self.weights.append([p.detach().clone() for p in self.parameters()])
-
-        def configure_optimizers(self) -> Any:
-            return torch.optim.SGD(self.parameters(), lr=0.01)
-
     torch.manual_seed(0)
-    model = PlainSGD()
+    model = _PlainSGD()
+    count = _CountDuringTraining(torch._foreach_mul_, torch._foreach_norm)
     clipper = AdaptiveGradClip(policy=AGC(clipping=clipping), log_every_n_steps=100)
-    _fit(model, [Observe(), clipper], steps=6)
-    assert Count.scaled == scaled_tensors  # 6 steps x 6 tensors, or none
-    assert Count.norm_passes == 0  # the total norm (for skipping) comes from AGC's units
+    _fit(model, [count, clipper], steps=6)
+    assert count.counter.tensors[torch._foreach_mul_] == scaled_tensors  # 6 steps x 6, or none
+    # The total norm (for skipping) comes from AGC's unit norms: no whole-tensor pass.
+    assert count.counter.calls[torch._foreach_norm] == 0
     names = [n for n, _ in model.named_parameters()]
     assert len(model.used) == 6
     for weights, raw, used in zip(model.weights, model.raw, model.used):
