@@ -410,7 +410,7 @@ class AdaptiveGradClip(Callback):
             # passes of the clipping would change anything, and only those run (on most
             # steps of a healthy run, none).
             flags = torch.cat(
-                [skip.view(1), nonfinite.view(1), decision.needs_scaling.to(skip.device)]
+                [skip.view(1), nonfinite.view(1), decision.needs_scaling().to(skip.device)]
             ).tolist()
             state.skip_flag, state.nonfinite_flag = flags[0], flags[1]
             if not flags[0]:

@@ -45,19 +45,15 @@ class ClipDecision:
         threshold: the threshold(s), a device tensor shaped like the norm.
         coef: the clip coefficient(s), 1 where nothing clips (NaN for policies
             that do not scale by a norm: value clipping, AGC).
-        needs_scaling: a bool vector on the device, one entry per part of the
-            work :meth:`apply_` would do; false where it would change nothing. A
-            caller that reads flags to the host anyway can read these with them
-            and pass them back to :meth:`apply_`, to skip the passes that would
-            change nothing.
+        needs: computes :meth:`needs_scaling`, only when a caller asks.
         scale: the in-place clipping, all in one (or ``None``: nothing to do).
         scale_parts: the clipping part by part, given which parts to do; for
-            policies whose ``needs_scaling`` has several entries.
+            policies whose :meth:`needs_scaling` has several entries.
 
     Example:
         >>> g = torch.tensor([3.0, 4.0])
         >>> decision = FixedNorm(1.0).decide([g], [g], torch.tensor(5.0))
-        >>> decision.needs_scaling, decision.coef
+        >>> decision.needs_scaling(), decision.coef
         (tensor([True]), tensor(0.2000))
         >>> decision.apply_([True])
         >>> g
@@ -66,9 +62,18 @@ class ClipDecision:
 
     threshold: Tensor
     coef: Tensor
-    needs_scaling: Tensor
+    needs: Callable[[], Tensor]
     scale: Callable[[], None] | None
     scale_parts: Callable[[Sequence[bool] | None], None] | None = None
+
+    def needs_scaling(self) -> Tensor:
+        """Which parts of :meth:`apply_` would change anything: a bool vector on the device.
+
+        One entry per part, false where it would change nothing. A caller that reads
+        flags to the host anyway can read these with them and pass them back to
+        :meth:`apply_`, to skip the passes that would change nothing.
+        """
+        return self.needs()
 
     def apply_(self, parts: Sequence[bool] | None = None) -> None:
         """Clip in place: everything, or only the parts flagged in ``parts``."""
@@ -124,7 +129,10 @@ class ClipPolicy:
         threshold = self.threshold(norm)
         coef = clip_coefficients(threshold, norm)
         return ClipDecision(
-            threshold, coef, (coef < 1).any().view(1), lambda: scale_(grads, coef, group_index)
+            threshold,
+            coef,
+            lambda: (coef < 1).any().view(1),
+            lambda: scale_(grads, coef, group_index),
         )
 
     def clip_(
@@ -217,7 +225,9 @@ class NoClip(ClipPolicy):
         group_index: Tensor | None = None,
         prepared: Any = None,
     ) -> ClipDecision:
-        nothing = torch.zeros(1, dtype=torch.bool, device=norm.device)
+        def nothing() -> Tensor:
+            return torch.zeros(1, dtype=torch.bool, device=norm.device)
+
         return ClipDecision(self.threshold(norm), torch.ones_like(norm), nothing, None)
 
 
@@ -244,7 +254,9 @@ class FixedValue(ClipPolicy):
         group_index: Tensor | None = None,
         prepared: Any = None,
     ) -> ClipDecision:
-        always = torch.ones(1, dtype=torch.bool, device=norm.device)
+        def always() -> Tensor:
+            return torch.ones(1, dtype=torch.bool, device=norm.device)
+
         return ClipDecision(
             self.threshold(norm),
             torch.full_like(norm, math.nan),
@@ -288,7 +300,11 @@ class AGC(ClipPolicy):
     ) -> ClipDecision:
         plan = prepared if isinstance(prepared, AGCPlan) else self.prepare(parameters)
         return ClipDecision(
-            self.threshold(norm), torch.full_like(norm, math.nan), plan.clips, None, plan.apply_
+            self.threshold(norm),
+            torch.full_like(norm, math.nan),
+            lambda: plan.clips,
+            None,
+            plan.apply_,
         )
 
     def config(self) -> dict[str, Any]:
