@@ -33,6 +33,7 @@ from lightning_gradguard.functional.policies import (
     FixedNorm,
     FixedValue,
     ZClip,
+    clip_with_policy_,
     make_policy,
 )
 
@@ -336,6 +337,29 @@ def test_agc_plan_decides_first_and_scales_only_what_clips() -> None:
     assert [p.grad._version - v for p, v in zip(mine, versions)] == [0, 1, 0]
     clipped_total = torch.nn.utils.get_total_norm([q.grad for q in theirs])
     torch.testing.assert_close(plan.clipped_norm(), clipped_total, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("grad_scale", [None, 1024.0])
+def test_clip_with_policy_agc_matches_reference_and_reports_the_raw_norm(
+    grad_scale: float | None,
+) -> None:
+    mine = _agc_model(F64)
+    theirs = _agc_model(F64)
+    expected_norm = torch.nn.utils.get_total_norm([p.grad for p in theirs if p.grad is not None])
+    _reference_agc(theirs, 0.05, eps=1e-3)
+    scale = None
+    if grad_scale is not None:  # gradients still carry an AMP loss scale (a power of two)
+        scale = torch.tensor(grad_scale, dtype=F64)
+        for p in mine:
+            if p.grad is not None:
+                p.grad.mul_(grad_scale)
+    norm, _, _ = clip_with_policy_(AGC(clipping=0.05), mine, grad_scale=scale)
+    torch.testing.assert_close(norm, expected_norm, rtol=1e-12, atol=0)
+    for p, q in zip(mine, theirs):
+        if q.grad is None:
+            continue
+        got = p.grad if grad_scale is None else p.grad / grad_scale
+        torch.testing.assert_close(got, q.grad, rtol=1e-12, atol=0)
 
 
 def test_agc_skips_parameters_without_grad() -> None:

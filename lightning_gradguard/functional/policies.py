@@ -46,9 +46,8 @@ class ClipDecision:
         coef: the clip coefficient(s), 1 where nothing clips (NaN for policies
             that do not scale by a norm: value clipping, AGC).
         needs: computes :meth:`needs_scaling`, only when a caller asks.
-        scale: the in-place clipping, all in one (or ``None``: nothing to do).
-        scale_parts: the clipping part by part, given which parts to do; for
-            policies whose :meth:`needs_scaling` has several entries.
+        scale: the in-place clipping, given which parts to do (``None``: all of
+            them); ``None`` when there is never anything to do.
 
     Example:
         >>> g = torch.tensor([3.0, 4.0])
@@ -63,8 +62,7 @@ class ClipDecision:
     threshold: Tensor
     coef: Tensor
     needs: Callable[[], Tensor]
-    scale: Callable[[], None] | None
-    scale_parts: Callable[[Sequence[bool] | None], None] | None = None
+    scale: Callable[[Sequence[bool] | None], None] | None
 
     def needs_scaling(self) -> Tensor:
         """Which parts of :meth:`apply_` would change anything: a bool vector on the device.
@@ -77,10 +75,8 @@ class ClipDecision:
 
     def apply_(self, parts: Sequence[bool] | None = None) -> None:
         """Clip in place: everything, or only the parts flagged in ``parts``."""
-        if self.scale_parts is not None:
-            self.scale_parts(parts)
-        elif self.scale is not None and (parts is None or any(parts)):
-            self.scale()
+        if self.scale is not None and (parts is None or any(parts)):
+            self.scale(parts)
 
 
 class ClipPolicy:
@@ -132,7 +128,7 @@ class ClipPolicy:
             threshold,
             coef,
             lambda: (coef < 1).any().view(1),
-            lambda: scale_(grads, coef, group_index),
+            lambda parts: scale_(grads, coef, group_index),
         )
 
     def clip_(
@@ -261,7 +257,7 @@ class FixedValue(ClipPolicy):
             self.threshold(norm),
             torch.full_like(norm, math.nan),
             always,
-            lambda: clip_by_value_(grads, self.clip_value),
+            lambda parts: clip_by_value_(grads, self.clip_value),
         )
 
     def config(self) -> dict[str, Any]:
@@ -303,7 +299,6 @@ class AGC(ClipPolicy):
             self.threshold(norm),
             torch.full_like(norm, math.nan),
             lambda: plan.clips,
-            None,
             plan.apply_,
         )
 
@@ -600,9 +595,15 @@ def clip_with_policy_(
 
         locals_, _ = local_tensors(grads)
         torch._foreach_mul_(locals_, grad_scale.reciprocal().to(locals_[0].dtype))
-    index = torch.zeros(len(grads), dtype=torch.long, device=grads[0].device)
-    norm = grouped_norms(grads, index, 1).total
-    threshold, coef = policy.clip_(params, grads, norm)
+    prepared = policy.prepare(params)
+    if isinstance(prepared, AGCPlan) and prepared.local:
+        norm = prepared.grad_norm()  # from AGC's unit norms: no second pass
+    else:
+        index = torch.zeros(len(grads), dtype=torch.long, device=grads[0].device)
+        norm = grouped_norms(grads, index, 1).total
+    decision = policy.decide(params, grads, norm, prepared=prepared)
+    decision.apply_()
+    threshold, coef = decision.threshold, decision.coef
     if grad_scale is not None:
         torch._foreach_mul_(locals_, grad_scale.to(locals_[0].dtype))
     return norm, threshold, coef
