@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -10,7 +11,10 @@ from models import resnet_tiny, tiny_gpt2, transformer_encoder
 from torch import nn
 
 from lightning_gradguard.functional import (
+    AGC,
     LayerSpec,
+    agc_,
+    clip_with_policy_,
     fan_in_and_fan_out,
     map_layers,
     register_layer,
@@ -195,3 +199,140 @@ def test_compiled_model_is_read_through() -> None:
     model = resnet_tiny()
     compiled = torch.compile(model, backend="eager")
     assert map_layers(compiled).names() == map_layers(model).names()
+
+
+# --------------------------------------------------------------------------- AGC per output unit
+
+
+def _clip_unit_(w: torch.Tensor, g: torch.Tensor, clipping: float, eps: float) -> None:
+    """The paper's rule for one unit: ‖G‖ > λ·max(‖W‖, eps) → G·λ·max(‖W‖, eps)/‖G‖."""
+    bound = clipping * max(float(w.double().norm()), eps)
+    norm = float(g.double().norm())
+    if norm > bound:
+        g.mul_(bound / max(norm, 1e-6))
+
+
+def _hand_agc_(model: nn.Module, clipping: float, eps: float) -> None:
+    """AGC written out by hand per layer type, one unit at a time (no library code).
+
+    HF Conv1D ``[in, out]``: unit j is column ``W[:, j]``. Other matrices: unit i is
+    ``W[i]`` (Linear, Conv, embedding rows, MultiheadAttention's in_proj). Vectors and
+    scalars: the whole tensor.
+    """
+    seen: set[int] = set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in seen or p.grad is None:
+                continue
+            seen.add(id(p))
+            w, g = p.detach(), p.grad
+            if p.dim() <= 1:
+                _clip_unit_(w, g, clipping, eps)
+            elif type(module).__name__ == "Conv1D" and p is module.weight:
+                for j in range(w.shape[1]):
+                    _clip_unit_(w[:, j], g[:, j], clipping, eps)
+            else:
+                for i in range(w.shape[0]):
+                    _clip_unit_(w[i], g[i], clipping, eps)
+
+
+def _gpt2_with_grads(seed: int = 0) -> nn.Module:
+    from models import gpt2_batch, gpt2_loss
+
+    model = tiny_gpt2(seed=seed)
+    gpt2_loss(model, gpt2_batch(seed=seed)).backward()
+    return model
+
+
+def _conv1d_unit_ratios(model: nn.Module, clipping: float, eps: float) -> torch.Tensor:
+    """Every Conv1D output column's ‖G[:, j]‖ / (λ·max(‖W[:, j]‖, eps)), by hand."""
+    ratios = []
+    for module in model.modules():
+        if type(module).__name__ == "Conv1D":
+            w, g = module.weight.detach().double(), module.weight.grad.double()
+            bound = clipping * w.norm(dim=0).clamp_min(eps)
+            ratios.append(g.norm(dim=0) / bound)
+    return torch.cat(ratios)
+
+
+@pytest.mark.parametrize("clipping", [0.01, 0.05])
+def test_agc_on_gpt2_clips_every_conv1d_output_unit_to_the_bound(clipping: float) -> None:
+    eps = 1e-3
+    mine, theirs = _gpt2_with_grads(), _gpt2_with_grads()
+    assert (_conv1d_unit_ratios(mine, clipping, eps) > 1.5).any()  # the premise: units clip
+    agc_(mine, clipping=clipping, eps=eps)
+    _hand_agc_(theirs, clipping, eps)
+    for (name, p), q in zip(mine.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    assert _conv1d_unit_ratios(mine, clipping, eps).max() <= 1 + 1e-5
+    # A bare parameter list is read as rows (dim 0), as documented: it cannot bound the
+    # Conv1D output columns. With the layouts of the map it can.
+    rows = _gpt2_with_grads()
+    agc_(list(rows.parameters()), clipping=clipping, eps=eps)
+    assert _conv1d_unit_ratios(rows, clipping, eps).max() > 1.5
+    listed = _gpt2_with_grads()
+    agc_(list(listed.parameters()), clipping, eps, layouts=map_layers(listed).layouts())
+    for p, q in zip(listed.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_agc_policy_bound_to_gpt2_and_clip_with_policy_match_the_hand_formula() -> None:
+    clipping, eps = 0.02, 1e-3
+    theirs = _gpt2_with_grads()
+    _hand_agc_(theirs, clipping, eps)
+    by_model = _gpt2_with_grads()
+    clip_with_policy_(AGC(clipping, eps), by_model)
+    policy = AGC(clipping, eps)
+    bound = _gpt2_with_grads()
+    policy.bind(bound)
+    clip_with_policy_(policy, list(bound.parameters()))
+    for mine in (by_model, bound):
+        for p, q in zip(mine.parameters(), theirs.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("build", [resnet_tiny, transformer_encoder])
+def test_agc_on_resnet_and_encoder_still_equals_timm(build: Callable[[], nn.Module]) -> None:
+    from distributed_helpers import reference_agc_
+    from models import image_batch, sequence_batch
+
+    def with_grads() -> nn.Module:
+        model = build()
+        x, y = image_batch() if build is resnet_tiny else sequence_batch()
+        (nn.functional.cross_entropy(model(x), y) * 100).backward()
+        return model
+
+    mine, theirs = with_grads(), with_grads()
+    agc_(mine, clipping=0.01)
+    reference_agc_(list(theirs.parameters()), clipping=0.01, eps=1e-3)
+    changed = 0
+    for p, q, r in zip(mine.parameters(), theirs.parameters(), with_grads().parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+        changed += int(not torch.equal(p.grad, r.grad))
+    assert changed > 0
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_agc_on_grouped_conv_transpose_clips_output_channels(groups: int) -> None:
+    torch.manual_seed(1)
+    conv = nn.ConvTranspose2d(6, 9, 3, groups=groups)
+    conv(torch.randn(2, 6, 5, 5)).pow(2).sum().backward()
+    w, g0 = conv.weight.detach().clone(), conv.weight.grad.clone()
+    agc_(conv, clipping=0.01)
+    ipg, opg = 6 // groups, 9 // groups
+    expected = g0.clone()
+    for c in range(9):
+        k, j = divmod(c, opg)
+        rows = slice(k * ipg, (k + 1) * ipg)
+        _clip_unit_(w[rows, j], expected[rows, j], 0.01, 1e-3)  # channel c's weights only
+    torch.testing.assert_close(conv.weight.grad, expected)
+    assert not torch.equal(expected, g0)
+
+
+def test_agc_names_layers_the_map_does_not_know() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), _Dense(4, 6))
+    model(torch.randn(5, 3)).sum().backward()
+    with pytest.warns(UserWarning, match=r"does not know \['1 \(kernel, offset\)'\]"):
+        agc_(model, clipping=0.01)
+    with pytest.raises(TypeError, match="parameters must be"):
+        agc_([model[0], model[0].weight], clipping=0.01)  # type: ignore[list-item]
