@@ -16,6 +16,8 @@ from lightning_gradguard.functional import (
     agc_,
     clip_with_policy_,
     fan_in_and_fan_out,
+    init_,
+    lsuv_,
     map_layers,
     register_layer,
     unregister_layer,
@@ -336,3 +338,183 @@ def test_agc_names_layers_the_map_does_not_know() -> None:
         agc_(model, clipping=0.01)
     with pytest.raises(TypeError, match="parameters must be"):
         agc_([model[0], model[0].weight], clipping=0.01)  # type: ignore[list-item]
+
+
+# --------------------------------------------------------------------------- init per layer
+
+
+def _std(t: torch.Tensor) -> float:
+    return float(t.detach().double().std())
+
+
+def _close(actual: float, expected: float, rel: float = 0.12) -> bool:
+    return abs(actual - expected) <= rel * expected
+
+
+class _CountDraws(torch.overrides.TorchFunctionMode):
+    """Counts the in-place random draws made on one tensor."""
+
+    def __init__(self, target: torch.Tensor) -> None:
+        super().__init__()
+        self.target, self.count = target, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if getattr(func, "__name__", "") in ("normal_", "uniform_") and args[0] is self.target:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_gpt2_scheme_scales_c_proj_and_initializes_the_tied_embedding_once() -> None:
+    n_layer, n_embd, std = 3, 64, 0.02
+    model = tiny_gpt2(n_layer=n_layer, n_embd=n_embd)
+    wte = model.transformer.wte.weight
+    with _CountDraws(wte) as draws:
+        report = init_(
+            model, "normal", std=std, residual_projections=["*.c_proj"], n_layers=n_layer
+        )
+    assert draws.count == 1  # once, as the embedding: not again through lm_head
+    assert model.lm_head.weight is wte
+    assert report.tied == {"lm_head": "transformer.wte"} and "lm_head" not in report
+    assert _close(_std(wte), std)
+    for i, block in enumerate(model.transformer.h):
+        for layer in (block.attn.c_attn, block.mlp.c_fc):
+            assert _close(_std(layer.weight), std), i
+            assert torch.count_nonzero(layer.bias) == 0
+        for layer in (block.attn.c_proj, block.mlp.c_proj):  # GPT-2: 0.02 / sqrt(2 n_layer)
+            assert _close(_std(layer.weight), std / math.sqrt(2 * n_layer)), i
+    assert set(report.skipped) == {
+        n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)
+    }
+    assert sorted(report) == sorted(
+        ["transformer.wte", "transformer.wpe"]
+        + [
+            f"transformer.h.{i}.{n}"
+            for i in range(n_layer)
+            for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+        ]
+    )
+    with pytest.raises(ValueError, match=r"\['\*\.c_prj'\] match no"):
+        init_(model, "normal", residual_projections=["*.c_prj"], n_layers=n_layer)
+
+
+def test_kaiming_on_gpt2_uses_the_conv1d_fan_in_and_the_embedding_is_a_lookup_table() -> None:
+    n_embd = 64
+    model = tiny_gpt2(n_embd=n_embd)
+    init_(model, "kaiming_normal")  # no consuming activation is inferable: relu's gain
+    block = model.transformer.h[0]
+    # Independent fans, from the config: c_fc reads n_embd inputs, mlp.c_proj 4·n_embd.
+    assert _close(_std(block.mlp.c_fc.weight), math.sqrt(2 / n_embd))
+    assert _close(_std(block.mlp.c_proj.weight), math.sqrt(2 / (4 * n_embd)))
+    assert _close(_std(block.attn.c_attn.weight), math.sqrt(2 / n_embd))
+    # nn.init would have read c_fc's [in, out] as fan_in = 4·n_embd: half that std.
+    assert not _close(_std(block.mlp.c_fc.weight), math.sqrt(2 / (4 * n_embd)))
+    # The (tied) embedding: one-hot input, linear gain, torch's own N(0, 1).
+    assert _close(_std(model.transformer.wte.weight), 1.0)
+
+
+@pytest.mark.parametrize("scheme", ["kaiming_normal", "xavier_uniform"])
+def test_resnet_init_std_per_conv_follows_the_scheme(scheme: str) -> None:
+    from models import ResNet
+
+    torch.manual_seed(0)
+    model = ResNet(layers=(1, 1), widths=(32, 64))
+    report = init_(model, scheme)
+    assert set(report.skipped) == {
+        n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
+    }
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        k = module.kernel_size[0] * module.kernel_size[1] if isinstance(module, nn.Conv2d) else 1
+        n_in = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
+        n_out = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+        # downsample.0 ends its Sequential (BN, no activation): linear gain. Layers outside
+        # a Sequential get the scheme's fallback: relu for Kaiming, linear for Glorot.
+        linear = name.endswith("downsample.0") or not scheme.startswith("kaiming")
+        gain = 1.0 if linear else math.sqrt(2)
+        if scheme == "kaiming_normal":
+            expected = gain / math.sqrt(n_in * k)
+        else:
+            expected = gain * math.sqrt(2 / (n_in * k + n_out * k))
+        assert report[name] == ("linear" if gain == 1.0 else "relu"), name
+        rel = 0.12 if module.weight.numel() >= 800 else 0.3
+        assert _close(_std(module.weight), expected, rel), (name, _std(module.weight), expected)
+
+
+def test_encoder_init_covers_the_raw_in_proj_parameter() -> None:
+    from models import EncoderClassifier
+
+    torch.manual_seed(0)
+    d = 32
+    model = EncoderClassifier(d_model=d)
+    report = init_(model, "xavier_normal")
+    for layer in model.encoder.layers:
+        attn = layer.self_attn
+        assert _close(_std(attn.in_proj_weight), math.sqrt(2 / (d + 3 * d)))
+        assert torch.count_nonzero(attn.in_proj_bias) == 0
+        assert _close(_std(attn.out_proj.weight), math.sqrt(2 / (2 * d)))
+        assert _close(_std(layer.linear1.weight), math.sqrt(2 / (d + 32)))
+    assert "encoder.layers.0.self_attn.in_proj_weight" in report
+
+
+def test_init_and_lsuv_name_the_layers_they_leave_alone() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), _Dense(4, 6))
+    with pytest.warns(UserWarning, match=r"init_: left \['1'\]"):
+        report = init_(model)
+    assert list(report) == ["0"] and "register_layer" in report.skipped["1"]
+    with pytest.warns(UserWarning, match=r"lsuv_: left \['1'\]"):
+        lsuv = lsuv_(model, torch.randn(32, 3))
+    assert list(lsuv.output_std) == ["0"] and "1" in lsuv.skipped
+
+
+def _output_stds(model: nn.Module, names: list[str], *args: torch.Tensor) -> dict[str, float]:
+    """Each named module's output std on one forward pass (eval), by forward hooks."""
+    stds: dict[str, float] = {}
+    handles = [
+        model.get_submodule(n).register_forward_hook(
+            lambda m, i, o, n=n: stds.__setitem__(n, float(o.detach().double().std()))
+        )
+        for n in names
+    ]
+    model.eval()
+    with torch.no_grad():
+        model(*args)
+    for h in handles:
+        h.remove()
+    return stds
+
+
+def test_lsuv_on_gpt2_gives_unit_variance_per_conv1d_and_names_what_it_skips() -> None:
+    from models import gpt2_batch
+
+    model = tiny_gpt2()
+    tokens = gpt2_batch(batch=8)
+    report = lsuv_(model, tokens)
+    conv1ds = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    assert sorted(report.output_std) == sorted(conv1ds)
+    assert report.not_converged == [] and report.unreached == []
+    for name, std in _output_stds(model, conv1ds, tokens).items():
+        assert abs(std - 1.0) < 0.1, name
+    skipped = set(report.skipped)
+    norms = {n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
+    assert skipped == {"transformer.wte", "transformer.wpe", "lm_head"} | norms
+    assert "transformer.wte" in report.skipped["lm_head"]
+
+
+def test_lsuv_on_the_encoder_reports_attention_projections() -> None:
+    from models import sequence_batch
+
+    model = transformer_encoder()
+    x, _ = sequence_batch(batch=16, length=8)
+    report = lsuv_(model, x)
+    ffn = [f"encoder.layers.{i}.linear{j}" for i in range(2) for j in (1, 2)]
+    assert sorted(report.output_std) == sorted([*ffn, "head"])
+    for name, std in _output_stds(model, ffn, x).items():
+        assert abs(std - 1.0) < 0.1, name
+    # MultiheadAttention uses out_proj's weight without calling the module: unreached.
+    assert report.unreached == [f"encoder.layers.{i}.self_attn.out_proj" for i in range(2)]
+    for i in range(2):
+        assert (
+            "not this weight's alone"
+            in report.skipped[f"encoder.layers.{i}.self_attn.in_proj_weight"]
+        )

@@ -482,6 +482,8 @@ def lsuv_(
             )
         else:
             layers.append(layer)
+    for holder, owner in layer_map.tied.items():
+        report.skipped[holder] = f"its weight is {owner}'s, treated there"
     _skip_unknown(layer_map, report.skipped, "lsuv_")
     if orthonormal:
         for layer in layers:
