@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from models import resnet_tiny, tiny_gpt2, transformer_encoder
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard.functional import (
     AGC,
@@ -197,10 +200,31 @@ def test_embedding_is_a_lookup_table_one_unit_per_row() -> None:
     assert math.isclose(1 / math.sqrt(layer.fan_in), 1.0)
 
 
-def test_compiled_model_is_read_through() -> None:
-    model = resnet_tiny()
+def test_compiled_gpt2_is_read_through_by_the_map_agc_init_and_lsuv() -> None:
+    from models import gpt2_batch, gpt2_loss
+
+    model = tiny_gpt2()
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = torch.compile(model, backend="eager")
     assert map_layers(compiled).names() == map_layers(model).names()
+    report = init_(compiled, "normal", residual_projections=["*.c_proj"], n_layers=2)
+    assert report.tied == {"lm_head": "transformer.wte"}
+    assert "transformer.h.0.mlp.c_fc" in report
+    gpt2_loss(model, gpt2_batch()).backward()  # the gradients: AGC reads the wrapper
+    reference = tiny_gpt2()
+    reference.load_state_dict(model.state_dict())
+    for p, q in zip(reference.parameters(), model.parameters()):
+        p.grad = q.grad.clone()
+    agc_(compiled, clipping=0.01)
+    _hand_agc_(reference, 0.01, 1e-3)
+    for p, q in zip(reference.parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad)
+    lsuv = lsuv_(compiled, gpt2_batch(batch=8))  # run eagerly: no recompile per hook
+    assert len(lsuv.output_std) == 8 and lsuv.not_converged == []
+    model.compile(backend="eager")  # compiled in place: LSUV still runs the module eagerly
+    lsuv = lsuv_(model, gpt2_batch(batch=8))
+    assert len(lsuv.output_std) == 8 and lsuv.not_converged == []
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before
 
 
 # --------------------------------------------------------------------------- AGC per output unit
@@ -518,3 +542,77 @@ def test_lsuv_on_the_encoder_reports_attention_projections() -> None:
             "not this weight's alone"
             in report.skipped[f"encoder.layers.{i}.self_attn.in_proj_weight"]
         )
+
+
+# --------------------------------------------------------------------------- callbacks on GPT-2
+
+
+class _GPT2Module(pl.LightningModule):
+    def __init__(self, n_embd: int = 64) -> None:
+        super().__init__()
+        self.model = tiny_gpt2(n_embd=n_embd)
+        self.n_embd = n_embd
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        from models import gpt2_loss
+
+        return gpt2_loss(self.model, batch[0])
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self) -> DataLoader:
+        from models import gpt2_batch
+
+        return DataLoader(TensorDataset(gpt2_batch(batch=8)), batch_size=4)
+
+
+class _Observe(pl.Callback):
+    """Reads the model where the callbacks before it have acted."""
+
+    def __init__(self) -> None:
+        self.init_std: dict[str, float] = {}
+        self.max_ratio: list[float] = []
+        self.reinit_std: list[float] = []
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        block = pl_module.model.transformer.h[0]
+        self.init_std = {
+            "c_fc": _std(block.mlp.c_fc.weight),
+            "c_proj": _std(block.mlp.c_proj.weight),
+            "wte": _std(pl_module.model.transformer.wte.weight),
+        }
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self.max_ratio.append(float(_conv1d_unit_ratios(pl_module.model, 0.01, 1e-3).max()))
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        if trainer.global_step == 1:
+            self.reinit_std.append(_std(pl_module.model.transformer.h[1].mlp.c_fc.weight))
+
+
+def test_callbacks_on_gpt2_init_clip_and_reinit_conv1d_by_output_unit() -> None:
+    from helpers import quiet_trainer_kwargs
+
+    from lightning_gradguard import AdaptiveGradClip, InitAtStart, LayerReinit
+
+    observe = _Observe()
+    module = _GPT2Module()
+    n_layer = module.model.config.n_layer
+    callbacks = [
+        InitAtStart("normal", residual_projections=["*.mlp.c_proj"], n_layers=n_layer),
+        AdaptiveGradClip(policy=AGC(clipping=0.01)),
+        LayerReinit(at_steps=[1], layers=["model.transformer.h.1.mlp.c_fc"]),
+        observe,
+    ]
+    trainer = pl.Trainer(max_steps=2, callbacks=callbacks, logger=False, **quiet_trainer_kwargs())
+    trainer.fit(module)
+    assert _close(observe.init_std["c_fc"], 0.02)
+    assert _close(observe.init_std["c_proj"], 0.02 / math.sqrt(2 * n_layer))
+    assert _close(observe.init_std["wte"], 0.02)
+    assert callbacks[0].report.tied == {"model.lm_head": "model.transformer.wte"}
+    # Every Conv1D output column of every step within λ·max(‖W_j‖, eps), by hand.
+    assert len(observe.max_ratio) == 2 and max(observe.max_ratio) <= 1 + 1e-5
+    # Re-initialized with Kaiming (relu gain) through the map: fan_in = n_embd, not 4·n_embd.
+    assert len(observe.reinit_std) == 1
+    assert _close(observe.reinit_std[0], math.sqrt(2 / module.n_embd))

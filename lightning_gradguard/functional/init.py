@@ -493,10 +493,14 @@ def lsuv_(
             if layer.bias is not None:
                 layer.bias.zero_()
 
+    # A compiled model is run eagerly here: LSUV's hooks come and go, which would make
+    # the compiled graph recompile on every change.
+    model = getattr(model, "_orig_mod", model)
+
     def call() -> Any:
         if isinstance(batch, dict):
-            return model(**batch)
-        return model(*(tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)))
+            return model._call_impl(**batch)
+        return model._call_impl(*(tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)))
 
     order: list[str] = []
     handles = []
