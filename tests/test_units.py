@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -613,3 +614,20 @@ def test_callbacks_on_gpt2_init_clip_and_reinit_conv1d_by_output_unit() -> None:
     # Re-initialized with Kaiming (relu gain) through the map: fan_in = n_embd, not 4·n_embd.
     assert len(observe.reinit_std) == 1
     assert _close(observe.reinit_std[0], math.sqrt(2 / module.n_embd))
+
+
+def test_agc_on_gpt2_sharded_like_fsdp2_matches_the_hand_formula(tmp_path: Path) -> None:
+    import distributed_helpers as h
+
+    h.launch_ranks("agc_conv1d_run.py", str(tmp_path), timeout=240)
+    reference = _gpt2_with_grads()
+    _hand_agc_(reference, 0.01, 1e-3)
+    results = [h.read_json(tmp_path / f"rank{rank}.json") for rank in range(h.WORLD_SIZE)]
+    for result in results:
+        # One reduction for the sharded vectors' weights, one for their gradients, one
+        # for every Conv1D's column norms (weights and gradients together).
+        assert result["all_reduce_calls"] == 3
+        grads = result["grads"]
+        assert set(grads) == {n for n, _ in reference.named_parameters()}
+        for name, p in reference.named_parameters():
+            torch.testing.assert_close(torch.tensor(grads[name]), p.grad, msg=name)
