@@ -168,19 +168,20 @@ def test_unknown_layers_are_named_and_a_registered_layer_is_read_by_its_spec() -
         assert (dense.kind, dense.units, dense.fan_in, dense.fan_out) == ("linear", 6, 4, 6)
         assert dense.bias is model[1].offset
         torch.testing.assert_close(dense.unit_norms(), model[1].kernel.detach().norm(dim=0))
+
         # A predicate works too, and the newest registration wins.
-        register_layer(
-            lambda m: isinstance(m, _Dense), LayerSpec("custom", unit_dim=0, weight="kernel")
-        )
+        def is_dense(module: nn.Module) -> bool:
+            return isinstance(module, _Dense)
+
+        register_layer(is_dense, LayerSpec("custom", unit_dim=0, weight="kernel"))
         layers = map_layers(model)
         assert (layers["1"].kind, layers["1"].units) == ("custom", 4)
         assert layers.unknown == {"1": ("offset",)}  # the new spec names no such bias
         assert layers["1"].bias is None
+        unregister_layer(is_dense)
+        assert map_layers(model)["1"].kind == "linear"
     finally:
         unregister_layer(_Dense)
-        from lightning_gradguard.functional import units
-
-        units._REGISTERED.clear()
     assert map_layers(model).unknown == {"1": ("kernel", "offset")}
 
 
@@ -631,3 +632,17 @@ def test_agc_on_gpt2_sharded_like_fsdp2_matches_the_hand_formula(tmp_path: Path)
         assert set(grads) == {n for n, _ in reference.named_parameters()}
         for name, p in reference.named_parameters():
             torch.testing.assert_close(torch.tensor(grads[name]), p.grad, msg=name)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_kaiming_on_conv_transpose_uses_the_inputs_per_output_channel(groups: int) -> None:
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose2d(64, 32, kernel_size=3, groups=groups)
+    report = init_(nn.Sequential(conv, nn.ReLU()), "kaiming_normal")
+    assert report == {"0": "relu"}
+    # Output channel c reads in/groups input channels through a 3x3 kernel.
+    expected = math.sqrt(2 / (64 // groups * 9))
+    assert _close(_std(conv.weight), expected)
+    # nn.init reads weight.shape[1] = out/groups as the fan-in.
+    torch_std = math.sqrt(2 / nn.init._calculate_fan_in_and_fan_out(conv.weight)[0])
+    assert not _close(torch_std, expected)
