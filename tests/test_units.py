@@ -646,3 +646,17 @@ def test_kaiming_on_conv_transpose_uses_the_inputs_per_output_channel(groups: in
     # nn.init reads weight.shape[1] = out/groups as the fan-in.
     torch_std = math.sqrt(2 / nn.init._calculate_fan_in_and_fan_out(conv.weight)[0])
     assert not _close(torch_std, expected)
+
+
+def test_lsuv_on_resnet_gives_unit_variance_per_conv_before_its_batchnorm() -> None:
+    from models import image_batch
+
+    model = resnet_tiny()
+    x, _ = image_batch(batch=16)
+    report = lsuv_(model, x)
+    convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert sorted(report.output_std) == sorted(convs) and report.not_converged == []
+    norms = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert set(report.skipped) == norms
+    for name, std in _output_stds(model, convs, x).items():
+        assert abs(std - 1.0) < 0.1, name
