@@ -444,7 +444,14 @@ class RunRecord(Callback):
         A reader that polls (the report's alerts) passes back the number it got,
         so it sees every event once.
         """
-        merged = [item for queue in self._events.values() for item in queue if item[0] > sequence]
+        if sequence >= self._sequence:  # nothing new: the common case, checked every step
+            return [], self._sequence
+        merged = []
+        for queue in self._events.values():
+            for item in reversed(queue):  # the newest first: stop at the first one already seen
+                if item[0] <= sequence:
+                    break
+                merged.append(item)
         return [event for _, event in sorted(merged, key=lambda item: item[0])], self._sequence
 
     def count(self, kind: str) -> int:

@@ -305,3 +305,19 @@ def test_health_report_alone_finds_the_one_record(tmp_path: Path) -> None:
     assert (
         json.loads((tmp_path / "gradguard" / "summary.json").read_text())["gradguard/events"] == 0
     )
+
+
+def test_a_polling_reader_sees_each_event_once_and_unknown_kinds_are_refused() -> None:
+    record = RunRecord(max_events_per_kind=2)
+    first = record.add("skip", 1, values={"nonfinite": 1.0})
+    seen, mark = record.events_since(0)
+    assert seen == [first]
+    assert record.events_since(mark) == ([], mark)
+    later = [record.add("skip", step) for step in (2, 3, 4)] + [record.add("swap", 4, ["a"])]
+    seen, mark = record.events_since(mark)
+    assert seen == later[1:]  # the skip at step 2 was pushed out before anyone read it
+    assert record.count("skip") == 4 and record.total("skip", "nonfinite") == 1.0
+    with pytest.raises(ValueError, match=r"add\(kind='skipped'\) is not an event kind"):
+        record.add("skipped", 5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"max_events_per_kind=0"):
+        RunRecord(max_events_per_kind=0)
