@@ -39,7 +39,13 @@ METRIC_PREFIXES = (
 )
 """Key prefixes that get their own W&B sections against ``trainer/global_step``."""
 
-ALERT_LEVELS = {"nonfinite": "ERROR", "stop": "ERROR", "exploding": "WARN", "dying": "WARN"}
+ALERT_LEVELS = {
+    "nonfinite": "ERROR",
+    "stop": "ERROR",
+    "exploding": "WARN",
+    "dying": "WARN",
+    "rollback": "WARN",
+}
 """Event kinds that raise a W&B alert, with the alert level (a skipped step with
 non-finite gradients raises an ``ERROR`` alert too)."""
 
