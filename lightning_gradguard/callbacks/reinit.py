@@ -416,6 +416,8 @@ class LayerReinit(Callback):
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._record = run_record(trainer)  # in place before a checkpoint is restored
+        if stage == "fit":  # a resumed fit gets it back from load_state_dict, after setup
+            self._scheduled_at = -1
         callbacks = flat_callbacks(trainer)
         monitors = [
             cb for cb in callbacks[: callbacks.index(self)] if isinstance(cb, GradNormMonitor)
