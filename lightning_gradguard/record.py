@@ -192,11 +192,7 @@ class _SeriesStore:
         if self.steps and self.steps[-1] == step:  # same step (another optimizer): merge
             self._merge(len(self.steps) - 1, values)
             return
-        row = torch.full((len(self.names),), math.nan, dtype=torch.float64)
-        mask = torch.zeros(len(self.names), dtype=torch.bool)
-        for name, value in values.items():
-            row[self.index[name]] = float(value)
-            mask[self.index[name]] = True
+        row, mask = self._row(values, len(self.names))
         keep = self.added % self.stride == 0
         self.added += 1
         if self.tail:  # the previous newest row was provisional: this one replaces it
@@ -211,16 +207,23 @@ class _SeriesStore:
         if kept > self.max_rows:
             self._thin()
 
-    def _merge(self, position: int, values: Mapping[str, float]) -> None:
-        width = len(self.names)
-        row, mask = self.rows[position], self.masks[position]
-        if row.numel() < width:
-            row = torch.cat([row, row.new_full((width - row.numel(),), math.nan)])
-            mask = torch.cat([mask, mask.new_zeros(width - mask.numel())])
+    def _row(self, values: Mapping[str, float], width: int) -> tuple[Tensor, Tensor]:
+        """One row as tensors, built from Python lists (one tensor per row, not per value)."""
+        row = [math.nan] * width
+        mask = [False] * width
         for name, value in values.items():
             row[self.index[name]] = float(value)
             mask[self.index[name]] = True
-        self.rows[position], self.masks[position] = row, mask
+        return torch.tensor(row, dtype=torch.float64), torch.tensor(mask, dtype=torch.bool)
+
+    def _merge(self, position: int, values: Mapping[str, float]) -> None:
+        width = len(self.names)
+        new, new_mask = self._row(values, width)
+        old, old_mask = self.rows[position], self.masks[position]
+        row = torch.cat([old, old.new_full((width - old.numel(),), math.nan)])
+        mask = torch.cat([old_mask, old_mask.new_zeros(width - old_mask.numel())])
+        self.rows[position] = torch.where(new_mask, new, row)
+        self.masks[position] = mask | new_mask
 
     def _thin(self) -> None:
         count = len(self.steps) - (1 if self.tail else 0)
