@@ -33,7 +33,8 @@ from lightning_gradguard.functional.norms import (
 )
 from lightning_gradguard.functional.policies import ClipPolicy, make_policy
 from lightning_gradguard.functional.spikes import SpikeWindow
-from lightning_gradguard.logging import log_to_loggers, record_event, to_host
+from lightning_gradguard.logging import log_to_loggers, to_host
+from lightning_gradguard.record import run_record
 
 SCOPES = ("global", "layer")
 
@@ -205,6 +206,7 @@ class AdaptiveGradClip(Callback):
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._trainer = trainer
+        run_record(trainer)  # in place before a checkpoint is restored
         strategy = type(trainer.strategy).__name__
         if "DeepSpeed" in strategy:
             raise RuntimeError(
@@ -291,6 +293,7 @@ class AdaptiveGradClip(Callback):
         self._own_skips += 1
         state.consecutive_skips += 1
         nonfinite = state.nonfinite_flag is not None and bool(state.nonfinite_flag)
+        layers: list[str] = []
         if nonfinite:  # a bad step: worth one more pass to name the layers
             finite = grad_norms(state.layers).groups.isfinite().tolist()
             layers = [n for n, ok in zip(state.layers.names, finite) if not ok]
@@ -298,7 +301,25 @@ class AdaptiveGradClip(Callback):
             reason = f"non-finite gradients (inf/NaN) in: {where}"
         else:
             reason = f"a gradient-norm spike above {self.spike_sigma:g} sigma of the recent norms"
+        record = run_record(self._trainer) if self._trainer is not None else None
+        step = int(self._trainer.global_step) if self._trainer is not None else 0
+        if record is not None:
+            record.add(
+                "skip",
+                step,
+                layers=layers,
+                values={"nonfinite": float(nonfinite), "consecutive": state.consecutive_skips},
+                detail=f"skipped optimizer step ({reason})",
+            )
         if state.consecutive_skips >= self.max_consecutive_skips:
+            if record is not None:  # in the record before the error: the report writes it
+                record.add(
+                    "stop",
+                    step,
+                    layers=layers,
+                    values={"consecutive_skips": state.consecutive_skips},
+                    detail=f"stopped after {state.consecutive_skips} skipped steps in a row",
+                )
             raise RuntimeError(
                 f"AdaptiveGradClip skipped {state.consecutive_skips} optimizer steps in a row "
                 f"({reason}); training is stopped rather than looping on a broken state. Lower the "
@@ -306,9 +327,6 @@ class AdaptiveGradClip(Callback):
                 "checkpoint. Raise max_consecutive_skips to tolerate longer bursts."
             )
         rank_zero_warn(f"AdaptiveGradClip: skipped optimizer step ({reason}).")
-        if self._trainer is not None:
-            kind = "nonfinite" if nonfinite else "spike"
-            record_event(self._trainer, kind, "", f"skipped optimizer step ({reason})")
         return True
 
     # ------------------------------------------------------------------ the step
@@ -427,7 +445,7 @@ class AdaptiveGradClip(Callback):
             # On every rank: without norms from the policy this is a collective under FSDP2.
             clipped = self._clipped_norm(state, norm, coef, prepared)
             if trainer.is_global_zero:
-                self._log(trainer, state, index, threshold, coef, clipped)
+                self._log(trainer, state, index, threshold, coef, clipped, total)
 
     @staticmethod
     def _agree_across_ranks(flag: Tensor) -> Tensor:
@@ -454,6 +472,7 @@ class AdaptiveGradClip(Callback):
         threshold: Tensor,
         coef: Tensor,
         clipped: Tensor,
+        total: Tensor,
     ) -> None:
         suffix = "" if index == 0 else f"_opt{index}"
         values: dict[str, Tensor] = {
@@ -461,6 +480,7 @@ class AdaptiveGradClip(Callback):
             "coef": coef.min() if coef.dim() else coef,
             "active": (coef < 1).double().mean() if coef.dim() else (coef < 1).double(),
             "clipped": clipped,
+            "raw": total,
         }
         if state.scaler_skips is not None:
             values["scaler_skips"] = state.scaler_skips
@@ -474,4 +494,9 @@ class AdaptiveGradClip(Callback):
             metrics[f"clip/coef{suffix}"] = host["coef"]
             metrics[f"clip/active{suffix}"] = host["active"]
         metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
-        log_to_loggers(trainer, metrics, step=int(trainer.global_step))
+        step = int(trainer.global_step)
+        series = {name: host[name] for name in ("threshold", "raw", "clipped")}
+        if self.policy.uses_norms:
+            series.update(coef=host["coef"], active=host["active"])
+        run_record(trainer).history.add(f"clip{suffix}", step, series)
+        log_to_loggers(trainer, metrics, step=step)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from lightning_gradguard._compat import Callback, rank_zero_warn
 from lightning_gradguard.callbacks._parts import flat_callbacks
+from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
 from lightning_gradguard.functional.activity import ActivityTracker, MeasuringWindows
 from lightning_gradguard.functional.init import (
     FAN_KINDS,
@@ -39,7 +40,8 @@ from lightning_gradguard.functional.init import (
     recycle_units_,
 )
 from lightning_gradguard.functional.units import map_layers
-from lightning_gradguard.logging import log_to_loggers, record_event
+from lightning_gradguard.logging import log_to_loggers
+from lightning_gradguard.record import RunRecord, run_record
 
 
 def _generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -217,7 +219,8 @@ class UnitRecycler(Callback):
     never recycled: it is nobody's producer.
 
     Logged: ``recycled_units/<layer>`` (units recycled in that window, by
-    producer layer). Events (step, kind, layer, detail) are kept in ``events``.
+    producer layer). Every recycling is a ``recycle`` event of the run record
+    (values: ``units``); ``events`` lists them (step, kind, layer, detail).
 
     Args:
         every_n_steps: start a measuring window every this many optimizer steps.
@@ -259,8 +262,8 @@ class UnitRecycler(Callback):
         self.pairs = None if pairs is None else [list(p) for p in pairs]
         self.scheme = scheme
         self.seed = seed
-        self.events: list[dict[str, Any]] = []
         self.recycled_total = 0
+        self._record: RunRecord | None = None
         self._pairs: list[UnitPair] = []
         self._tracker: ActivityTracker | None = None
         self._windows = MeasuringWindows(every_n_steps, window)
@@ -271,15 +274,23 @@ class UnitRecycler(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "events": [dict(e) for e in self.events],
             "recycled_total": self.recycled_total,
             "window_started_at": self._windows.started_at,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.events = [dict(e) for e in state_dict.get("events", [])]
         self.recycled_total = int(state_dict.get("recycled_total", 0))
         self._windows.started_at = int(state_dict.get("window_started_at", -1))
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """The recyclings of the current run (step, kind, layer, detail), from the run record."""
+        if self._record is None:
+            return []
+        return [event.row() for event in self._record.events_of("recycle")]
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._record = run_record(trainer)  # in place before a checkpoint is restored
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         _refuse_sharded(pl_module, "UnitRecycler")
@@ -338,15 +349,13 @@ class UnitRecycler(Callback):
             metrics[f"recycled_units/{pair.producer}"] = float(count)
             if count:
                 self.recycled_total += count
-                self.events.append(
-                    {
-                        "step": step,
-                        "kind": "recycle",
-                        "layer": pair.producer,
-                        "detail": f"{count} of {mask.numel()} units dormant (tau={self.tau:g})",
-                    }
+                run_record(trainer).add(
+                    "recycle",
+                    step,
+                    layers=[pair.producer],
+                    values={"units": count},
+                    detail=f"{count} of {mask.numel()} units dormant (tau={self.tau:g})",
                 )
-                record_event(trainer, "recycle", pair.producer, self.events[-1]["detail"], step)
         if trainer.is_global_zero:
             log_to_loggers(trainer, metrics, step=step)
 
@@ -360,6 +369,8 @@ class LayerReinit(Callback):
     steps. A re-initialized layer gets a fresh weight (``scheme``, gain of its
     consuming activation), zero bias, and its optimizer state cleared (moments
     zeroed, Adam's ``step`` back to 0); the monitor's streak for it restarts.
+    Every re-initialization is a ``reinit`` event of the run record; ``events``
+    lists them (step, kind, layer, detail).
 
     Args:
         check_every_n_steps: how often the monitor's vanishing flags are read (one
@@ -395,26 +406,35 @@ class LayerReinit(Callback):
         self.scheme = scheme
         self.max_reinits_per_layer = max_reinits_per_layer
         self.seed = seed
-        self.events: list[dict[str, Any]] = []
         self.reinit_counts: dict[str, int] = {}
-        self._monitor: Any = None
+        self._monitor: GradNormMonitor | None = None
+        self._scheduled_at = -1  # the last step the schedule ran (once per step)
+        self._record: RunRecord | None = None
 
     @functools.cached_property  # Lightning reads it at every hook call: compute it once
     def state_key(self) -> str:
         return self._generate_state_key(layers=self.layers, at_steps=self.at_steps)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"events": [dict(e) for e in self.events], "reinit_counts": dict(self.reinit_counts)}
+        return {"reinit_counts": dict(self.reinit_counts), "scheduled_at": self._scheduled_at}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.events = [dict(e) for e in state_dict.get("events", [])]
         self.reinit_counts = {
             str(k): int(v) for k, v in state_dict.get("reinit_counts", {}).items()
         }
+        self._scheduled_at = int(state_dict.get("scheduled_at", -1))
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """The re-initializations of this run (step, kind, layer, detail), from the run record."""
+        if self._record is None:
+            return []
+        return [event.row() for event in self._record.events_of("reinit")]
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
-
+        self._record = run_record(trainer)  # in place before a checkpoint is restored
+        if stage == "fit":  # a resumed fit gets it back from load_state_dict, after setup
+            self._scheduled_at = -1
         callbacks = flat_callbacks(trainer)
         monitors = [
             cb for cb in callbacks[: callbacks.index(self)] if isinstance(cb, GradNormMonitor)
@@ -449,32 +469,23 @@ class LayerReinit(Callback):
     ) -> None:
         step = int(trainer.global_step)
         scheduled = self.at_steps is not None and step in self.at_steps and bool(self.layers)
-        done = any(e["step"] == step and e["detail"] == "schedule" for e in self.events)
-        if scheduled and not done and self.layers:
+        if scheduled and step != self._scheduled_at and self.layers:
+            self._scheduled_at = step
             self._reinit(trainer, pl_module, list(self.layers), step, "schedule")
         if self._monitor is None or step % self.check_every_n_steps:
             return
-        for view in list(self._monitor._views.values()):
-            flags = view.health.vanishing.tolist()  # one host read per check
-            names = [n for n, flag in zip(view.grouping.names, flags) if flag]
-            if not names:
-                continue
-            weight_layers = _weight_layer_names(pl_module)
-            chosen = [
-                n
-                for n in names
-                if n in weight_layers
-                and (self.layers is None or n in self.layers)
-                and self.reinit_counts.get(n, 0) < self.max_reinits_per_layer
-            ]
-            if not chosen:
-                continue
+        names = self._monitor.vanishing_layers()  # one host read per check
+        weight_layers = _weight_layer_names(pl_module)
+        chosen = [
+            n
+            for n in names
+            if n in weight_layers
+            and (self.layers is None or n in self.layers)
+            and self.reinit_counts.get(n, 0) < self.max_reinits_per_layer
+        ]
+        if chosen:
             self._reinit(trainer, pl_module, chosen, step, "vanishing gradients")
-            with torch.no_grad():
-                for name in chosen:
-                    g = view.grouping.names.index(name)
-                    view.health.vanishing[g] = False
-                    view.health.vanish_streak[g] = 0
+            self._monitor.restart_vanishing(chosen)
 
     @torch.no_grad()
     def _reinit(
@@ -500,6 +511,5 @@ class LayerReinit(Callback):
                             value.zero_()  # moments, and Adam's step back to 0
             if reason != "schedule":  # the limit is for the vanishing rule only
                 self.reinit_counts[name] = self.reinit_counts.get(name, 0) + 1
-            self.events.append({"step": step, "kind": "reinit", "layer": name, "detail": reason})
-            record_event(trainer, "reinit", name, reason, step=step)
+            run_record(trainer).add("reinit", step, layers=[name], detail=reason)
         rank_zero_warn(f"LayerReinit: re-initialized {', '.join(names)} at step {step} ({reason}).")
