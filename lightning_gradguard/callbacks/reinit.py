@@ -28,14 +28,12 @@ from lightning_gradguard.functional.activity import ActivityTracker, MeasuringWi
 from lightning_gradguard.functional.init import (
     SCHEMES,
     WEIGHT_LAYERS,
-    UnitPair,
     consumer_nonlinearities,
-    infer_unit_pairs,
     init_,
     init_weight_,
     lsuv_,
-    recycle_units_,
 )
+from lightning_gradguard.functional.redo import UnitPair, infer_unit_pairs, recycle_units_
 from lightning_gradguard.logging import log_to_loggers, record_event
 
 

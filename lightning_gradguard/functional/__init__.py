@@ -19,14 +19,10 @@ from lightning_gradguard.functional.health import GradientHealth
 from lightning_gradguard.functional.init import (
     SCHEMES,
     LSUVReport,
-    UnitPair,
     consumer_nonlinearities,
-    infer_unit_pairs,
     init_,
     init_weight_,
     lsuv_,
-    recycle_units_,
-    shrink_perturb_,
 )
 from lightning_gradguard.functional.norms import (
     TINY_NORM,
@@ -54,6 +50,12 @@ from lightning_gradguard.functional.policies import (
     ZClip,
     clip_with_policy_,
     make_policy,
+)
+from lightning_gradguard.functional.redo import (
+    UnitPair,
+    infer_unit_pairs,
+    recycle_units_,
+    shrink_perturb_,
 )
 from lightning_gradguard.functional.spikes import SpikeWindow
 from lightning_gradguard.functional.surgery import (
