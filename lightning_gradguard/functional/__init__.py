@@ -52,10 +52,16 @@ from lightning_gradguard.functional.policies import (
     make_policy,
 )
 from lightning_gradguard.functional.redo import (
+    PairActivity,
+    PairInference,
+    PairTracer,
     UnitPair,
+    check_pair,
     infer_unit_pairs,
     recycle_units_,
     shrink_perturb_,
+    site_nonlinearity,
+    trace_unit_pairs,
 )
 from lightning_gradguard.functional.spikes import SpikeWindow
 from lightning_gradguard.functional.surgery import (
@@ -102,6 +108,9 @@ __all__ = [
     "MeasuringWindows",
     "NoClip",
     "NormGrouping",
+    "PairActivity",
+    "PairInference",
+    "PairTracer",
     "ParameterSnapshot",
     "SpikeWindow",
     "UnitLayout",
@@ -111,6 +120,7 @@ __all__ = [
     "activation_types",
     "agc_",
     "agc_plan",
+    "check_pair",
     "clean_parameter_name",
     "clip_by_norm_",
     "clip_by_value_",
@@ -134,9 +144,11 @@ __all__ = [
     "register_layer",
     "rows_layout",
     "shrink_perturb_",
+    "site_nonlinearity",
     "swap_activations",
     "swap_functional_relu",
     "tensor_norms",
+    "trace_unit_pairs",
     "unit_dim",
     "unregister_layer",
     "weight_layouts",

@@ -1,4 +1,13 @@
-"""Dormant-unit recycling (ReDo) and shrink-and-perturb.
+"""Dormant-unit recycling (ReDo) on real blocks, and shrink-and-perturb.
+
+:func:`recycle_units_` gives the dormant output units of a producer layer fresh
+incoming weights, zeroes their outgoing weights in the consumer, resets their
+norm affine and running statistics, and zeroes exactly those entries of the
+optimizer state. Layers are read through the unit map
+(:mod:`~lightning_gradguard.functional.units`): a Hugging Face ``Conv1D``'s
+units are its columns, a ``ConvTranspose``'s its dim 1. The pairs come from
+:func:`~lightning_gradguard.functional.pairs.infer_unit_pairs`, and
+:class:`PairActivity` measures the units where the consumer reads them.
 
 Example:
     >>> import torch
@@ -6,85 +15,90 @@ Example:
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> recycle_units_(model, UnitPair("0", "2", "1"), torch.tensor([True] + [False] * 7))
     1
+    >>> model[2].weight[:, 0].tolist()
+    [0.0, 0.0]
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard.functional.init import (
-    NORM_LAYERS,
-    PASS_THROUGH,
-    WEIGHT_LAYERS,
-    _activation_of,
-    _bias,
-    _weight,
-    init_weight_,
+from lightning_gradguard.functional.activity import ActivityTracker, _LayerAccumulator
+from lightning_gradguard.functional.init import WEIGHT_LAYERS, _activation_of, init_weight_
+from lightning_gradguard.functional.pairs import (
+    PairInference,
+    PairTracer,
+    UnitPair,
+    check_pair,
+    infer_unit_pairs,
+    trace_unit_pairs,
+    unit_layer,
 )
+from lightning_gradguard.functional.units import Layer
+
+__all__ = [
+    "PairActivity",
+    "PairInference",
+    "PairTracer",
+    "UnitPair",
+    "check_pair",
+    "infer_unit_pairs",
+    "recycle_units_",
+    "shrink_perturb_",
+    "site_nonlinearity",
+    "trace_unit_pairs",
+]
+
+_FUNCTION_GAINS = {
+    "relu": ("relu", 0.0),
+    "relu6": ("relu", 0.0),
+    "leaky_relu": ("leaky_relu", 0.01),
+    "selu": ("selu", 0.0),
+    "tanh": ("tanh", 0.0),
+    "sigmoid": ("sigmoid", 0.0),
+}
 
 
-@dataclass(frozen=True)
-class UnitPair:
-    """A producer layer whose output units feed a consumer layer.
-
-    Attributes:
-        producer: name of the Linear/Conv that makes the units (its output rows).
-        consumer: name of the Linear/Conv that reads them (its input columns).
-        activation: name of the activation module in between (where units are
-            measured), or ``None``.
-        norms: names of normalization layers in between.
-    """
-
-    producer: str
-    consumer: str
-    activation: str | None = None
-    norms: tuple[str, ...] = ()
-
-
-def infer_unit_pairs(model: nn.Module) -> list[UnitPair]:
-    """Producer→consumer pairs of the sequential stacks of ``model``.
-
-    Inside every ``nn.Sequential``: a Linear/Conv, then any norm, activation and
-    dropout layers, then the next Linear/Conv. For other graphs (residual blocks,
-    attention) name the pairs yourself.
+def site_nonlinearity(model: nn.Module, site: str | None) -> tuple[str, float] | None:
+    """The gain name (and slope) of an activation call site, ``None`` if it has none.
 
     Example:
-        >>> m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(), nn.Linear(8, 2))
-        >>> infer_unit_pairs(m)
-        [UnitPair(producer='0', consumer='3', activation='1', norms=())]
+        >>> site_nonlinearity(nn.Sequential(nn.LeakyReLU(0.2)), "0#1")
+        ('leaky_relu', 0.2)
+        >>> site_nonlinearity(nn.Sequential(), ":relu"), site_nonlinearity(nn.GELU(), "")
+        (('relu', 0.0), None)
     """
-    pairs: list[UnitPair] = []
-    for parent_name, parent in model.named_modules():
-        if not isinstance(parent, nn.Sequential):
-            continue
-        prefix = f"{parent_name}." if parent_name else ""
-        children = list(parent.named_children())
-        for i, (child_name, child) in enumerate(children):
-            if not isinstance(child, WEIGHT_LAYERS):
-                continue
-            activation: str | None = None
-            norms: list[str] = []
-            for after_name, after in children[i + 1 :]:
-                if isinstance(after, WEIGHT_LAYERS):
-                    pairs.append(
-                        UnitPair(prefix + child_name, prefix + after_name, activation, tuple(norms))
-                    )
-                    break
-                if isinstance(after, NORM_LAYERS):
-                    norms.append(prefix + after_name)
-                elif isinstance(after, PASS_THROUGH):
-                    continue
-                elif activation is None and not list(after.parameters()):
-                    activation = prefix + after_name
-                else:
-                    break  # something with parameters or a second activation: not a plain stack
-    return pairs
+    if site is None:
+        return None
+    base = site.split("#")[0]
+    if ":" in base:
+        return _FUNCTION_GAINS.get(base.rsplit(":", 1)[1].rstrip("_"))
+    try:
+        return _activation_of(model.get_submodule(base))
+    except AttributeError:
+        return None
+
+
+def _unit_index(dim: int, mask: Tensor) -> tuple[Any, ...]:
+    return (*([slice(None)] * dim), mask)
+
+
+def _refuse_dtensors(layers: Sequence[Layer]) -> None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return
+    if any(isinstance(layer.weight, DTensor) for layer in layers):
+        raise ValueError(
+            "recycle_units_ does not support sharded (FSDP2 / DTensor) parameters: a unit's "
+            "incoming and outgoing weights live on different ranks. Recycle before sharding, "
+            "or use DDP."
+        )
 
 
 def _reset_optimizer_entries(
@@ -139,15 +153,20 @@ def recycle_units_(
     """Recycle the units in ``mask`` (ReDo, Sokar et al., 2023), in place.
 
     For each selected unit: new incoming weights drawn with ``scheme`` (the gain
-    of the pair's activation), bias 0; its outgoing weights in the consumer set
-    to 0, so the network's function is unchanged at first; the statistics and
-    affine parameters of norm layers in between reset for that unit
-    (BatchNorm: running mean 0, variance 1; weight 1, bias 0); and the
-    optimizer state of exactly those entries zeroed (SGD ``momentum_buffer``,
-    Adam/AdamW ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), as are any
-    gradients already accumulated for them. Adam's ``step``
-    is per tensor and is left as it is: the fresh entries restart from zero
-    moments with the tensor's bias correction.
+    of the pair's activation call site; ReLU's where it has none, GELU say), with
+    the fans of the layer as the unit map reads it (a Conv1D's ``[in, out]`` the
+    right way round), bias 0; its outgoing weights in the consumer set to 0, so
+    the network's function is unchanged at first; the statistics and affine
+    parameters of the norm layers in between reset for that unit (BatchNorm:
+    running mean 0, variance 1; weight 1, bias 0); and the optimizer state of
+    exactly those entries zeroed (SGD ``momentum_buffer``, Adam/AdamW
+    ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), as are any gradients
+    already accumulated for them. Adam's ``step`` is per tensor and is left as it
+    is: the fresh entries restart from zero moments with the tensor's bias
+    correction.
+
+    The draw is the same as ``scheme`` on an empty ``[units, inputs, ...]`` weight
+    with ``generator``: identical on every rank given the same seed.
 
     Args:
         model: the model holding the pair.
@@ -161,63 +180,106 @@ def recycle_units_(
         How many units were recycled.
 
     Raises:
-        ValueError: when the mask does not match the producer's units, or the
-            model's parameters are sharded (FSDP2), where rows live on other ranks.
+        ValueError: when the pair is not a producer/consumer pair of ``model`` (see
+            :func:`check_pair`), the mask does not match the producer's units, or the
+            parameters are sharded (FSDP2), where rows live on other ranks.
     """
-    producer = model.get_submodule(pair.producer)
-    consumer = model.get_submodule(pair.consumer)
-    for module, role in ((producer, "producer"), (consumer, "consumer")):
-        if not isinstance(module, WEIGHT_LAYERS):
-            raise ValueError(
-                f"{role} {getattr(pair, role)!r} is a {type(module).__name__}, not Linear/Conv."
-            )
-    try:
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(_weight(producer), DTensor) or isinstance(_weight(consumer), DTensor):
-            raise ValueError(
-                "recycle_units_ does not support sharded (FSDP2 / DTensor) parameters: a unit's "
-                "incoming and outgoing weights live on different ranks. Recycle before sharding, "
-                "or use DDP."
-            )
-    except ImportError:  # pragma: no cover
-        pass
-    produced, consumed = _weight(producer), _weight(consumer)
-    units = produced.shape[0]
+    modules = dict(model.named_modules())
+    found = [unit_layer(modules[n], n) for n in (pair.producer, pair.consumer) if n in modules]
+    _refuse_dtensors([layer for layer in found if layer is not None])
+    why = check_pair(model, pair)
+    if why is not None:
+        raise ValueError(f"{why}.")
+    producer = unit_layer(modules[pair.producer], pair.producer)
+    consumer = unit_layer(modules[pair.consumer], pair.consumer)
+    assert producer is not None and consumer is not None
+    produced, consumed = producer.weight, consumer.weight
+    units = producer.units
     mask = mask.to(produced.device).bool()
     if mask.shape != (units,):
         raise ValueError(
             f"mask has shape {tuple(mask.shape)}, expected ({units},): one entry per unit."
         )
-    if consumed.shape[1] != units:
-        raise ValueError(
-            f"consumer {pair.consumer!r} reads {consumed.shape[1]} inputs but producer "
-            f"{pair.producer!r} makes {units} units: not a producer/consumer pair."
-        )
     count = int(mask.sum())
     if count == 0:
         return 0
-    nonlinearity, slope = "relu", 0.0
-    if pair.activation is not None:
-        found = _activation_of(model.get_submodule(pair.activation))
-        if found is not None:
-            nonlinearity, slope = found
-    fresh = torch.empty_like(produced)
+    nonlinearity, slope = site_nonlinearity(model, pair.activation) or ("relu", 0.0)
+    rows = produced.movedim(producer.unit_dim, 0)  # a view: [units, inputs, kernel...]
+    fresh = torch.empty(rows.shape, dtype=produced.dtype, device=produced.device)
     init_weight_(fresh, scheme, nonlinearity, slope, generator=generator)
-    produced[mask] = fresh[mask]
-    _reset_optimizer_entries(optimizer, produced, (mask,))
-    _zero_grad_entries(produced, (mask,))
-    produced_bias = _bias(producer)
-    if produced_bias is not None:
-        produced_bias[mask] = 0.0
-        _reset_optimizer_entries(optimizer, produced_bias, (mask,))
-        _zero_grad_entries(produced_bias, (mask,))
-    consumed[:, mask] = 0.0
-    _reset_optimizer_entries(optimizer, consumed, (slice(None), mask))
-    _zero_grad_entries(consumed, (slice(None), mask))
+    rows[mask] = fresh[mask]
+    incoming = _unit_index(producer.unit_dim, mask)
+    _reset_optimizer_entries(optimizer, produced, incoming)
+    _zero_grad_entries(produced, incoming)
+    if producer.bias is not None:
+        producer.bias[mask] = 0.0
+        _reset_optimizer_entries(optimizer, producer.bias, (mask,))
+        _zero_grad_entries(producer.bias, (mask,))
+    outgoing = _unit_index(1 - consumer.unit_dim, mask)
+    consumed[outgoing] = 0.0
+    _reset_optimizer_entries(optimizer, consumed, outgoing)
+    _zero_grad_entries(consumed, outgoing)
     for norm_name in pair.norms:
-        _reset_norm_units(model.get_submodule(norm_name), mask, units, optimizer)
+        _reset_norm_units(modules[norm_name], mask, units, optimizer)
     return count
+
+
+class PairActivity(ActivityTracker):
+    """Unit activity of each pair, measured where the consumer reads the units.
+
+    A forward pre-hook on each pair's consumer reads its input, which is the
+    activation call site's output (through dropout, if any): exact whatever runs
+    the activation (a module called twice, ``F.relu`` inside a ``forward``, a
+    third-party module), and one width per consumer. Statistics are keyed by the
+    pair's activation call site. Windows, reduction across ranks (one
+    ``all_reduce``) and :meth:`stats` are those of
+    :class:`~lightning_gradguard.functional.ActivityTracker`.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> with torch.no_grad():
+        ...     _ = model[0].bias.copy_(torch.tensor([-9.0, 9.0, 9.0, 9.0]))
+        ...     _ = model[0].weight.zero_()
+        >>> activity = PairActivity(model, [UnitPair("0", "2", "1")])
+        >>> activity.attach()
+        >>> _ = model(torch.randn(5, 3))
+        >>> activity.detach()
+        >>> activity.stats()["1"].dead.tolist()
+        [True, False, False, False]
+    """
+
+    def __init__(
+        self, model: nn.Module, pairs: Iterable[UnitPair], device: torch.device | str | None = None
+    ) -> None:
+        named = [(str(p.activation), p) for p in pairs if p.activation]
+        if device is None:
+            device = next(model.parameters(), torch.empty(0)).device
+        consumers = [(site, model.get_submodule(p.consumer)) for site, p in named]
+        super().__init__(consumers, device=device)
+        for (site, pair), (_, module) in zip(named, consumers):
+            layer = unit_layer(module, pair.consumer)
+            conv = layer is not None and layer.kind == "conv"
+            self._accumulators[site] = _LayerAccumulator(
+                "channels_first" if conv else "channels_last"
+            )
+
+    def observe(self, site: str, module: nn.Module, tensor: Tensor) -> None:
+        """Count one input of the consumer of ``site`` (as its pre-hook does)."""
+        accumulator = self._accumulators.get(site)
+        if accumulator is not None:
+            accumulator(module, (), tensor)
+
+    def attach(self) -> None:
+        """Attach the forward pre-hooks on the consumers (idempotent)."""
+        if self._handles:
+            return
+        for site, module in self.modules.items():
+
+            def hook(module: nn.Module, args: Any, site: str = site) -> None:
+                if args and isinstance(args[0], Tensor):
+                    self.observe(site, module, args[0])
+
+            self._handles.append(module.register_forward_pre_hook(hook))
 
 
 @torch.no_grad()
