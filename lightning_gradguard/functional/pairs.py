@@ -348,7 +348,10 @@ def check_pair(model: nn.Module, pair: UnitPair) -> str | None:
         layer = unit_layer(modules[name], name)
         if layer is None:
             kind = type(modules[name]).__name__
-            return f"{role} {name!r} is a {kind}, not a weight layer of the unit map"
+            return (
+                f"{role} {name!r} is a {kind}, not Linear/Conv (a weight layer of the unit "
+                "map: Linear, Conv, ConvTranspose, Hugging Face Conv1D)"
+            )
         if layer.groups != 1 and (role == "consumer" or layer.unit_dim == 1):
             return f"{role} {name!r} has groups={layer.groups}: grouped units are not recycled"
         layers[role] = layer

@@ -256,12 +256,20 @@ class PairActivity(ActivityTracker):
             device = next(model.parameters(), torch.empty(0)).device
         consumers = [(site, model.get_submodule(p.consumer)) for site, p in named]
         super().__init__(consumers, device=device)
-        for (site, pair), (_, module) in zip(named, consumers):
-            layer = unit_layer(module, pair.consumer)
-            conv = layer is not None and layer.kind == "conv"
-            self._accumulators[site] = _LayerAccumulator(
-                "channels_first" if conv else "channels_last"
-            )
+        for site, module in consumers:
+            self._accumulators[site] = self.accumulator_for(module)
+
+    @staticmethod
+    def accumulator_for(consumer: nn.Module) -> _LayerAccumulator:
+        """A fresh accumulator of ``consumer``'s input, units in dim 1 (conv) or last."""
+        layer = unit_layer(consumer)
+        conv = layer is not None and layer.kind == "conv"
+        return _LayerAccumulator("channels_first" if conv else "channels_last")
+
+    def adopt(self, site: str, accumulator: Any) -> None:
+        """Use statistics accumulated elsewhere (by :meth:`accumulator_for`) for ``site``."""
+        if site in self._accumulators:
+            self._accumulators[site] = accumulator
 
     def observe(self, site: str, module: nn.Module, tensor: Tensor) -> None:
         """Count one input of the consumer of ``site`` (as its pre-hook does)."""
