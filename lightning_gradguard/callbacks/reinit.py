@@ -29,7 +29,6 @@ from lightning_gradguard.callbacks._parts import flat_callbacks
 from lightning_gradguard.functional.activity import MeasuringWindows
 from lightning_gradguard.functional.init import (
     SCHEMES,
-    WEIGHT_LAYERS,
     consumer_nonlinearities,
     init_,
     init_weight_,
@@ -44,6 +43,7 @@ from lightning_gradguard.functional.redo import (
     recycle_units_,
     unit_layer,
 )
+from lightning_gradguard.functional.units import Layer, map_layers
 from lightning_gradguard.logging import log_to_loggers, record_event
 
 
@@ -89,6 +89,11 @@ def _check_pair(pl_module: nn.Module, pair: UnitPair) -> None:
     why = check_pair(pl_module, pair)
     if why is not None:
         raise ValueError(f"pairs: {why}.")
+
+
+def _reinit_layer(module: nn.Module) -> Layer | None:
+    """The unit map's weight layer ``module`` is (Linear, Conv, ConvTranspose, Conv1D), or None."""
+    return unit_layer(module)
 
 
 def _compiled(pl_module: nn.Module) -> bool:
@@ -489,6 +494,7 @@ class LayerReinit(Callback):
         self.events: list[dict[str, Any]] = []
         self.reinit_counts: dict[str, int] = {}
         self._monitor: Any = None
+        self._tied: set[str] = set()
 
     @functools.cached_property  # Lightning reads it at every hook call: compute it once
     def state_key(self) -> str:
@@ -525,14 +531,24 @@ class LayerReinit(Callback):
             )
         if self.layers is not None:
             modules = dict(pl_module.named_modules())
-            bad = [n for n in self.layers if not isinstance(modules.get(n), WEIGHT_LAYERS)]
+            bad = [n for n in self.layers if n not in modules or not _reinit_layer(modules[n])]
             if bad:
                 raise ValueError(
-                    f"layers={self.layers!r}: {bad} are not Linear/Conv modules of the model."
+                    f"layers={self.layers!r}: {bad} are not Linear/Conv modules of the model "
+                    "(Linear, Conv, ConvTranspose, Hugging Face Conv1D)."
+                )
+            tied = map_layers(pl_module).tied
+            shared = {n: tied[n] for n in self.layers if n in tied}
+            if shared:
+                raise ValueError(
+                    f"layers={self.layers!r}: {sorted(shared)} share their weight with "
+                    f"{sorted(set(shared.values()))} (tied): re-initializing them would redraw "
+                    "that layer too. Leave them out."
                 )
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         _refuse_sharded(pl_module, "LayerReinit")
+        self._tied = set(map_layers(pl_module).tied)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -551,7 +567,9 @@ class LayerReinit(Callback):
             chosen = [
                 n
                 for n in names
-                if isinstance(modules.get(n), WEIGHT_LAYERS)
+                if n in modules
+                and _reinit_layer(modules[n])
+                and n not in self._tied
                 and (self.layers is None or n in self.layers)
                 and self.reinit_counts.get(n, 0) < self.max_reinits_per_layer
             ]
@@ -571,14 +589,20 @@ class LayerReinit(Callback):
         gains = consumer_nonlinearities(pl_module)
         for offset, name in enumerate(names):
             module = pl_module.get_submodule(name)
-            weight = module.weight
+            layer = _reinit_layer(module)
+            assert layer is not None
+            weight = layer.weight
             nl, slope = gains.get(name) or ("relu", 0.0)
             generator = _generator(self.seed, step * 131 + offset, weight.device)
-            init_weight_(weight, self.scheme, nl, slope, generator=generator)
+            # Drawn as [units, inputs, ...], so a Conv1D's [in, out] weight gets its real fans.
+            rows = weight.movedim(layer.unit_dim, 0)
+            fresh = torch.empty(rows.shape, dtype=weight.dtype, device=weight.device)
+            init_weight_(fresh, self.scheme, nl, slope, generator=generator)
+            rows.copy_(fresh)
             params = [weight]
-            if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
-                params.append(module.bias)
+            if layer.bias is not None:
+                layer.bias.zero_()
+                params.append(layer.bias)
             for parameter in params:
                 optimizer = _optimizer_of(trainer, parameter)
                 if optimizer is not None and parameter in optimizer.state:
