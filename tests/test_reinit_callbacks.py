@@ -486,7 +486,7 @@ def test_unit_recycler_arguments_and_impossible_pairs() -> None:
             return F.cross_entropy(self.b(x + torch.relu(self.a(x))), y)
 
     with pytest.raises(
-        ValueError, match="could not infer producer/consumer pairs.*:relu: its output goes to add"
+        ValueError, match=r"could not infer producer/consumer pairs.*:relu: its output goes to add"
     ):
         _fit(Residual(), [UnitRecycler(every_n_steps=2, window=1)], steps=1)
 
