@@ -4,7 +4,7 @@
 incoming weights, zeroes their outgoing weights in the consumer, resets their
 norm affine and running statistics, and zeroes exactly those entries of the
 optimizer state. Layers are read through the unit map
-(:mod:`~lightning_gradguard.functional.units`): a Hugging Face ``Conv1D``'s
+(``lightning_gradguard.functional.units``): a Hugging Face ``Conv1D``'s
 units are its columns, a ``ConvTranspose``'s its dim 1. The pairs come from
 :func:`~lightning_gradguard.functional.pairs.infer_unit_pairs`, and
 :class:`PairActivity` measures the units where the consumer reads them.
