@@ -9,6 +9,7 @@ with copies taken before.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -394,16 +395,16 @@ def test_explicit_pairs_name_the_norm_and_are_checked() -> None:
         UnitRecycler(pairs=[[prefix + "conv1", prefix + "conv2"]])
 
 
-def test_layer_reinit_draws_a_conv1d_as_out_by_in_and_refuses_the_tied_head() -> None:
+def test_layer_reinit_draws_a_conv1d_with_its_fans_and_refuses_the_tied_head() -> None:
     model = tiny_gpt2()
     batches = [gpt2_batch(seed=s) for s in range(2)]
     reinit = LayerReinit(at_steps=[1], layers=["model.transformer.h.0.mlp.c_fc"], seed=SEED)
     module = _Wrap(model, gpt2_loss, batches)
     _fit(module, [reinit], steps=1)  # re-initialized at the end of the only step
     fc = model.transformer.h[0].mlp.c_fc
-    fresh = torch.empty(128, 32)  # [out, in]
-    nn.init.kaiming_normal_(fresh, nonlinearity="relu", generator=_generator(SEED, 1, 0))
-    assert torch.equal(fc.weight.detach(), fresh.T)
+    # He normal with Conv1D's real fan-in (its in = 32), drawn in the weight's own layout.
+    fresh = torch.empty(32, 128).normal_(0.0, math.sqrt(2 / 32), generator=_generator(SEED, 1))
+    assert torch.equal(fc.weight.detach(), fresh)
     assert 0.22 < float(fc.weight.detach().std()) < 0.28  # sqrt(2 / 32), not sqrt(2 / 128) = 0.125
     assert torch.all(fc.bias == 0)
     with pytest.raises(ValueError, match=r"share their weight with \['model.transformer.wte'\]"):

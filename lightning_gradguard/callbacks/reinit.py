@@ -28,10 +28,12 @@ from lightning_gradguard._compat import Callback, rank_zero_warn
 from lightning_gradguard.callbacks._parts import flat_callbacks
 from lightning_gradguard.functional.activity import MeasuringWindows
 from lightning_gradguard.functional.init import (
+    FAN_KINDS,
     SCHEMES,
+    _check_init_args,
     consumer_nonlinearities,
     init_,
-    init_weight_,
+    init_layer_,
     lsuv_,
 )
 from lightning_gradguard.functional.redo import (
@@ -43,7 +45,7 @@ from lightning_gradguard.functional.redo import (
     recycle_units_,
     unit_layer,
 )
-from lightning_gradguard.functional.units import Layer, map_layers
+from lightning_gradguard.functional.units import map_layers
 from lightning_gradguard.logging import log_to_loggers, record_event
 
 
@@ -65,6 +67,15 @@ def _refuse_sharded(pl_module: nn.Module, owner: str) -> None:
             "re-initialized rows and their optimizer state live on other ranks. Use DDP, or "
             "initialize before sharding (e.g. init_ in configure_model)."
         )
+
+
+def _weight_layer_names(pl_module: nn.Module) -> set[str]:
+    """Modules whose weight a fan-based scheme re-initializes (Linear, Conv, HF Conv1D)."""
+    return {
+        layer.name
+        for layer in map_layers(pl_module)
+        if layer.kind in FAN_KINDS and layer.spec.weight == "weight"
+    }
 
 
 def _check_scheme(scheme: str) -> None:
@@ -89,11 +100,6 @@ def _check_pair(pl_module: nn.Module, pair: UnitPair) -> None:
     why = check_pair(pl_module, pair)
     if why is not None:
         raise ValueError(f"pairs: {why}.")
-
-
-def _reinit_layer(module: nn.Module) -> Layer | None:
-    """The unit map's weight layer ``module`` is (Linear, Conv, ConvTranspose, Conv1D), or None."""
-    return unit_layer(module)
 
 
 def _compiled(pl_module: nn.Module) -> bool:
@@ -170,8 +176,13 @@ class InitAtStart(Callback):
             "tol": tol,
             "max_iters": max_iters,
         }
-        if scheme != "lsuv":  # validate now: init_ on an empty module checks the arguments
-            init_(nn.Module(), scheme, **self.init_kwargs)
+        if scheme != "lsuv":  # validate now (the patterns are checked against the model later)
+            _check_init_args(
+                scheme,
+                nonlinearity,
+                self.init_kwargs["residual_projections"],
+                n_layers,
+            )
         self.report: Any = None
 
     @staticmethod
@@ -494,7 +505,6 @@ class LayerReinit(Callback):
         self.events: list[dict[str, Any]] = []
         self.reinit_counts: dict[str, int] = {}
         self._monitor: Any = None
-        self._tied: set[str] = set()
 
     @functools.cached_property  # Lightning reads it at every hook call: compute it once
     def state_key(self) -> str:
@@ -530,13 +540,6 @@ class LayerReinit(Callback):
                 "or give an explicit schedule with at_steps=[...] and layers=[...]."
             )
         if self.layers is not None:
-            modules = dict(pl_module.named_modules())
-            bad = [n for n in self.layers if n not in modules or not _reinit_layer(modules[n])]
-            if bad:
-                raise ValueError(
-                    f"layers={self.layers!r}: {bad} are not Linear/Conv modules of the model "
-                    "(Linear, Conv, ConvTranspose, Hugging Face Conv1D)."
-                )
             tied = map_layers(pl_module).tied
             shared = {n: tied[n] for n in self.layers if n in tied}
             if shared:
@@ -545,10 +548,16 @@ class LayerReinit(Callback):
                     f"{sorted(set(shared.values()))} (tied): re-initializing them would redraw "
                     "that layer too. Leave them out."
                 )
+            weight_layers = _weight_layer_names(pl_module)
+            bad = [n for n in self.layers if n not in weight_layers]
+            if bad:
+                raise ValueError(
+                    f"layers={self.layers!r}: {bad} are not Linear/Conv modules of the model "
+                    "(Linear, Conv, ConvTranspose or Hugging Face Conv1D)."
+                )
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         _refuse_sharded(pl_module, "LayerReinit")
-        self._tied = set(map_layers(pl_module).tied)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -563,13 +572,13 @@ class LayerReinit(Callback):
         for view in list(self._monitor._views.values()):
             flags = view.health.vanishing.tolist()  # one host read per check
             names = [n for n, flag in zip(view.grouping.names, flags) if flag]
-            modules = dict(pl_module.named_modules())
+            if not names:
+                continue
+            weight_layers = _weight_layer_names(pl_module)
             chosen = [
                 n
                 for n in names
-                if n in modules
-                and _reinit_layer(modules[n])
-                and n not in self._tied
+                if n in weight_layers
                 and (self.layers is None or n in self.layers)
                 and self.reinit_counts.get(n, 0) < self.max_reinits_per_layer
             ]
@@ -587,18 +596,13 @@ class LayerReinit(Callback):
         self, trainer: Any, pl_module: Any, names: list[str], step: int, reason: str
     ) -> None:
         gains = consumer_nonlinearities(pl_module)
+        layer_map = map_layers(pl_module)
         for offset, name in enumerate(names):
-            module = pl_module.get_submodule(name)
-            layer = _reinit_layer(module)
-            assert layer is not None
+            layer = layer_map[name]  # fans and units from the map (HF Conv1D is [in, out])
             weight = layer.weight
             nl, slope = gains.get(name) or ("relu", 0.0)
             generator = _generator(self.seed, step * 131 + offset, weight.device)
-            # Drawn as [units, inputs, ...], so a Conv1D's [in, out] weight gets its real fans.
-            rows = weight.movedim(layer.unit_dim, 0)
-            fresh = torch.empty(rows.shape, dtype=weight.dtype, device=weight.device)
-            init_weight_(fresh, self.scheme, nl, slope, generator=generator)
-            rows.copy_(fresh)
+            init_layer_(layer, self.scheme, nl, slope, generator=generator)
             params = [weight]
             if layer.bias is not None:
                 layer.bias.zero_()
