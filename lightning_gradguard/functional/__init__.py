@@ -5,7 +5,13 @@ from lightning_gradguard.functional.activity import (
     ActivityTracker,
     MeasuringWindows,
     UnitStats,
+    trace_call_sites,
     unit_dim,
+)
+from lightning_gradguard.functional.call_sites import (
+    CallSite,
+    is_activation_module,
+    register_activation,
 )
 from lightning_gradguard.functional.clipping import (
     AGCPlan,
@@ -71,6 +77,7 @@ __all__ = [
     "AGCPlan",
     "ActivityTracker",
     "AutoClip",
+    "CallSite",
     "ClipDecision",
     "ClipPolicy",
     "EMARatio",
@@ -101,15 +108,18 @@ __all__ = [
     "infer_unit_pairs",
     "init_",
     "init_weight_",
+    "is_activation_module",
     "local_tensors",
     "lsuv_",
     "make_policy",
     "param_norms",
     "parse_norm_type",
     "recycle_units_",
+    "register_activation",
     "shrink_perturb_",
     "swap_activations",
     "swap_functional_relu",
     "tensor_norms",
+    "trace_call_sites",
     "unit_dim",
 ]
