@@ -189,3 +189,42 @@ def test_a_width_change_at_one_site_warns_once_and_training_goes_on() -> None:
     assert len([w for w in caught if "ActivityTracker" in str(w.message)]) == 1
     assert tracker.stats() == {}  # the site is left out of the window, not mixed
     assert "relu" in tracker.not_covered
+
+
+def test_trackers_leave_the_function_mode_stack_in_any_order() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    first, second = ActivityTracker.for_module(model), ActivityTracker.for_module(model)
+    depth = torch._C._len_torch_function_stack()
+    first.attach()
+    second.attach()
+    first.detach()  # not the top of the stack
+    assert torch._C._len_torch_function_stack() == depth + 1
+    model(torch.randn(2, 3))
+    second.detach()
+    assert torch._C._len_torch_function_stack() == depth
+    assert first.stats() == {} and list(second.stats()) == ["1"]
+
+
+def test_functional_sites_follow_the_calling_module() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = _FunctionalNet()
+            self.act = nn.GELU()  # a module: its own F.gelu call is not a functional site
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.gelu(self.act(self.inner(x)))
+
+    net = Net()
+    x = torch.randn(5, 3)
+    tracker = ActivityTracker.for_module(net)
+    tracker.attach()
+    net(x)
+    tracker.detach()
+    stats = tracker.stats()
+    assert list(stats) == ["inner:relu#0", "inner:relu#1", "inner:relu#2", "act", ":gelu"]
+    with torch.no_grad():
+        a = F.relu(net.inner.a(x))
+        b = net.inner.b(a).relu()
+    assert stats["inner:relu#0"].dead.tolist() == ((a > 0).sum(0) == 0).tolist()
+    assert stats["inner:relu#1"].dead.tolist() == ((b > 0).sum(0) == 0).tolist()

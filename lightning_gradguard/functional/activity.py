@@ -320,16 +320,7 @@ class ActivityTracker:
         self._handles = []
         mode, self._mode = self._mode, None
         if mode is not None:
-            depth = torch._C._len_torch_function_stack()
-            if depth and torch._C._get_function_stack_at(depth - 1) is mode:
-                mode.__exit__(None, None, None)
-            else:  # another mode was entered after ours and not left: leave the stack alone
-                warnings.warn(
-                    "ActivityTracker: another TorchFunctionMode is above the tracker's; the "
-                    "tracker's mode stays on the stack (it measures nothing once detached).",
-                    UserWarning,
-                    stacklevel=2,
-                )
+            _remove_function_mode(mode)
         self._stack = []
 
     def new_pass(self) -> None:
@@ -575,6 +566,18 @@ class ActivityTracker:
             )
             offset += 2 * units
         return out
+
+
+def _remove_function_mode(mode: TorchFunctionMode) -> None:
+    """Take ``mode`` off the function-mode stack, wherever it is; the others stay in order."""
+    above: list[Any] = []
+    while torch._C._len_torch_function_stack():
+        top = torch._C._pop_torch_function_stack()
+        if top is mode:
+            break
+        above.append(top)
+    for other in reversed(above):
+        torch._C._push_on_torch_function_stack(other)
 
 
 def _describe(output: Any) -> str:
