@@ -7,6 +7,7 @@ hook) and counts per unit the positions where the activation was positive.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from pathlib import Path
@@ -235,3 +236,31 @@ def test_awkward_shapes_measure_without_raising_under_gradguard_defaults(
     for name, (active, _, _) in expected.items():
         assert logged[f"dead_units/{name}"] == pytest.approx(float((active == 0).double().mean()))
     assert guard.unit_monitor is not None and guard.unit_monitor.not_covered == {}
+
+
+def test_swap_functional_relu_reaches_transformer_encoder_layers() -> None:
+    from models import EncoderClassifier
+
+    from lightning_gradguard.functional import swap_activations, swap_functional_relu
+
+    model = transformer_encoder()
+    x, _ = sequence_batch()
+    before = model(x)
+    # Reference: torch's own layers built with a leaky activation, same weights.
+    reference = EncoderClassifier()
+    leaky = functools.partial(F.leaky_relu, negative_slope=0.1)
+    for layer in reference.encoder.layers:
+        layer.activation, layer.activation_relu_or_gelu = leaky, 0
+    reference.load_state_dict(model.state_dict())
+    rewritten = swap_functional_relu(model, negative_slope=0.1)
+    torch.testing.assert_close(rewritten(x), reference(x))
+    assert not torch.allclose(rewritten(x), before)
+    rewritten.eval()
+    reference.eval()
+    with torch.no_grad():  # the inference fast path would compute a ReLU: it must be off
+        torch.testing.assert_close(rewritten(x), reference(x))
+    assert {type(layer.activation) for layer in model.encoder.layers} == {nn.LeakyReLU}
+    # swap_activations on an nn.ReLU activation module turns the fast path off too.
+    layer = nn.TransformerEncoderLayer(8, 2, activation=nn.ReLU())
+    swap_activations(layer, ["activation"])
+    assert layer.activation_relu_or_gelu == 0

@@ -293,7 +293,7 @@ class UnitRecycler(Callback):
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self._tracker is not None:
-            self._tracker.detach()
+            self._windows.close(self._tracker)  # also gives torch.compile its stance back
 
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
