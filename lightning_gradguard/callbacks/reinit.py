@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import zlib
 from collections.abc import Callable
-from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -100,14 +99,6 @@ def _check_pair(pl_module: nn.Module, pair: UnitPair) -> None:
     why = check_pair(pl_module, pair)
     if why is not None:
         raise ValueError(f"pairs: {why}.")
-
-
-def _compiled(pl_module: nn.Module) -> bool:
-    """Whether some part of the model runs through ``torch.compile``."""
-    return any(
-        hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None
-        for m in pl_module.modules()
-    )
 
 
 def _pairs_hash(pairs: list[UnitPair]) -> float:
@@ -303,8 +294,6 @@ class UnitRecycler(Callback):
         self._tracer: PairTracer | None = None
         self._trace_pending = False
         self._trace_activity: dict[str, Any] = {}
-        self._eager = ExitStack()
-        self._compiled = False
         self._windows = MeasuringWindows(every_n_steps, window)
 
     @functools.cached_property  # Lightning reads it at every hook call: compute it once
@@ -325,7 +314,6 @@ class UnitRecycler(Callback):
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         _refuse_sharded(pl_module, "UnitRecycler")
-        self._compiled = _compiled(pl_module)
         self._tracker = None
         if self.pairs is None:
             self._trace_pending = True
@@ -350,7 +338,7 @@ class UnitRecycler(Callback):
         """Activity of every weight layer's input in the traced step (pairs are not known yet)."""
         if name not in self._trace_activity:
             self._trace_activity[name] = PairActivity.accumulator_for(module)
-        self._trace_activity[name](module, (), tensor)
+        self._trace_activity[name](module, tensor)
 
     def _finish_trace(self, trainer: Any, pl_module: Any) -> None:
         tracer, self._tracer = self._tracer, None
@@ -383,12 +371,10 @@ class UnitRecycler(Callback):
         windows = self._windows
         if step % windows.every_n_steps == 0 and step != windows.started_at:
             # The traced step opens the window due now: count its forward pass.
-            windows.started_at, windows.batches = step, 0
-            tracker.reset()
+            windows.maybe_open(step, tracker)
             for pair in self.unit_pairs:
                 if pair.consumer in observed:
                     tracker.adopt(str(pair.activation), observed[pair.consumer])
-            tracker.attach()
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
         if self._tracer is not None:
@@ -398,15 +384,15 @@ class UnitRecycler(Callback):
         if self._tracer is not None:
             self._tracer.stop()
             self._tracer = None
-        self._eager.close()
+        if self._tracker is not None:
+            self._windows.close(self._tracker)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self._tracer is not None:
             self._tracer.stop()
             self._tracer = None
-        self._eager.close()
         if self._tracker is not None:
-            self._tracker.detach()
+            self._windows.close(self._tracker)  # also gives torch.compile its stance back
 
     # ------------------------------------------------------------------ windows
     def on_train_batch_start(
@@ -417,15 +403,12 @@ class UnitRecycler(Callback):
             return
         if self._tracker is not None:
             self._windows.maybe_open(int(trainer.global_step), self._tracker)
-            if self._compiled and self._tracker.attached:
-                self._eager.enter_context(torch.compiler.set_stance("force_eager"))
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._tracer is not None:  # a step without backward (skipped, or manual without it)
             self._finish_trace(trainer, pl_module)
-        self._eager.close()
         tracker = self._tracker
         if tracker is None or not self._windows.maybe_close(tracker):
             return

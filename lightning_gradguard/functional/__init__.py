@@ -5,7 +5,13 @@ from lightning_gradguard.functional.activity import (
     ActivityTracker,
     MeasuringWindows,
     UnitStats,
+    trace_call_sites,
     unit_dim,
+)
+from lightning_gradguard.functional.call_sites import (
+    CallSite,
+    is_activation_module,
+    register_activation,
 )
 from lightning_gradguard.functional.clipping import (
     AGCPlan,
@@ -94,6 +100,7 @@ __all__ = [
     "AGCPlan",
     "ActivityTracker",
     "AutoClip",
+    "CallSite",
     "ClipDecision",
     "ClipPolicy",
     "EMARatio",
@@ -133,6 +140,7 @@ __all__ = [
     "infer_unit_pairs",
     "init_",
     "init_weight_",
+    "is_activation_module",
     "layer_specs",
     "local_tensors",
     "lsuv_",
@@ -141,6 +149,7 @@ __all__ = [
     "param_norms",
     "parse_norm_type",
     "recycle_units_",
+    "register_activation",
     "register_layer",
     "rows_layout",
     "shrink_perturb_",
@@ -148,6 +157,7 @@ __all__ = [
     "swap_activations",
     "swap_functional_relu",
     "tensor_norms",
+    "trace_call_sites",
     "trace_unit_pairs",
     "unit_dim",
     "unregister_layer",

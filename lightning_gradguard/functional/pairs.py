@@ -56,6 +56,11 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from lightning_gradguard.functional.call_sites import (
+    ACTIVATION_FUNCTIONS,
+    FUNCTION_NAMES,
+    is_activation_module,
+)
 from lightning_gradguard.functional.units import Layer, layer_specs
 
 ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
@@ -77,9 +82,11 @@ ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
     nn.Sigmoid,
     nn.Softplus,
 )
-"""Activation modules recognised by type. Other parameter-free leaf modules whose
-output has the shape of their input (Hugging Face's ``NewGELUActivation``, ...)
-count as activations too, unless they are in :data:`NOT_ACTIVATIONS`."""
+"""Activation modules recognised by type, with those the dead-unit measure recognises
+(``call_sites.is_activation_module``: its types, registered types and its name rule,
+which covers Hugging Face's ``NewGELUActivation``). Other parameter-free leaf modules
+whose output has the shape of their input count as activations too, unless they are
+in :data:`NOT_ACTIVATIONS`."""
 
 NOT_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.Softmax,
@@ -97,28 +104,23 @@ NOT_ACTIVATIONS: tuple[type[nn.Module], ...] = (
 """Parameter-free modules that are not unit-wise activations, even where an output
 keeps the input's shape (a 1x1 adaptive pooling)."""
 
-FUNCTIONAL_ACTIVATIONS = frozenset(
-    {
-        "relu",
-        "relu_",
-        "relu6",
-        "leaky_relu",
-        "leaky_relu_",
-        "gelu",
-        "silu",
-        "elu",
-        "elu_",
-        "selu",
-        "selu_",
-        "celu",
-        "celu_",
-        "mish",
-        "hardswish",
-    }
-)
-"""Names of the torch functions (``F.relu``, ``torch.relu``, ``Tensor.relu``, ...) that
-are activation call sites. ``tanh`` and ``sigmoid`` are not: as functions they are
-mostly gates and attention parts, not unit activations."""
+
+def _activation_function(func: Any) -> str | None:
+    """The site name of a functional activation (``F.relu``, ``torch.relu_``... -> ``relu``).
+
+    The functions are those the dead-unit measure tracks
+    (``lightning_gradguard.functional.call_sites.ACTIVATION_FUNCTIONS``); ``tanh``
+    and ``sigmoid`` are not among them: as functions they are mostly gates.
+    """
+    try:
+        found = ACTIVATION_FUNCTIONS.get(func)
+    except TypeError:  # unhashable
+        return None
+    if found is None and isinstance(func, str):  # an fx call_method target
+        name = func.rstrip("_")
+        return name if name in FUNCTION_NAMES else None
+    return found
+
 
 PASS_THROUGH: tuple[type[nn.Module], ...] = (
     nn.Dropout,
@@ -391,7 +393,7 @@ def _leaf_kind(module: nn.Module) -> str | None:
         return "norm"
     if isinstance(module, PASS_THROUGH):
         return "pass"
-    if isinstance(module, ACTIVATION_MODULES):
+    if isinstance(module, ACTIVATION_MODULES) or is_activation_module(module):
         return "act"
     if next(module.children(), None) is not None:
         return None
@@ -532,7 +534,9 @@ class PairTracer:
             if not outputs or name in _NON_DATA:
                 return  # metadata (size, dim, ...) and detaching are not data flow
             owner = self._stack[-1][0] if self._stack else ""
-            is_act = name in FUNCTIONAL_ACTIVATIONS
+            site_function = _activation_function(func)
+            is_act = site_function is not None
+            name = site_function or name
             kind = "act" if is_act else "other"
             node = self.graph.add(_Node(kind, name, owner, "function"))
             inputs = _tensors((args, kwargs))
@@ -606,8 +610,9 @@ def _fx_graph(model: nn.Module) -> _Graph:
             node = _Node(kind, str(fx_node.target), str(fx_node.target), type(module).__name__)
             graph.module_calls[node.label] += 1
         else:
-            name = getattr(fx_node.target, "__name__", str(fx_node.target))
-            kind = "act" if name in FUNCTIONAL_ACTIVATIONS else "other"
+            site_function = _activation_function(fx_node.target)
+            name = site_function or str(getattr(fx_node.target, "__name__", fx_node.target))
+            kind = "act" if site_function is not None else "other"
             node = _Node(kind, name, owner, "function")
             if kind == "act":
                 inputs = inputs[:1]

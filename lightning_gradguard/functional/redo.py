@@ -26,9 +26,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_gradguard.functional.activity import ActivityTracker, _LayerAccumulator
+from lightning_gradguard.functional.activity import ActivityTracker, UnitStats
 from lightning_gradguard.functional.init import WEIGHT_LAYERS, _activation_of, init_weight_
 from lightning_gradguard.functional.pairs import (
     PairInference,
@@ -224,16 +225,46 @@ def recycle_units_(
     return count
 
 
+class _InputActivity:
+    """Per-unit activity of one consumer's input: positions > 0 and sum of |h|, per unit."""
+
+    def __init__(self, units: int, channels_first: bool, device: torch.device) -> None:
+        self.units = units
+        self.channels_first = channels_first
+        self.device = device
+        self.failed: str | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.active = torch.zeros(self.units, dtype=torch.float64, device=self.device)
+        self.abs_sum = torch.zeros(self.units, dtype=torch.float64, device=self.device)
+        self.samples = 0  # positions seen, a host integer (shapes are known on the host)
+
+    @torch.no_grad()
+    def __call__(self, module: nn.Module, h: Tensor) -> None:
+        if not module.training or self.failed is not None:
+            return  # validation, test and predict passes are not training activity
+        dim = 1 if self.channels_first and h.dim() > 1 else h.dim() - 1
+        if h.dim() == 0 or h.shape[dim] != self.units:
+            self.failed = f"input of shape {tuple(h.shape)} has no dimension of {self.units} units"
+            return
+        moved = h.detach().movedim(dim, -1).reshape(-1, self.units)
+        self.active += (moved > 0).sum(0, dtype=torch.float64).to(self.device)
+        self.abs_sum += moved.abs().sum(0, dtype=torch.float64).to(self.device)
+        self.samples += moved.shape[0]
+
+
 class PairActivity(ActivityTracker):
     """Unit activity of each pair, measured where the consumer reads the units.
 
     A forward pre-hook on each pair's consumer reads its input, which is the
     activation call site's output (through dropout, if any): exact whatever runs
     the activation (a module called twice, ``F.relu`` inside a ``forward``, a
-    third-party module), and one width per consumer. Statistics are keyed by the
-    pair's activation call site. Windows, reduction across ranks (one
-    ``all_reduce``) and :meth:`stats` are those of
-    :class:`~lightning_gradguard.functional.ActivityTracker`.
+    third-party module), with one width per consumer, known from its weight.
+    Statistics are keyed by the pair's activation call site and read as
+    :class:`~lightning_gradguard.functional.ActivityTracker`'s are (ReDo scores,
+    dead units); :meth:`reduce` sums them across ranks with one ``all_reduce``.
+    It plugs into :class:`~lightning_gradguard.functional.MeasuringWindows`.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -251,43 +282,131 @@ class PairActivity(ActivityTracker):
     def __init__(
         self, model: nn.Module, pairs: Iterable[UnitPair], device: torch.device | str | None = None
     ) -> None:
-        named = [(str(p.activation), p) for p in pairs if p.activation]
         if device is None:
             device = next(model.parameters(), torch.empty(0)).device
-        consumers = [(site, model.get_submodule(p.consumer)) for site, p in named]
-        super().__init__(consumers, device=device)
-        for site, module in consumers:
-            self._accumulators[site] = self.accumulator_for(module)
+        super().__init__(device=device)
+        self.consumers: dict[str, nn.Module] = {}
+        self._activity: dict[str, _InputActivity] = {}
+        for pair in pairs:
+            if not pair.activation:
+                continue
+            module = model.get_submodule(pair.consumer)
+            self.consumers[pair.activation] = module
+            self._activity[pair.activation] = self.accumulator_for(module, self.device)
 
     @staticmethod
-    def accumulator_for(consumer: nn.Module) -> _LayerAccumulator:
-        """A fresh accumulator of ``consumer``'s input, units in dim 1 (conv) or last."""
+    def accumulator_for(consumer: nn.Module, device: torch.device | None = None) -> _InputActivity:
+        """A fresh accumulator of ``consumer``'s input: units in dim 1 (conv) or last."""
         layer = unit_layer(consumer)
-        conv = layer is not None and layer.kind == "conv"
-        return _LayerAccumulator("channels_first" if conv else "channels_last")
+        if layer is None:
+            raise ValueError(f"{type(consumer).__name__} is not a weight layer of the unit map.")
+        units = layer.weight.shape[1 - layer.unit_dim]
+        where = device if device is not None else layer.weight.device
+        return _InputActivity(units, layer.kind == "conv", torch.device(where))
 
-    def adopt(self, site: str, accumulator: Any) -> None:
+    def adopt(self, site: str, accumulator: _InputActivity) -> None:
         """Use statistics accumulated elsewhere (by :meth:`accumulator_for`) for ``site``."""
-        if site in self._accumulators:
-            self._accumulators[site] = accumulator
+        if site in self._activity:
+            self._activity[site] = accumulator
 
-    def observe(self, site: str, module: nn.Module, tensor: Tensor) -> None:
-        """Count one input of the consumer of ``site`` (as its pre-hook does)."""
-        accumulator = self._accumulators.get(site)
-        if accumulator is not None:
-            accumulator(module, (), tensor)
+    @property
+    def measures_anything(self) -> bool:
+        """Whether there is a consumer to hook."""
+        return bool(self.consumers)
+
+    def new_pass(self) -> None:
+        """A new training batch (nothing to do: one consumer, one input per pass)."""
 
     def attach(self) -> None:
         """Attach the forward pre-hooks on the consumers (idempotent)."""
         if self._handles:
             return
-        for site, module in self.modules.items():
+        for site, module in self.consumers.items():
 
             def hook(module: nn.Module, args: Any, site: str = site) -> None:
                 if args and isinstance(args[0], Tensor):
-                    self.observe(site, module, args[0])
+                    self._activity[site](module, args[0])
 
             self._handles.append(module.register_forward_pre_hook(hook))
+
+    def detach(self) -> None:
+        """Remove the hooks; accumulated statistics are kept."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def reset(self) -> None:
+        """Forget accumulated statistics."""
+        for activity in self._activity.values():
+            activity.reset()
+            activity.failed = None
+
+    def reduce(self) -> None:
+        """Sum the statistics across ranks: one ``all_reduce`` of one flat buffer.
+
+        Widths come from the consumers' weights, the same on every rank, so no
+        agreement step is needed. A no-op outside a distributed run.
+        """
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        parts: list[Tensor] = []
+        for activity in self._activity.values():
+            extra = [float(activity.samples), 0.0 if activity.failed is None else 1.0]
+            parts += [activity.active, activity.abs_sum]
+            parts.append(torch.tensor(extra, dtype=torch.float64).to(activity.active.device))
+        if not parts:
+            return
+        flat = torch.cat(parts)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        tails = []
+        for activity in self._activity.values():
+            tails += [offset + 2 * activity.units, offset + 2 * activity.units + 1]
+            offset += 2 * activity.units + 2
+        counts = flat[tails].tolist()
+        offset = 0
+        for number, activity in enumerate(self._activity.values()):
+            units = activity.units
+            activity.active = flat[offset : offset + units]
+            activity.abs_sum = flat[offset + units : offset + 2 * units]
+            activity.samples = int(counts[2 * number])
+            if counts[2 * number + 1] and activity.failed is None:
+                activity.failed = "it could not be measured on another rank"
+            offset += 2 * units + 2
+
+    def device_stats(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per site ``(dead, scores)`` as device tensors (no host transfer)."""
+        out: dict[str, tuple[Tensor, Tensor]] = {}
+        for site, activity in self._activity.items():
+            if activity.failed is not None or not activity.samples:
+                if activity.failed is not None:
+                    self.not_covered[site] = activity.failed
+                continue
+            mean_abs = activity.abs_sum / activity.samples
+            layer_mean = mean_abs.mean()
+            scores = torch.where(layer_mean > 0, mean_abs / layer_mean, torch.zeros_like(mean_abs))
+            out[site] = (activity.active == 0, scores)
+        return out
+
+    def stats(self) -> dict[str, UnitStats]:
+        """Per site statistics on the host (one transfer for all sites)."""
+        device_stats = self.device_stats()
+        if not device_stats:
+            return {}
+        flat = torch.cat(
+            [torch.cat([d.double(), s.double()]) for d, s in device_stats.values()]
+        ).cpu()  # the one transfer
+        out: dict[str, UnitStats] = {}
+        offset = 0
+        for site, (dead, _) in device_stats.items():
+            units = dead.numel()
+            out[site] = UnitStats(
+                dead=flat[offset : offset + units].bool(),
+                scores=flat[offset + units : offset + 2 * units],
+                samples=self._activity[site].samples,
+            )
+            offset += 2 * units
+        return out
 
 
 @torch.no_grad()
