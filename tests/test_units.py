@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -167,19 +168,20 @@ def test_unknown_layers_are_named_and_a_registered_layer_is_read_by_its_spec() -
         assert (dense.kind, dense.units, dense.fan_in, dense.fan_out) == ("linear", 6, 4, 6)
         assert dense.bias is model[1].offset
         torch.testing.assert_close(dense.unit_norms(), model[1].kernel.detach().norm(dim=0))
+
         # A predicate works too, and the newest registration wins.
-        register_layer(
-            lambda m: isinstance(m, _Dense), LayerSpec("custom", unit_dim=0, weight="kernel")
-        )
+        def is_dense(module: nn.Module) -> bool:
+            return isinstance(module, _Dense)
+
+        register_layer(is_dense, LayerSpec("custom", unit_dim=0, weight="kernel"))
         layers = map_layers(model)
         assert (layers["1"].kind, layers["1"].units) == ("custom", 4)
         assert layers.unknown == {"1": ("offset",)}  # the new spec names no such bias
         assert layers["1"].bias is None
+        unregister_layer(is_dense)
+        assert map_layers(model)["1"].kind == "linear"
     finally:
         unregister_layer(_Dense)
-        from lightning_gradguard.functional import units
-
-        units._REGISTERED.clear()
     assert map_layers(model).unknown == {"1": ("kernel", "offset")}
 
 
@@ -478,7 +480,7 @@ def test_encoder_init_covers_the_raw_in_proj_parameter() -> None:
         assert torch.count_nonzero(attn.in_proj_bias) == 0
         assert _close(_std(attn.out_proj.weight), math.sqrt(2 / (2 * d)))
         assert _close(_std(layer.linear1.weight), math.sqrt(2 / (d + 32)))
-    assert "encoder.layers.0.self_attn.in_proj_weight" in report
+    assert report["encoder.layers.0.self_attn"] == "linear"  # the module's one mapped weight
 
 
 def test_init_and_lsuv_name_the_layers_they_leave_alone() -> None:
@@ -538,10 +540,7 @@ def test_lsuv_on_the_encoder_reports_attention_projections() -> None:
     # MultiheadAttention uses out_proj's weight without calling the module: unreached.
     assert report.unreached == [f"encoder.layers.{i}.self_attn.out_proj" for i in range(2)]
     for i in range(2):
-        assert (
-            "not this weight's alone"
-            in report.skipped[f"encoder.layers.{i}.self_attn.in_proj_weight"]
-        )
+        assert "not this weight's alone" in report.skipped[f"encoder.layers.{i}.self_attn"]
 
 
 # --------------------------------------------------------------------------- callbacks on GPT-2
@@ -616,3 +615,34 @@ def test_callbacks_on_gpt2_init_clip_and_reinit_conv1d_by_output_unit() -> None:
     # Re-initialized with Kaiming (relu gain) through the map: fan_in = n_embd, not 4·n_embd.
     assert len(observe.reinit_std) == 1
     assert _close(observe.reinit_std[0], math.sqrt(2 / module.n_embd))
+
+
+def test_agc_on_gpt2_sharded_like_fsdp2_matches_the_hand_formula(tmp_path: Path) -> None:
+    import distributed_helpers as h
+
+    h.launch_ranks("agc_conv1d_run.py", str(tmp_path), timeout=240)
+    reference = _gpt2_with_grads()
+    _hand_agc_(reference, 0.01, 1e-3)
+    results = [h.read_json(tmp_path / f"rank{rank}.json") for rank in range(h.WORLD_SIZE)]
+    for result in results:
+        # One reduction for the sharded vectors' weights, one for their gradients, one
+        # for every Conv1D's column norms (weights and gradients together).
+        assert result["all_reduce_calls"] == 3
+        grads = result["grads"]
+        assert set(grads) == {n for n, _ in reference.named_parameters()}
+        for name, p in reference.named_parameters():
+            torch.testing.assert_close(torch.tensor(grads[name]), p.grad, msg=name)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_kaiming_on_conv_transpose_uses_the_inputs_per_output_channel(groups: int) -> None:
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose2d(64, 32, kernel_size=3, groups=groups)
+    report = init_(nn.Sequential(conv, nn.ReLU()), "kaiming_normal")
+    assert report == {"0": "relu"}
+    # Output channel c reads in/groups input channels through a 3x3 kernel.
+    expected = math.sqrt(2 / (64 // groups * 9))
+    assert _close(_std(conv.weight), expected)
+    # nn.init reads weight.shape[1] = out/groups as the fan-in.
+    torch_std = math.sqrt(2 / nn.init._calculate_fan_in_and_fan_out(conv.weight)[0])
+    assert not _close(torch_std, expected)

@@ -24,9 +24,11 @@ from lightning_gradguard.functional.clipping import (
 from lightning_gradguard.functional.health import GradientHealth
 from lightning_gradguard.functional.init import (
     SCHEMES,
+    InitReport,
     LSUVReport,
     consumer_nonlinearities,
     init_,
+    init_layer_,
     init_weight_,
     lsuv_,
 )
@@ -108,6 +110,7 @@ __all__ = [
     "FixedValue",
     "GradientHealth",
     "GroupedNorms",
+    "InitReport",
     "LSUVReport",
     "Layer",
     "LayerMap",
@@ -139,6 +142,7 @@ __all__ = [
     "grouped_norms",
     "infer_unit_pairs",
     "init_",
+    "init_layer_",
     "init_weight_",
     "is_activation_module",
     "layer_specs",
