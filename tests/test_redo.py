@@ -29,6 +29,7 @@ from models import (
     transformer_encoder,
 )
 from torch import Tensor, nn
+from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader
 
 from lightning_gradguard import LayerReinit, UnitRecycler
@@ -84,6 +85,13 @@ def _encoder_pairs(prefix: str = "") -> list[UnitPair]:
     ]
 
 
+def _compiled_in_place() -> nn.Module:
+    model = resnet_tiny()
+    model.compile(backend="eager")
+    model(image_batch()[0])  # compiled before the trace
+    return model
+
+
 # The ResNet's activation sites that have no unambiguous pair, and what makes them so.
 RESNET_SKIPPED = {
     "relu": "layer1.0.conv1",  # the stem's relu feeds layer1.0.conv1 and the residual add
@@ -104,8 +112,9 @@ RESNET_SKIPPED = {
             lambda: image_batch()[0],
             _resnet_pairs("_orig_mod."),
         ),
+        (_compiled_in_place, lambda: image_batch()[0], _resnet_pairs()),
     ],
-    ids=["resnet", "gpt2", "transformer_encoder", "compiled_resnet"],
+    ids=["resnet", "gpt2", "transformer_encoder", "compiled_resnet", "resnet.compile()"],
 )
 def test_inferred_pairs_equal_the_pairs_read_from_forward(
     build: Callable[[], nn.Module], example: Callable[[], Any], expected: list[UnitPair]
@@ -367,7 +376,9 @@ def test_unit_recycler_measures_every_window_of_a_compiled_model() -> None:
                     net[0].bias[[10, 11]] = -100.0
 
     compiled = torch.compile(net, backend="eager")  # same batch size before and during fit
-    compiled(batches[0][0])
+    compiled(batches[0][0]).sum().backward()
+    net.zero_grad()
+    graphs = counters["stats"]["unique_graphs"]
     recycler = UnitRecycler(every_n_steps=4, window=2, tau=0.0, seed=SEED)
     _fit(_Wrap(compiled, _image_loss, batches), [Killer(), recycler], steps=6)
     assert recycler.unit_pairs == [
@@ -376,6 +387,8 @@ def test_unit_recycler_measures_every_window_of_a_compiled_model() -> None:
     windows = {e["step"]: e["detail"] for e in recycler.events}
     assert windows[2].startswith("2 of 32") and windows[6].startswith("2 of 32")
     assert torch.all(net[0].bias[[1, 4, 10, 11]].abs() < 1)  # all four recycled
+    # Tracing and windows ran eagerly: no recompilation (hooks never entered a graph).
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_explicit_pairs_name_the_norm_and_are_checked() -> None:
