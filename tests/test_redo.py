@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader
 
-from lightning_gradguard import LayerReinit, UnitRecycler
+from lightning_gradguard import DeadUnitMonitor, LayerReinit, UnitRecycler
 from lightning_gradguard.functional import (
     UnitPair,
     infer_unit_pairs,
@@ -426,3 +426,16 @@ def test_layer_reinit_draws_a_conv1d_with_its_fans_and_refuses_the_tied_head() -
             [LayerReinit(at_steps=[1], layers=["model.lm_head"])],
             1,
         )
+
+
+@pytest.mark.parametrize("recycler_first", [True, False])
+def test_unit_recycler_and_dead_unit_monitor_name_the_same_sites(recycler_first: bool) -> None:
+    # Both record the first step with a TorchFunctionMode, entered and left in either order.
+    recycler = UnitRecycler(every_n_steps=2, window=1, tau=0.0)
+    monitor = DeadUnitMonitor(every_n_steps=2, window=1)
+    batches = [sequence_batch(seed=s) for s in range(2)]
+    callbacks = [recycler, monitor] if recycler_first else [monitor, recycler]
+    _fit(_Wrap(transformer_encoder(), _image_loss, batches), callbacks, steps=2)
+    assert recycler.unit_pairs == _encoder_pairs("model.")
+    assert sorted(monitor.last_stats) == [p.activation for p in recycler.unit_pairs]
+    assert torch._C._len_torch_function_stack() == 0  # every mode left

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from lightning_gradguard.functional.activity import _remove_function_mode
 from lightning_gradguard.functional.call_sites import (
     ACTIVATION_FUNCTIONS,
     FUNCTION_NAMES,
@@ -563,8 +564,8 @@ class PairTracer:
 
     def stop(self) -> PairInference:
         """Stop recording, remove every hook, and return the pairs."""
-        if self._mode is not None:
-            self._mode.__exit__(None, None, None)
+        if self._mode is not None:  # wherever it is on the stack (other modes may sit above)
+            _remove_function_mode(self._mode)
             self._mode = None
         if self._stance is not None:
             self._stance.__exit__(None, None, None)
