@@ -282,32 +282,31 @@ class _Graph:
         others = [self.nodes[u].describe() for u in dict.fromkeys(uses) if u != reader]
         return "also read by " + ", ".join(others)
 
-    def _pair_at(self, model: nn.Module, act: int) -> tuple[UnitPair | None, str]:
-        node = self.nodes[act]
-        if not node.inputs or not node.outputs:
-            return None, "it has no tensor input or output"
+    def _producer_of(self, act: int) -> tuple[_Node | None, list[str], str]:
+        """Walk back from an activation through norms and dropout to a weight layer."""
         norms: list[str] = []
-        reader, value = act, node.inputs[0]
-        producer: _Node | None = None
-        while producer is None:
+        reader, value = act, self.nodes[act].inputs[0]
+        while True:
             if (why := self._readers(value, reader)) is not None:
-                return None, f"its input is {why} (a residual or branch)"
+                return None, norms, f"its input is {why} (a residual or branch)"
             made_by = self.values[value].producer
             if made_by is None:
-                return None, "its input is not made by a module or function of the model"
+                return None, norms, "its input is not made by a module or function of the model"
             maker = self.nodes[made_by]
             if maker.kind in ("norm", "pass") and maker.inputs:
                 if maker.kind == "norm":
                     norms.insert(0, maker.label)
                 reader, value = made_by, maker.inputs[0]
             elif maker.kind == "weight":
-                producer = maker
+                return maker, norms, ""
             else:
-                return None, (
-                    f"its input comes from {maker.describe()}, not from a weight layer or a norm"
-                )
-        value, consumer = node.outputs[0], None
-        while consumer is None:
+                why = f"its input comes from {maker.describe()}, not from a weight layer or a norm"
+                return None, norms, why
+
+    def _consumer_of(self, act: int) -> tuple[_Node | None, str]:
+        """Walk forward from an activation through dropout to the one weight layer reading it."""
+        value = self.nodes[act].outputs[0]
+        while True:
             uses = list(dict.fromkeys(self.values[value].uses))
             if not uses:
                 return None, "nothing in the forward pass reads its output"
@@ -318,9 +317,18 @@ class _Graph:
             if user.kind == "pass" and user.outputs:
                 value = user.outputs[0]
             elif user.kind == "weight" and user.inputs and user.inputs[0] == value:
-                consumer = user
+                return user, ""
             else:
                 return None, f"its output goes to {user.describe()}, not to a weight layer"
+
+    def _pair_at(self, model: nn.Module, act: int) -> tuple[UnitPair | None, str]:
+        node = self.nodes[act]
+        if not node.inputs or not node.outputs:
+            return None, "it has no tensor input or output"
+        producer, norms, before = self._producer_of(act)
+        consumer, after = self._consumer_of(act)
+        if producer is None or consumer is None:
+            return None, "; ".join(why for why in (before, after) if why)
         for name in (producer.label, consumer.label, *norms):
             if self.module_calls[name] != 1:
                 return None, f"{name} runs {self.module_calls[name]} times per forward"
