@@ -39,8 +39,9 @@ Example:
     >>> found = trace_unit_pairs(nn.Sequential(Block(), nn.GELU(), Block()), torch.randn(2, 4))
     >>> found.pairs[0]
     UnitPair(producer='0.fc1', consumer='0.fc2', activation='0:relu', norms=('0.norm',))
-    >>> print(found.skipped["1"].replace("; ", ";\n"))
-    its input comes from add (in 0), not from a weight layer or a norm;
+    >>> for reason in found.skipped["1"].split("; "):
+    ...     print(reason)
+    its input comes from add (in 0), not from a weight layer or a norm
     its output is read by 2 calls: 2.fc1 (Linear), add (in 2)
 """
 
