@@ -238,6 +238,7 @@ class ActivityTracker:
         self._handles: list[Any] = []
         self._mode: _FunctionalActivations | None = None
         self._warned: set[str] = set()
+        self._agreed: dict[SiteKey, int] | None = None  # the sites of the last reduction
 
     @classmethod
     def for_module(
@@ -476,47 +477,77 @@ class ActivityTracker:
         """Sum the statistics across ranks, every site together.
 
         A no-op outside a distributed run. Every rank must call it (it is a
-        collective), after the same number of windows. The ranks first agree on
-        the sites (an ``all_gather_object`` of the site keys and widths: a site
-        that did not run on some rank, in a conditional branch say, is filled with
-        zeros there), then one ``all_reduce`` sums every site's statistics in a
-        single flat buffer. A site that failed on any rank is left out everywhere.
+        collective), after the same number of windows. Usually one ``all_reduce``
+        of a single flat buffer holding every site's statistics, laid out by the
+        sites the ranks agreed on at an earlier window, plus one slot that counts
+        the ranks that found a site outside that layout. When that slot is not zero
+        (the first window, a new site, a site that changed width), the ranks agree
+        again (an ``all_gather_object`` of the site keys and widths: a site that did
+        not run on some rank, in a conditional branch say, is filled with zeros
+        there) and sum again in the new layout. A site that failed on any rank is
+        left out everywhere.
         """
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return
-        local = [(key, site.units) for key, site in self._sites.items()]
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, local)
-        agreed: dict[SiteKey, int] = {}
-        for rank_sites in gathered:
-            for key, units in rank_sites:
-                agreed[tuple(key)] = max(agreed.get(tuple(key), 0), int(units))
-        if not agreed:
             return
         device = next(
             (s.active.device for s in self._sites.values() if s.active is not None), self.device
         )
-        parts: list[Tensor] = []
+        agreed = self._agreed
+        if agreed is not None:
+            outside = any(agreed.get(key) != site.units for key, site in self._sites.items())
+            flat = torch.cat(
+                [
+                    self._pack(agreed, device, blank=outside),
+                    torch.tensor([float(outside)], dtype=torch.float64, device=device),
+                ]
+            )
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            counts = flat[[*self._count_slots(agreed), flat.numel() - 1]].tolist()
+            if counts[-1] == 0:  # every rank's sites fit the layout: done in one collective
+                self._unpack(agreed, flat, counts[:-1])
+                return
+        local = [(key, site.units) for key, site in self._sites.items()]
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        agreed = {}
+        for rank_sites in gathered:
+            for key, units in rank_sites:
+                agreed[tuple(key)] = max(agreed.get(tuple(key), 0), int(units))
+        self._agreed = agreed
+        if not agreed:
+            return
         for key, units in agreed.items():
             site = self._sites.get(key)
             if site is not None and site.failed is None and site.units != units:
                 site.failed = f"{site.units} units here, {units} on another rank"
-            usable = site is not None and site.failed is None
+        flat = self._pack(agreed, device, blank=False)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        self._unpack(agreed, flat, flat[self._count_slots(agreed)].tolist())
+
+    def _pack(self, agreed: dict[SiteKey, int], device: torch.device, blank: bool) -> Tensor:
+        """Per agreed site: active counts, sums of |h|, samples, failed (zeros if ``blank``)."""
+        parts: list[Tensor] = []
+        for key, units in agreed.items():
+            site = self._sites.get(key)
+            usable = not blank and site is not None and site.failed is None
             if usable and site is not None and site.active is not None and site.abs_sum is not None:
                 parts += [site.active, site.abs_sum]
             else:
                 parts.append(torch.zeros(2 * units, dtype=torch.float64, device=device))
-            samples = 0 if site is None else site.samples
-            failed = 0.0 if site is None or site.failed is None else 1.0
+            samples = 0 if site is None or blank else site.samples
+            failed = 0.0 if site is None or site.failed is None or blank else 1.0
             parts.append(torch.tensor([float(samples), failed], dtype=torch.float64).to(device))
-        flat = torch.cat(parts)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        tails = []
-        offset = 0
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+
+    @staticmethod
+    def _count_slots(agreed: dict[SiteKey, int]) -> list[int]:
+        slots, offset = [], 0
         for units in agreed.values():
-            tails += [offset + 2 * units, offset + 2 * units + 1]
+            slots += [offset + 2 * units, offset + 2 * units + 1]
             offset += 2 * units + 2
-        counts = flat[tails].tolist()
+        return slots
+
+    def _unpack(self, agreed: dict[SiteKey, int], flat: Tensor, counts: list[float]) -> None:
         offset = 0
         for number, (key, units) in enumerate(agreed.items()):
             site = self._sites.get(key)
