@@ -252,13 +252,15 @@ class ActivityTracker:
         """Track every activation call site of ``model``.
 
         Args:
-            model: the root model.
+            model: the root model; for a ``torch.compile`` wrapper, the module it
+                compiled (site names carry no ``_orig_mod.``).
             select: which activation modules: types, a ``(name, module)`` predicate,
                 or ``None`` for :func:`~lightning_gradguard.functional.is_activation_module`.
             layout: unit layout, see :func:`unit_dim`.
             functions: functional activations to measure (default: all).
             training_only: measure only modules in training mode.
         """
+        model = _unwrap_compiled(model)
         if select is None:
             named = [(n, m) for n, m in model.named_modules() if n and is_activation_module(m)]
         elif isinstance(select, tuple):
@@ -599,6 +601,12 @@ class ActivityTracker:
         return out
 
 
+def _unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile(module)`` wrapper compiled (``model`` itself otherwise)."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def _remove_function_mode(mode: TorchFunctionMode) -> None:
     """Take ``mode`` off the function-mode stack, wherever it is; the others stay in order."""
     above: list[Any] = []
@@ -621,7 +629,9 @@ def trace_call_sites(model: nn.Module, *args: Any, **kwargs: Any) -> list[CallSi
     """Run ``model(*args, **kwargs)`` once and return its activation call sites in call order.
 
     The pass runs in eval mode under ``torch.no_grad`` (BatchNorm statistics and
-    dropout are untouched; every module's mode is restored afterwards).
+    dropout are untouched; every module's mode is restored afterwards), with
+    compiled code run eagerly (torch.compile's ``"force_eager"`` stance), so a
+    compiled model is traced too, without recompiling.
 
     Example:
         >>> class Block(nn.Module):
@@ -637,12 +647,14 @@ def trace_call_sites(model: nn.Module, *args: Any, **kwargs: Any) -> list[CallSi
     modes = {module: module.training for module in model.modules()}
     tracker = ActivityTracker.for_module(model, training_only=False)
     model.eval()
+    prior = _set_compiler_stance("force_eager")
     try:
         tracker.attach()
         with torch.no_grad():
             model(*args, **kwargs)
     finally:
         tracker.detach()
+        _set_compiler_stance(prior)
         for module, training in modes.items():
             module.training = training
     return tracker.call_sites()
