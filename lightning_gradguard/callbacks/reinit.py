@@ -283,13 +283,9 @@ class UnitRecycler(Callback):
                 raise ValueError(f"pairs name modules that do not exist: {missing}.")
             for pair in self._pairs:
                 _check_pair(pl_module, pair)
-        activations = [
-            (p.activation, pl_module.get_submodule(p.activation))
-            for p in self._pairs
-            if p.activation
-        ]
-        device = next(pl_module.parameters(), torch.empty(0)).device
-        self._tracker = ActivityTracker(activations, device=device)
+        # Measured per call site; statistics are keyed by site name (see call_sites).
+        sites = [p.activation for p in self._pairs if p.activation]
+        self._tracker = ActivityTracker.for_sites(pl_module, sites)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self._tracker is not None:

@@ -124,7 +124,7 @@ class _Site:
         self.key, self.order, self.dim, self.units, self.shape = key, order, dim, units, shape
         self.before: str | None = None
         self.after: str | None = None
-        self.active: Tensor | None = None  # positions with h > 0, per unit (float64)
+        self.peak: Tensor | None = None  # per unit, the largest h seen (> 0: ever active)
         self.abs_sum: Tensor | None = None  # sum of |h| per unit (float64)
         self.samples = 0  # positions seen, a host integer (shapes are known on the host)
         self.failed: str | None = None  # why the site is left out of this window
@@ -135,21 +135,20 @@ class _Site:
         return h.dim() > self.dim and h.dim() == len(self.shape) and h.shape[self.dim] == self.units
 
     def add(self, h: Tensor) -> None:
-        if self.dim is None:
-            moved = h.reshape(-1, 1)
+        """Two reductions over every dimension but the units' (no copy, no transpose)."""
+        dims = (0,) if self.dim is None else tuple(d for d in range(h.dim()) if d != self.dim)
+        wide = h.dtype if h.dtype in (torch.float32, torch.float64) else torch.float32
+        peak = h.amax(dim=dims).reshape(-1).to(wide)
+        abs_sum = h.abs().sum(dim=dims, dtype=wide).reshape(-1).double()
+        if self.peak is None or self.abs_sum is None:
+            self.peak, self.abs_sum = peak, abs_sum
         else:
-            moved = h.movedim(self.dim, -1).reshape(-1, self.units)
-        active = (moved > 0).sum(0, dtype=torch.float64)
-        abs_sum = moved.abs().sum(0, dtype=torch.float64)
-        if self.active is None or self.abs_sum is None:
-            self.active, self.abs_sum = active, abs_sum
-        else:
-            self.active += active
+            torch.maximum(self.peak, peak, out=self.peak)
             self.abs_sum += abs_sum
-        self.samples += moved.shape[0]
+        self.samples += h.numel() // self.units
 
     def reset(self) -> None:
-        self.active = self.abs_sum = None
+        self.peak = self.abs_sum = None
         self.samples = 0
         self.failed = None
 
@@ -277,6 +276,43 @@ class ActivityTracker:
             training_only=training_only,
         )
 
+    @classmethod
+    def for_sites(
+        cls,
+        model: nn.Module,
+        sites: Iterable[str],
+        layout: str = "auto",
+        training_only: bool = True,
+    ) -> ActivityTracker:
+        """Track the call sites named in ``sites`` (and the other calls of their modules).
+
+        ``net.3`` and ``layer1.0.relu#1`` select the module at that path (any module:
+        its output is measured); ``encoder.layers.0:relu`` selects the functional
+        ``relu`` (every functional ``relu`` call is then measured). Statistics are
+        keyed by site name, as always.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3), nn.Tanh())
+            >>> sorted(ActivityTracker.for_sites(model, ["3"]).modules)
+            ['3']
+        """
+        model = _unwrap_compiled(model)
+        paths: set[str] = set()
+        functions: set[str] = set()
+        for site in sites:
+            base = site.split("#")[0]
+            if ":" in base:
+                functions.add(base.rpartition(":")[2])
+            else:
+                paths.add(base)
+        return cls.for_module(
+            model,
+            lambda name, _: name in paths,
+            layout,
+            functions=sorted(functions),
+            training_only=training_only,
+        )
+
     @property
     def attached(self) -> bool:
         """Whether hooks are currently attached."""
@@ -388,7 +424,7 @@ class ActivityTracker:
                 site = self._new_site(key, h)
             if site.failed is not None:
                 return
-            if site.active is None and site.samples == 0 and not site.fits(h):
+            if site.peak is None and site.samples == 0 and not site.fits(h):
                 site.dim, site.units, site.shape = self._layout_of(h)  # after a reset
             if not site.fits(h):
                 expected = f"{site.units} units along dimension {site.dim} of {list(site.shape)}"
@@ -423,7 +459,7 @@ class ActivityTracker:
             site = _Site(key, len(self._sites), None, 0, ())
             self._sites[key] = site
         site.failed = reason
-        site.active = site.abs_sum = None
+        site.peak = site.abs_sum = None
         name = self._names().get(key, site_name(key[0], key[1], key[2], key[2] + 1))
         self.not_covered[name] = reason
         if name not in self._warned:
@@ -492,7 +528,7 @@ class ActivityTracker:
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
         device = next(
-            (s.active.device for s in self._sites.values() if s.active is not None), self.device
+            (s.peak.device for s in self._sites.values() if s.peak is not None), self.device
         )
         agreed = self._agreed
         if agreed is not None:
@@ -527,13 +563,13 @@ class ActivityTracker:
         self._unpack(agreed, flat, flat[self._count_slots(agreed)].tolist())
 
     def _pack(self, agreed: dict[SiteKey, int], device: torch.device, blank: bool) -> Tensor:
-        """Per agreed site: active counts, sums of |h|, samples, failed (zeros if ``blank``)."""
+        """Per agreed site: active (1/0), sums of |h|, samples, failed (zeros if ``blank``)."""
         parts: list[Tensor] = []
         for key, units in agreed.items():
             site = self._sites.get(key)
             usable = not blank and site is not None and site.failed is None
-            if usable and site is not None and site.active is not None and site.abs_sum is not None:
-                parts += [site.active, site.abs_sum]
+            if usable and site is not None and site.peak is not None and site.abs_sum is not None:
+                parts += [(site.peak > 0).double(), site.abs_sum]
             else:
                 parts.append(torch.zeros(2 * units, dtype=torch.float64, device=device))
             samples = 0 if site is None or blank else site.samples
@@ -561,7 +597,7 @@ class ActivityTracker:
                 site.failed = "it could not be measured on another rank"
             if units and site.failed is None and samples:
                 site.units = units
-                site.active = flat[offset : offset + units]
+                site.peak = flat[offset : offset + units]  # ranks where the unit was active
                 site.abs_sum = flat[offset + units : offset + 2 * units]
                 site.samples = int(samples)
             offset += 2 * units + 2
@@ -571,12 +607,12 @@ class ActivityTracker:
         names = self._names()
         out: dict[str, tuple[Tensor, Tensor]] = {}
         for key, site in sorted(self._sites.items(), key=lambda item: item[1].order):
-            if site.failed is not None or site.active is None or site.abs_sum is None:
+            if site.failed is not None or site.peak is None or site.abs_sum is None:
                 continue
             mean_abs = site.abs_sum / max(site.samples, 1)
             layer_mean = mean_abs.mean()
             scores = torch.where(layer_mean > 0, mean_abs / layer_mean, torch.zeros_like(mean_abs))
-            out[names[key]] = (site.active == 0, scores)
+            out[names[key]] = (~(site.peak > 0), scores)
         return out
 
     def stats(self) -> dict[str, UnitStats]:
