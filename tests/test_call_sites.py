@@ -264,3 +264,35 @@ def test_swap_functional_relu_reaches_transformer_encoder_layers() -> None:
     layer = nn.TransformerEncoderLayer(8, 2, activation=nn.ReLU())
     swap_activations(layer, ["activation"])
     assert layer.activation_relu_or_gelu == 0
+
+
+def test_compiled_resnet_is_measured_and_traced_after_compilation() -> None:
+    from torch._dynamo.utils import counters
+
+    from lightning_gradguard.functional import MeasuringWindows
+
+    model = resnet_tiny()
+    with torch.no_grad():
+        model.layer1[0].bn1.bias[:4] = -100.0
+    compiled = torch.compile(model, backend="eager")
+    x, _ = image_batch()
+    with torch.no_grad():
+        compiled(x)  # compiled before measuring, with the batch size measured
+    graphs = counters["stats"]["unique_graphs"]
+    tracker, windows = ActivityTracker.for_module(compiled), MeasuringWindows(2, 1)
+    for step in range(4):  # windows at steps 0 and 2
+        windows.maybe_open(step, tracker)
+        with torch.no_grad():
+            compiled(x)
+        windows.maybe_close(tracker)
+    stats = tracker.stats()  # the second window's
+    with torch.no_grad():
+        first = F.relu(
+            model.layer1[0].bn1(model.layer1[0].conv1(F.relu(model.bn1(model.conv1(x)))))
+        )
+    name = "layer1.0.relu#0"  # named as in the module torch.compile wrapped
+    assert stats[name].dead.tolist() == ((first > 0).sum((0, 2, 3)) == 0).tolist()
+    assert stats[name].dead_fraction == 0.5 and len(stats) == 5
+    names = [s.name for s in trace_call_sites(compiled, x)]
+    assert names[:3] == ["relu", "layer1.0.relu#0", "layer1.0.relu#1"]
+    assert counters["stats"]["unique_graphs"] == graphs  # measured and traced: no recompilation

@@ -245,6 +245,7 @@ class DeadUnitMonitor(Callback):
             self.layout,
             functions=_functions(self.activations),
         )
+        self._tracker.not_covered.update(self.not_covered)  # kept across a rebuild
         self.not_covered = self._tracker.not_covered
 
     # ------------------------------------------------------------------ windows

@@ -124,7 +124,7 @@ class _Site:
         self.key, self.order, self.dim, self.units, self.shape = key, order, dim, units, shape
         self.before: str | None = None
         self.after: str | None = None
-        self.active: Tensor | None = None  # positions with h > 0, per unit (float64)
+        self.peak: Tensor | None = None  # per unit, the largest h seen (> 0: ever active)
         self.abs_sum: Tensor | None = None  # sum of |h| per unit (float64)
         self.samples = 0  # positions seen, a host integer (shapes are known on the host)
         self.failed: str | None = None  # why the site is left out of this window
@@ -135,21 +135,20 @@ class _Site:
         return h.dim() > self.dim and h.dim() == len(self.shape) and h.shape[self.dim] == self.units
 
     def add(self, h: Tensor) -> None:
-        if self.dim is None:
-            moved = h.reshape(-1, 1)
+        """Two reductions over every dimension but the units' (no copy, no transpose)."""
+        dims = (0,) if self.dim is None else tuple(d for d in range(h.dim()) if d != self.dim)
+        wide = h.dtype if h.dtype in (torch.float32, torch.float64) else torch.float32
+        peak = h.amax(dim=dims).reshape(-1).to(wide)
+        abs_sum = h.abs().sum(dim=dims, dtype=wide).reshape(-1).double()
+        if self.peak is None or self.abs_sum is None:
+            self.peak, self.abs_sum = peak, abs_sum
         else:
-            moved = h.movedim(self.dim, -1).reshape(-1, self.units)
-        active = (moved > 0).sum(0, dtype=torch.float64)
-        abs_sum = moved.abs().sum(0, dtype=torch.float64)
-        if self.active is None or self.abs_sum is None:
-            self.active, self.abs_sum = active, abs_sum
-        else:
-            self.active += active
+            torch.maximum(self.peak, peak, out=self.peak)
             self.abs_sum += abs_sum
-        self.samples += moved.shape[0]
+        self.samples += h.numel() // self.units
 
     def reset(self) -> None:
-        self.active = self.abs_sum = None
+        self.peak = self.abs_sum = None
         self.samples = 0
         self.failed = None
 
@@ -238,6 +237,7 @@ class ActivityTracker:
         self._handles: list[Any] = []
         self._mode: _FunctionalActivations | None = None
         self._warned: set[str] = set()
+        self._agreed: dict[SiteKey, int] | None = None  # the sites of the last reduction
 
     @classmethod
     def for_module(
@@ -251,13 +251,15 @@ class ActivityTracker:
         """Track every activation call site of ``model``.
 
         Args:
-            model: the root model.
+            model: the root model; for a ``torch.compile`` wrapper, the module it
+                compiled (site names carry no ``_orig_mod.``).
             select: which activation modules: types, a ``(name, module)`` predicate,
                 or ``None`` for :func:`~lightning_gradguard.functional.is_activation_module`.
             layout: unit layout, see :func:`unit_dim`.
             functions: functional activations to measure (default: all).
             training_only: measure only modules in training mode.
         """
+        model = _unwrap_compiled(model)
         if select is None:
             named = [(n, m) for n, m in model.named_modules() if n and is_activation_module(m)]
         elif isinstance(select, tuple):
@@ -271,6 +273,43 @@ class ActivityTracker:
             device,
             model=model,
             functions=functions,
+            training_only=training_only,
+        )
+
+    @classmethod
+    def for_sites(
+        cls,
+        model: nn.Module,
+        sites: Iterable[str],
+        layout: str = "auto",
+        training_only: bool = True,
+    ) -> ActivityTracker:
+        """Track the call sites named in ``sites`` (and the other calls of their modules).
+
+        ``net.3`` and ``layer1.0.relu#1`` select the module at that path (any module:
+        its output is measured); ``encoder.layers.0:relu`` selects the functional
+        ``relu`` (every functional ``relu`` call is then measured). Statistics are
+        keyed by site name, as always.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3), nn.Tanh())
+            >>> sorted(ActivityTracker.for_sites(model, ["3"]).modules)
+            ['3']
+        """
+        model = _unwrap_compiled(model)
+        paths: set[str] = set()
+        functions: set[str] = set()
+        for site in sites:
+            base = site.split("#")[0]
+            if ":" in base:
+                functions.add(base.rpartition(":")[2])
+            else:
+                paths.add(base)
+        return cls.for_module(
+            model,
+            lambda name, _: name in paths,
+            layout,
+            functions=sorted(functions),
             training_only=training_only,
         )
 
@@ -385,7 +424,7 @@ class ActivityTracker:
                 site = self._new_site(key, h)
             if site.failed is not None:
                 return
-            if site.active is None and site.samples == 0 and not site.fits(h):
+            if site.peak is None and site.samples == 0 and not site.fits(h):
                 site.dim, site.units, site.shape = self._layout_of(h)  # after a reset
             if not site.fits(h):
                 expected = f"{site.units} units along dimension {site.dim} of {list(site.shape)}"
@@ -420,7 +459,7 @@ class ActivityTracker:
             site = _Site(key, len(self._sites), None, 0, ())
             self._sites[key] = site
         site.failed = reason
-        site.active = site.abs_sum = None
+        site.peak = site.abs_sum = None
         name = self._names().get(key, site_name(key[0], key[1], key[2], key[2] + 1))
         self.not_covered[name] = reason
         if name not in self._warned:
@@ -476,47 +515,77 @@ class ActivityTracker:
         """Sum the statistics across ranks, every site together.
 
         A no-op outside a distributed run. Every rank must call it (it is a
-        collective), after the same number of windows. The ranks first agree on
-        the sites (an ``all_gather_object`` of the site keys and widths: a site
-        that did not run on some rank, in a conditional branch say, is filled with
-        zeros there), then one ``all_reduce`` sums every site's statistics in a
-        single flat buffer. A site that failed on any rank is left out everywhere.
+        collective), after the same number of windows. Usually one ``all_reduce``
+        of a single flat buffer holding every site's statistics, laid out by the
+        sites the ranks agreed on at an earlier window, plus one slot that counts
+        the ranks that found a site outside that layout. When that slot is not zero
+        (the first window, a new site, a site that changed width), the ranks agree
+        again (an ``all_gather_object`` of the site keys and widths: a site that did
+        not run on some rank, in a conditional branch say, is filled with zeros
+        there) and sum again in the new layout. A site that failed on any rank is
+        left out everywhere.
         """
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
+        device = next(
+            (s.peak.device for s in self._sites.values() if s.peak is not None), self.device
+        )
+        agreed = self._agreed
+        if agreed is not None:
+            outside = any(agreed.get(key) != site.units for key, site in self._sites.items())
+            flat = torch.cat(
+                [
+                    self._pack(agreed, device, blank=outside),
+                    torch.tensor([float(outside)], dtype=torch.float64, device=device),
+                ]
+            )
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            counts = flat[[*self._count_slots(agreed), flat.numel() - 1]].tolist()
+            if counts[-1] == 0:  # every rank's sites fit the layout: done in one collective
+                self._unpack(agreed, flat, counts[:-1])
+                return
         local = [(key, site.units) for key, site in self._sites.items()]
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, local)
-        agreed: dict[SiteKey, int] = {}
+        agreed = {}
         for rank_sites in gathered:
             for key, units in rank_sites:
                 agreed[tuple(key)] = max(agreed.get(tuple(key), 0), int(units))
+        self._agreed = agreed
         if not agreed:
             return
-        device = next(
-            (s.active.device for s in self._sites.values() if s.active is not None), self.device
-        )
-        parts: list[Tensor] = []
         for key, units in agreed.items():
             site = self._sites.get(key)
             if site is not None and site.failed is None and site.units != units:
                 site.failed = f"{site.units} units here, {units} on another rank"
-            usable = site is not None and site.failed is None
-            if usable and site is not None and site.active is not None and site.abs_sum is not None:
-                parts += [site.active, site.abs_sum]
+        flat = self._pack(agreed, device, blank=False)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        self._unpack(agreed, flat, flat[self._count_slots(agreed)].tolist())
+
+    def _pack(self, agreed: dict[SiteKey, int], device: torch.device, blank: bool) -> Tensor:
+        """Per agreed site: active (1/0), sums of |h|, samples, failed (zeros if ``blank``)."""
+        parts: list[Tensor] = []
+        for key, units in agreed.items():
+            site = self._sites.get(key)
+            usable = not blank and site is not None and site.failed is None
+            if usable and site is not None and site.peak is not None and site.abs_sum is not None:
+                parts += [(site.peak > 0).double(), site.abs_sum]
             else:
                 parts.append(torch.zeros(2 * units, dtype=torch.float64, device=device))
-            samples = 0 if site is None else site.samples
-            failed = 0.0 if site is None or site.failed is None else 1.0
+            samples = 0 if site is None or blank else site.samples
+            failed = 0.0 if site is None or site.failed is None or blank else 1.0
             parts.append(torch.tensor([float(samples), failed], dtype=torch.float64).to(device))
-        flat = torch.cat(parts)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        tails = []
-        offset = 0
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+
+    @staticmethod
+    def _count_slots(agreed: dict[SiteKey, int]) -> list[int]:
+        slots, offset = [], 0
         for units in agreed.values():
-            tails += [offset + 2 * units, offset + 2 * units + 1]
+            slots += [offset + 2 * units, offset + 2 * units + 1]
             offset += 2 * units + 2
-        counts = flat[tails].tolist()
+        return slots
+
+    def _unpack(self, agreed: dict[SiteKey, int], flat: Tensor, counts: list[float]) -> None:
         offset = 0
         for number, (key, units) in enumerate(agreed.items()):
             site = self._sites.get(key)
@@ -528,7 +597,7 @@ class ActivityTracker:
                 site.failed = "it could not be measured on another rank"
             if units and site.failed is None and samples:
                 site.units = units
-                site.active = flat[offset : offset + units]
+                site.peak = flat[offset : offset + units]  # ranks where the unit was active
                 site.abs_sum = flat[offset + units : offset + 2 * units]
                 site.samples = int(samples)
             offset += 2 * units + 2
@@ -538,12 +607,12 @@ class ActivityTracker:
         names = self._names()
         out: dict[str, tuple[Tensor, Tensor]] = {}
         for key, site in sorted(self._sites.items(), key=lambda item: item[1].order):
-            if site.failed is not None or site.active is None or site.abs_sum is None:
+            if site.failed is not None or site.peak is None or site.abs_sum is None:
                 continue
             mean_abs = site.abs_sum / max(site.samples, 1)
             layer_mean = mean_abs.mean()
             scores = torch.where(layer_mean > 0, mean_abs / layer_mean, torch.zeros_like(mean_abs))
-            out[names[key]] = (site.active == 0, scores)
+            out[names[key]] = (~(site.peak > 0), scores)
         return out
 
     def stats(self) -> dict[str, UnitStats]:
@@ -568,6 +637,12 @@ class ActivityTracker:
         return out
 
 
+def _unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile(module)`` wrapper compiled (``model`` itself otherwise)."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def _remove_function_mode(mode: TorchFunctionMode) -> None:
     """Take ``mode`` off the function-mode stack, wherever it is; the others stay in order."""
     above: list[Any] = []
@@ -590,7 +665,9 @@ def trace_call_sites(model: nn.Module, *args: Any, **kwargs: Any) -> list[CallSi
     """Run ``model(*args, **kwargs)`` once and return its activation call sites in call order.
 
     The pass runs in eval mode under ``torch.no_grad`` (BatchNorm statistics and
-    dropout are untouched; every module's mode is restored afterwards).
+    dropout are untouched; every module's mode is restored afterwards), with
+    compiled code run eagerly (torch.compile's ``"force_eager"`` stance), so a
+    compiled model is traced too, without recompiling.
 
     Example:
         >>> class Block(nn.Module):
@@ -606,12 +683,14 @@ def trace_call_sites(model: nn.Module, *args: Any, **kwargs: Any) -> list[CallSi
     modes = {module: module.training for module in model.modules()}
     tracker = ActivityTracker.for_module(model, training_only=False)
     model.eval()
+    prior = _set_compiler_stance("force_eager")
     try:
         tracker.attach()
         with torch.no_grad():
             model(*args, **kwargs)
     finally:
         tracker.detach()
+        _set_compiler_stance(prior)
         for module, training in modes.items():
             module.training = training
     return tracker.call_sites()
