@@ -18,7 +18,8 @@ added. The variants (``VARIANTS``) come in four groups:
 - dead units: ``DeadUnitMonitor`` inside and outside its measuring windows,
 
 on three synthetic workloads (a 12-layer MLP, a 6-layer transformer encoder and
-200 small Linear layers). Every variant is a fresh ``Trainer.fit`` of
+200 small Linear layers), and on request (``--workloads gpt2``) a Hugging Face
+GPT-2 from a tiny config (needs ``transformers``). Every variant is a fresh ``Trainer.fit`` of
 ``warmup + steps`` optimizer steps; the first ``warmup`` steps are discarded.
 The transformer step is ~15 times slower than the others, so by default it
 runs fewer steps and rounds (see ``WORKLOADS``).
@@ -47,6 +48,7 @@ Usage::
     python benchmarks/overhead.py --timm-agc timm-1.0.31-py3-none-any.whl   # timm's AGC too
     python benchmarks/overhead.py --json results.json
     python benchmarks/overhead.py --profile gradguard --workloads mlp   # cProfile one fit
+    python benchmarks/overhead.py --workloads gpt2,transformer --variants dead_window,dead_idle
 """
 
 from __future__ import annotations
@@ -216,6 +218,43 @@ def _many_small(tiny: bool) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor
     return _relu_stack(200, width), (torch.randn(batch, width), torch.randn(batch, width))
 
 
+class _GPT2Hidden(nn.Module):
+    """GPT-2 (``GPT2Model``) returning its last hidden states, for an MSE regression."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        from transformers import GPT2Model
+
+        self.gpt2 = GPT2Model(config)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.gpt2(input_ids=tokens).last_hidden_state
+
+
+def _gpt2(tiny: bool) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    try:
+        from transformers import GPT2Config
+    except ImportError as error:
+        raise SystemExit(
+            "the gpt2 workload needs transformers: pip install -e '.[benchmarks]'"
+        ) from error
+    layers, width, heads, seq, batch = (1, 16, 2, 8, 2) if tiny else (4, 128, 4, 64, 16)
+    config = GPT2Config(
+        vocab_size=256,
+        n_positions=seq,
+        n_embd=width,
+        n_layer=layers,
+        n_head=heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    tokens = torch.randint(0, 256, (batch, seq))
+    return _GPT2Hidden(config), (tokens, torch.randn(batch, seq, width))
+
+
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in (
@@ -229,8 +268,18 @@ WORKLOADS: dict[str, Workload] = {
             rounds=3,
         ),
         Workload("many_small", "200 x Linear(64) + ReLU, batch 64", _many_small),
+        Workload(
+            "gpt2",
+            "GPT-2 (transformers) 4 layers, n_embd 128, 4 heads, seq 64, batch 16",
+            _gpt2,
+            steps=12,
+            warmup=3,
+            rounds=3,
+        ),
     )
 }
+DEFAULT_WORKLOADS = ("mlp", "transformer", "many_small")
+"""Run when ``--workloads`` is not given (``gpt2`` needs the optional transformers)."""
 
 
 # --------------------------------------------------------------------------- module
@@ -556,7 +605,8 @@ def _timm_agc(ctx: BenchContext) -> VariantSetup:
 
 def _dead_window(ctx: BenchContext) -> VariantSetup:
     # Back-to-back windows of 10 batches: every step is measured; every 10th also ends a
-    # window (detach, statistics, one transfer, logging).
+    # window (detach, statistics, one transfer, logging). Module and functional call sites
+    # (the transformer's F.relu, GPT-2's NewGELUActivation) alike.
     return VariantSetup(callbacks=[DeadUnitMonitor(every_n_steps=10, window=10)])
 
 
@@ -565,8 +615,6 @@ def _dead_idle(ctx: BenchContext) -> VariantSetup:
     # measured steps run with no hooks attached.
     return VariantSetup(callbacks=[DeadUnitMonitor(every_n_steps=10**9, window=1)])
 
-
-_NO_TRANSFORMER = ("mlp", "many_small")  # nn.TransformerEncoderLayer calls F.relu: no modules
 
 VARIANTS: dict[str, Variant] = {
     "bare": Variant("bare", _bare, group="reference"),
@@ -618,12 +666,8 @@ VARIANTS: dict[str, Variant] = {
         requires=_timm_agc_missing,
     ),
     # dead units
-    "dead_window": Variant(
-        "DeadUnitMonitor, in windows", _dead_window, "dead units", _NO_TRANSFORMER
-    ),
-    "dead_idle": Variant(
-        "DeadUnitMonitor, outside windows", _dead_idle, "dead units", _NO_TRANSFORMER
-    ),
+    "dead_window": Variant("DeadUnitMonitor, in windows", _dead_window, "dead units"),
+    "dead_idle": Variant("DeadUnitMonitor, outside windows", _dead_idle, "dead units"),
 }
 """Variant name -> entry. ``bare`` is the reference and always runs."""
 
@@ -688,17 +732,18 @@ def _targets() -> list[Target]:
                 versus=theirs,
             )
         )
-    targets.append(
-        Target("DeadUnitMonitor in windows <= 1.10x bare on mlp", "mlp", "dead_window", 1.10)
-    )
-    targets.append(
-        Target(
-            "DeadUnitMonitor outside windows <= 1.01x bare on mlp (1.00x up to noise)",
-            "mlp",
-            "dead_idle",
-            1.01,
+    for w in ("mlp", "transformer", "gpt2"):
+        targets.append(
+            Target(f"DeadUnitMonitor in windows <= 1.10x bare on {w}", w, "dead_window", 1.10)
         )
-    )
+        targets.append(
+            Target(
+                f"DeadUnitMonitor outside windows <= 1.01x bare on {w} (1.00x up to noise)",
+                w,
+                "dead_idle",
+                1.01,
+            )
+        )
     return targets
 
 
@@ -1043,8 +1088,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--workloads",
         type=_csv(list(WORKLOADS), "workload"),
-        default=list(WORKLOADS),
-        help=f"comma-separated, from {','.join(WORKLOADS)} (default all)",
+        default=list(DEFAULT_WORKLOADS),
+        help=f"comma-separated, from {','.join(WORKLOADS)} (default all but gpt2)",
     )
     p.add_argument(
         "--variants",

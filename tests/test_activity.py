@@ -28,6 +28,7 @@ def _track(outputs: list[torch.Tensor], layout: str = "auto") -> ActivityTracker
     tracker = ActivityTracker([("act", module)], layout)
     tracker.attach()
     for out in outputs:
+        tracker.new_pass()  # one forward pass per batch
         module(out)
     tracker.detach()
     return tracker
@@ -82,15 +83,18 @@ def test_inplace_relu_is_measured_after_activation() -> None:
     assert tracker.stats()["1"].dead.tolist() == [True, False]
 
 
-def test_hooks_exist_only_while_attached() -> None:
+def test_hooks_and_mode_exist_only_while_attached() -> None:
     model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
     tracker = ActivityTracker.for_module(model)
+    modes_before = torch._C._len_torch_function_stack()
     assert not model[1]._forward_hooks
     tracker.attach()
     tracker.attach()  # idempotent
-    assert len(model[1]._forward_hooks) == 1
+    assert model[1]._forward_hooks and model[0]._forward_pre_hooks
+    assert torch._C._len_torch_function_stack() == modes_before + 1
     tracker.detach()
-    assert not model[1]._forward_hooks
+    assert not model[1]._forward_hooks and not model[0]._forward_pre_hooks
+    assert torch._C._len_torch_function_stack() == modes_before
     model(torch.randn(2, 3))
     assert tracker.stats() == {}  # nothing measured while detached
 
@@ -170,10 +174,57 @@ def test_eval_mode_passes_are_not_counted() -> None:
     assert tracker.stats()["1"].samples == 4
 
 
-def test_shared_activation_across_widths_is_an_error() -> None:
+def test_a_width_change_at_one_site_warns_once_and_training_goes_on() -> None:
     relu = nn.ReLU()
     tracker = ActivityTracker([("relu", relu)])
     tracker.attach()
     relu(torch.randn(2, 3))
-    with pytest.raises(ValueError, match="its own activation module"):
+    with pytest.warns(UserWarning, match=r"'relu'.*shape \[2, 5\] after 3 units") as caught:
+        tracker.new_pass()
+        out = relu(torch.randn(2, 5))  # same site, another width: no error in forward
+        tracker.new_pass()
         relu(torch.randn(2, 5))
+    tracker.detach()
+    assert out.shape == (2, 5)
+    assert len([w for w in caught if "ActivityTracker" in str(w.message)]) == 1
+    assert tracker.stats() == {}  # the site is left out of the window, not mixed
+    assert "relu" in tracker.not_covered
+
+
+def test_trackers_leave_the_function_mode_stack_in_any_order() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    first, second = ActivityTracker.for_module(model), ActivityTracker.for_module(model)
+    depth = torch._C._len_torch_function_stack()
+    first.attach()
+    second.attach()
+    first.detach()  # not the top of the stack
+    assert torch._C._len_torch_function_stack() == depth + 1
+    model(torch.randn(2, 3))
+    second.detach()
+    assert torch._C._len_torch_function_stack() == depth
+    assert first.stats() == {} and list(second.stats()) == ["1"]
+
+
+def test_functional_sites_follow_the_calling_module() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = _FunctionalNet()
+            self.act = nn.GELU()  # a module: its own F.gelu call is not a functional site
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.gelu(self.act(self.inner(x)))
+
+    net = Net()
+    x = torch.randn(5, 3)
+    tracker = ActivityTracker.for_module(net)
+    tracker.attach()
+    net(x)
+    tracker.detach()
+    stats = tracker.stats()
+    assert list(stats) == ["inner:relu#0", "inner:relu#1", "inner:relu#2", "act", ":gelu"]
+    with torch.no_grad():
+        a = F.relu(net.inner.a(x))
+        b = net.inner.b(a).relu()
+    assert stats["inner:relu#0"].dead.tolist() == ((a > 0).sum(0) == 0).tolist()
+    assert stats["inner:relu#1"].dead.tolist() == ((b > 0).sum(0) == 0).tolist()

@@ -163,3 +163,88 @@ def test_bad_arguments_are_named(kwargs: dict, fragment: str) -> None:
     with pytest.raises(ValueError) as info:
         DeadUnitMonitor(**kwargs)
     assert fragment in str(info.value)
+
+
+class _CompiledDying(_Dying):
+    """``_Dying`` with half of the second layer dead, its ``net`` compiled one of two ways."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__(lr=0.0)
+        with torch.no_grad():
+            self.net[2].bias[16:] = 0.5  # units 0-15 stay at -100: dead; 16-31 alive
+        if how == "torch.compile":
+            self.compiled: nn.Module = torch.compile(self.net, backend="eager")
+        else:
+            self.net.compile(backend="eager")
+            self.compiled = self.net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.compiled(x)
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "module.compile"])
+def test_compiled_model_is_measured_in_every_window_without_recompiling(how: str) -> None:
+    from torch._dynamo.utils import counters
+
+    model = _CompiledDying(how)
+    model(model.data.tensors[0][:32])  # compiled before fit, with the batch size of fit
+    graphs = counters["stats"]["unique_graphs"]
+    logger = _fit(model, DeadUnitMonitor(every_n_steps=2, window=1), steps=6)
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompilation for the windows
+    for window, step in enumerate((1, 3, 5)):  # windows measure batches 0, 2 and 4
+        batch = [model.data.tensors[0][64 * window : 64 * window + 32]]
+        logged = logger.at_step(step)
+        assert logged["dead_units/net.1"] == pytest.approx(
+            _reference_dead_fraction(model, batch, 0)
+        )
+        assert logged["dead_units/net.3"] == 0.5 == _reference_dead_fraction(model, batch, 2)
+
+
+def test_unit_recycler_recycles_in_every_window_of_a_compiled_model() -> None:
+    from lightning_gradguard import UnitRecycler
+
+    class Rekilled(_CompiledDying):
+        def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+            if self.global_step == 2:  # kill the recycled units again before the second window
+                with torch.no_grad():
+                    self.net[2].bias[:16] = -100.0
+
+    model = Rekilled("torch.compile")
+    model(model.data.tensors[0][:32])
+    recycler = UnitRecycler(every_n_steps=2, window=1, tau=0.0, pairs=[["net.2", "net.4", "net.3"]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl.Trainer(logger=False, callbacks=[recycler], **quiet_trainer_kwargs(max_steps=4)).fit(
+            model
+        )
+    assert [(e["step"], e["layer"]) for e in recycler.events] == [(1, "net.2"), (3, "net.2")]
+    assert recycler.recycled_total == 32
+
+
+def test_many_sites_are_summarised_beyond_max_layers_logged() -> None:
+    model = _Dying(lr=0.0)
+    logger = _fit(model, DeadUnitMonitor(every_n_steps=4, window=2, max_layers_logged=1), steps=3)
+    batches = [model.data.tensors[0][i * 32 : (i + 1) * 32] for i in range(2)]
+    first, second = (_reference_dead_fraction(model, batches, i) for i in (0, 2))
+    logged = {k: v for k, v in logger.at_step(2).items() if k.startswith("dead_units/")}
+    assert logged == {
+        "dead_units/layers_min": pytest.approx(min(first, second)),
+        "dead_units/layers_median": pytest.approx((first + second) / 2),
+        "dead_units/layers_max": 1.0,
+        "dead_units/net.1": pytest.approx(first),  # the extreme_layers=3 highest: both
+        "dead_units/net.3": 1.0,
+    }
+
+
+def test_a_dying_functional_relu_is_reported_not_swapped() -> None:
+    class Functional(_Dying):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net[4](F.relu(self.net[2](F.relu(self.net[0](x)))))
+
+    model = Functional()
+    monitor = DeadUnitMonitor(every_n_steps=4, window=2, rescue="threshold")
+    with pytest.warns(UserWarning, match=r":relu#1 is a functional ReLU \(100% dead\)"):
+        pl.Trainer(logger=False, callbacks=[monitor], **quiet_trainer_kwargs(max_steps=3)).fit(
+            model
+        )
+    assert monitor.swapped == [] and monitor.last_stats[":relu#1"]["dead"] == 1.0

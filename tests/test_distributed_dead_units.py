@@ -156,13 +156,23 @@ def test_reduce_when_a_layer_ran_on_one_rank_only(tmp_path: Path) -> None:
     h.launch_ranks("activity_reduce_run.py", str(tmp_path), timeout=120)
     results = [h.read_json(tmp_path / f"rank{rank}.json") for rank in range(h.WORLD_SIZE)]
     assert results[0] == results[1]  # both ranks hold the same reduced statistics
+    first = results[0]["window1"]
     # "always": unit 0 was positive on rank 0, unit 1 on rank 1 -> neither is dead.
-    assert results[0]["always"]["dead"] == [False, False]
-    assert results[0]["always"]["samples"] == 3
+    assert first["always"]["dead"] == [False, False]
+    assert first["always"]["samples"] == 3
     # ReLU outputs [[1, 0], [2, 0]] and [[0, 4]]: mean |h| per unit over 3 samples
     means = [3 / 3, 4 / 3]
     expected = [m / (sum(means) / 2) for m in means]
-    assert results[0]["always"]["scores"] == pytest.approx(expected)
+    assert first["always"]["scores"] == pytest.approx(expected)
     # "branch" ran on rank 0 only: its statistics are rank 0's, rank 1 adds zeros.
-    assert results[0]["branch"]["dead"] == [True, False, True]
-    assert results[0]["branch"]["samples"] == 1
+    assert first["branch"]["dead"] == [True, False, True]
+    assert first["branch"]["samples"] == 1
+    # Window 2, the same sites: one all_reduce and nothing else.
+    assert results[0]["collectives2"] == {"all_reduce": 1, "all_gather_object": 0}
+    assert results[0]["window2"]["always"]["dead"] == [True, False]
+    assert results[0]["window2"]["always"]["samples"] == 2
+    # Window 3: a new site on rank 1 only is agreed on and summed on both ranks.
+    third = results[0]["window3"]
+    assert third["late"]["dead"] == [True, False, False, True]
+    assert third["late"]["samples"] == 1
+    assert third["always"]["samples"] == 2 and third["always"]["dead"] == [False, False]

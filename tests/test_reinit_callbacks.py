@@ -477,17 +477,19 @@ def test_unit_recycler_arguments_and_impossible_pairs() -> None:
             _fit(model, [UnitRecycler(every_n_steps=2, window=1, pairs=pairs)], steps=2)
         assert model.alive == []  # refused before the first training step
 
-    class Flat(_Module):
+    class Residual(_Module):  # the only activation feeds a residual add: no pair
         def __init__(self) -> None:
             super().__init__(nn.Sequential())
-            self.a, self.b = nn.Linear(16, 8), nn.Linear(8, 4)
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 4)
 
         def training_step(self, batch: Any, batch_idx: int) -> Tensor:
             x, y = batch
-            return F.cross_entropy(self.b(torch.relu(self.a(x))), y)
+            return F.cross_entropy(self.b(x + torch.relu(self.a(x))), y)
 
-    with pytest.raises(ValueError, match="could not infer producer/consumer pairs"):
-        _fit(Flat(), [UnitRecycler(every_n_steps=2, window=1)], steps=1)
+    with pytest.raises(
+        ValueError, match=r"could not infer producer/consumer pairs.*:relu: its output goes to add"
+    ):
+        _fit(Residual(), [UnitRecycler(every_n_steps=2, window=1)], steps=1)
 
 
 # --------------------------------------------------------------------------- LayerReinit

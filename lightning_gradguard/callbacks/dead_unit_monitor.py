@@ -10,15 +10,19 @@ Example:
 from __future__ import annotations
 
 import functools
+import statistics
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
 from lightning_gradguard._compat import Callback, rank_zero_warn
-from lightning_gradguard.functional.activity import (
-    DEFAULT_ACTIVATIONS,
-    ActivityTracker,
-    MeasuringWindows,
+from lightning_gradguard.functional.activity import ActivityTracker, MeasuringWindows
+from lightning_gradguard.functional.call_sites import (
+    FUNCTION_NAMES,
+    is_activation_module,
+    is_activation_name,
+    registered_activations,
 )
 from lightning_gradguard.functional.norms import clean_parameter_name
 from lightning_gradguard.functional.surgery import swap_activations
@@ -28,37 +32,64 @@ from lightning_gradguard.record import RunRecord, run_record
 RESCUE_MODES = ("never", "start", "threshold")
 
 
-def _activation_types(names: list[str] | None) -> tuple[type[nn.Module], ...]:
+def _check_activation_names(names: list[str] | None) -> None:
     if names is None:
-        return DEFAULT_ACTIVATIONS
-    known = {t.__name__: t for t in DEFAULT_ACTIVATIONS}
-    unknown = [n for n in names if n not in known]
+        return
+    unknown = [n for n in names if not (n in FUNCTION_NAMES or is_activation_name(n))]
     if unknown:
         raise ValueError(
-            f"activations={names!r}: {unknown} are not activation module names; "
-            f"choose from {sorted(known)}."
+            f"activations={names!r}: {unknown} are neither activation module class names "
+            f"(torch's {sorted(t.__name__ for t in registered_activations())}, a registered "
+            "type, or a name the activation name rule matches, such as 'NewGELUActivation') "
+            f"nor functional activations {list(FUNCTION_NAMES)}."
         )
-    return tuple(known[n] for n in names)
+
+
+def _selection(names: list[str] | None) -> Callable[[str, nn.Module], bool]:
+    if names is None:
+        return lambda _, module: is_activation_module(module)
+    chosen = set(names)
+    return lambda _, module: type(module).__name__ in chosen and is_activation_module(module)
+
+
+def _functions(names: list[str] | None) -> list[str] | None:
+    if names is None:
+        return None  # every functional activation
+    squeezed = {n.lower().replace("_", "") for n in names}
+    return [f for f in FUNCTION_NAMES if f in names or f.replace("_", "") in squeezed]
 
 
 class DeadUnitMonitor(Callback):
-    """Log the fraction of dead (and dormant) units per activation layer; optionally rescue.
+    """Log the fraction of dead (and dormant) units per activation call site; optionally rescue.
 
-    Every ``every_n_steps`` optimizer steps, forward hooks are attached to the
-    activation modules for ``window`` training batches, then removed: outside a
-    window training runs with no hooks at all. A unit is dead when its output
-    was never positive in the window, dormant when its ReDo score (mean |h| over
-    the layer's average) is at most ``dormant_tau``. The statistics are summed
-    across ranks before anything is decided, so a unit alive on one rank's data
-    is not dead, and every rank takes the same decision at the same step.
+    Every ``every_n_steps`` optimizer steps, the activation call sites are measured
+    for ``window`` training batches (forward hooks on activation modules, module
+    hooks and a ``TorchFunctionMode`` for functional activations), then everything
+    is removed: outside a window training runs with no hooks at all. A unit is dead
+    when its output was never positive in the window, dormant when its ReDo score
+    (mean |h| over the site's average) is at most ``dormant_tau``. The statistics
+    are summed across ranks before anything is decided, so a unit alive on one
+    rank's data is not dead, and every rank takes the same decision at the same step.
 
-    Keys: ``dead_units/<layer>`` and ``dormant_units/<layer>``, where ``<layer>``
-    is the activation module's dotted path.
+    Keys: ``dead_units/<site>`` and ``dormant_units/<site>``, where ``<site>`` is
+    the call site's name: the activation module's dotted path, ``<path>#<i>`` for
+    the ``i``-th call of a module called several times per forward, and
+    ``<module>:<function>`` for a functional activation (``encoder.layers.0:relu``).
+    With more than ``max_layers_logged`` sites, ``<prefix>/layers_min``,
+    ``/layers_median`` and ``/layers_max`` and the ``extreme_layers`` highest sites
+    are logged instead. Sites that could not be measured are in ``not_covered``.
+
+    A compiled model (``torch.compile(model)`` or ``model.compile()``) runs eagerly
+    during a window (``torch.compiler.set_stance("force_eager")``) so the hooks
+    run in every window; its compiled graphs are reused after the window, with no
+    recompilation.
 
     Rescue (``rescue``): ``"never"`` (monitor only), ``"start"`` (swap every ReLU
-    for LeakyReLU before the first step), ``"threshold"`` (swap the ReLUs of layers
-    whose dead fraction exceeds ``dead_threshold`` at the end of a window).
-    Swapped layer names are part of the callback's state and re-applied on resume
+    module for LeakyReLU before the first step), ``"threshold"`` (swap the ReLU
+    modules of sites whose dead fraction exceeds ``dead_threshold`` at the end of a
+    window; a module called at several sites is swapped for all of them, and a
+    functional site is reported, not swapped: see ``swap_functional_relu``).
+    Swapped module names are part of the callback's state and re-applied on resume
     before the first step: LeakyReLU has no parameters, so the model's own
     ``state_dict`` cannot remember the swap. A ``torch.compile``-d model recompiles
     after a swap (once). Swaps and dying layers are events of the run record
@@ -71,10 +102,15 @@ class DeadUnitMonitor(Callback):
         dead_threshold: dead fraction above which a layer is rescued.
         dormant_tau: dormancy threshold for ``dormant_units/<layer>``.
         negative_slope: LeakyReLU's slope.
-        activations: activation class names to track (default: ReLU and relatives);
-            only ``ReLU`` modules are ever swapped.
+        activations: activation module class names and functional activation names
+            (``"relu"``, ``"gelu"``, ...) to measure; default: every activation module
+            (:func:`~lightning_gradguard.functional.is_activation_module`) and every
+            functional activation. A class name also selects its functional form
+            (``"ReLU"`` selects ``F.relu``). Only ``ReLU`` modules are ever swapped.
         layout: which dimension holds units, see
             :func:`lightning_gradguard.functional.unit_dim`.
+        max_layers_logged: above this many call sites, log summaries instead.
+        extreme_layers: how many of the highest sites a summary names.
     """
 
     def __init__(
@@ -87,8 +123,14 @@ class DeadUnitMonitor(Callback):
         negative_slope: float = 0.01,
         activations: list[str] | None = None,
         layout: str = "auto",
+        max_layers_logged: int = 64,
+        extreme_layers: int = 3,
     ) -> None:
-        for name, value in (("every_n_steps", every_n_steps), ("window", window)):
+        for name, value in (
+            ("every_n_steps", every_n_steps),
+            ("window", window),
+            ("max_layers_logged", max_layers_logged),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
         if window > every_n_steps:
@@ -115,6 +157,13 @@ class DeadUnitMonitor(Callback):
                 f"layout={layout!r} is not a unit layout: use 'auto', 'channels_first' or "
                 "'channels_last'."
             )
+        if (
+            isinstance(extreme_layers, bool)
+            or not isinstance(extreme_layers, int)
+            or extreme_layers < 0
+        ):
+            raise ValueError(f"extreme_layers={extreme_layers!r} must be a non-negative integer.")
+        _check_activation_names(activations)
         self.every_n_steps = every_n_steps
         self.window = window
         self.rescue = rescue
@@ -122,14 +171,18 @@ class DeadUnitMonitor(Callback):
         self.dormant_tau = float(dormant_tau)
         self.negative_slope = float(negative_slope)
         self.activations = None if activations is None else list(activations)
-        self._types = _activation_types(self.activations)
         self.layout = layout
+        self.max_layers_logged = max_layers_logged
+        self.extreme_layers = extreme_layers
+        self.not_covered: dict[str, str] = {}
         self.swapped: list[str] = []
         self._record: RunRecord | None = None
         self.last_stats: dict[str, dict[str, float]] = {}
         self._tracker: ActivityTracker | None = None
         self._windows = MeasuringWindows(every_n_steps, window)
         self._reported_dying: set[str] = set()
+        self._warned_functional: set[str] = set()
+        self._warned_empty = False
 
     @functools.cached_property  # Lightning reads it at every hook call: compute it once
     def state_key(self) -> str:
@@ -189,22 +242,23 @@ class DeadUnitMonitor(Callback):
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self._tracker is not None:
-            self._tracker.detach()
+            self._windows.close(self._tracker)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self._tracker is not None:
-            self._tracker.detach()
+            self._windows.close(self._tracker)
 
     def _build_tracker(self, pl_module: Any) -> None:
         if self._tracker is not None:
-            self._tracker.detach()
-        self._tracker = ActivityTracker.for_module(pl_module, self._types, self.layout)
-        if not self._tracker.modules:
-            rank_zero_warn(
-                f"DeadUnitMonitor: {type(pl_module).__name__} has no activation module of "
-                f"{[t.__name__ for t in self._types]}; nothing to measure. If forward calls "
-                "F.relu, lightning_gradguard.functional.swap_functional_relu can rewrite it."
-            )
+            self._windows.close(self._tracker)
+        self._tracker = ActivityTracker.for_module(
+            pl_module,
+            _selection(self.activations),
+            self.layout,
+            functions=_functions(self.activations),
+        )
+        self._tracker.not_covered.update(self.not_covered)  # kept across a rebuild
+        self.not_covered = self._tracker.not_covered
 
     # ------------------------------------------------------------------ windows
 
@@ -221,21 +275,22 @@ class DeadUnitMonitor(Callback):
         if tracker is None or not self._windows.maybe_close(tracker):
             return
         stats = tracker.stats()
+        if not stats:
+            self._warn_nothing_measured(pl_module)
         self.last_stats = {
             name: {"dead": s.dead_fraction, "dormant": s.dormant_fraction(self.dormant_tau)}
             for name, s in stats.items()
         }
+        names = [clean_parameter_name(name + ".x")[:-2] for name in self.last_stats]
         metrics: dict[str, float] = {}
         step = int(trainer.global_step)
         record = run_record(trainer)
-        dead: dict[str, float] = {}
-        dormant: dict[str, float] = {}
-        for name, values in self.last_stats.items():
-            layer = clean_parameter_name(name + ".x")[:-2]
-            metrics[f"dead_units/{layer}"] = dead[layer] = values["dead"]
-            metrics[f"dormant_units/{layer}"] = dormant[layer] = values["dormant"]
-        record.history.add("dead_units", step, dead)
-        record.history.add("dormant_units", step, dormant)
+        fractions = list(self.last_stats.values())
+        for series, kind in (("dead_units", "dead"), ("dormant_units", "dormant")):
+            record.history.add(series, step, {n: v[kind] for n, v in zip(names, fractions)})
+        for prefix, kind in (("dead_units", "dead"), ("dormant_units", "dormant")):
+            fractions = [v[kind] for v in self.last_stats.values()]
+            metrics.update(self._site_metrics(prefix, names, fractions))
         if trainer.is_global_zero:
             log_to_loggers(trainer, metrics, step=step)
         for name, values in self.last_stats.items():
@@ -249,23 +304,65 @@ class DeadUnitMonitor(Callback):
                     detail=f"{values['dead']:.0%} of units dead",
                 )
         if self.rescue == "threshold":
-            dying = [
-                name
-                for name, values in self.last_stats.items()
-                if values["dead"] > self.dead_threshold
-                and isinstance(pl_module.get_submodule(name), nn.ReLU)
-            ]
-            if dying:
-                wrapped = "DDP" in type(trainer.strategy).__name__
-                swap_activations(
-                    pl_module,
-                    dying,
-                    to="leaky_relu",
-                    negative_slope=self.negative_slope,
-                    wrapped=wrapped,
-                )
-                self._record_swaps(trainer, dying, "dead fraction above threshold")
-                self._build_tracker(pl_module)
+            self._rescue(trainer, pl_module, tracker)
+
+    def _rescue(self, trainer: Any, pl_module: Any, tracker: ActivityTracker) -> None:
+        sites = {site.name: site for site in tracker.call_sites()}
+        dying: list[str] = []
+        for name, values in self.last_stats.items():
+            site = sites.get(name)
+            if values["dead"] <= self.dead_threshold or site is None:
+                continue
+            if site.function is not None:
+                if site.function == "relu" and name not in self._warned_functional:
+                    self._warned_functional.add(name)
+                    rank_zero_warn(
+                        f"DeadUnitMonitor: {name} is a functional ReLU ({values['dead']:.0%} "
+                        "dead); module swapping cannot reach it. Rewrite its module with "
+                        "lightning_gradguard.functional.swap_functional_relu."
+                    )
+                continue
+            if site.module not in dying and isinstance(
+                pl_module.get_submodule(site.module), nn.ReLU
+            ):
+                dying.append(site.module)
+        if dying:
+            wrapped = "DDP" in type(trainer.strategy).__name__
+            swap_activations(
+                pl_module,
+                dying,
+                to="leaky_relu",
+                negative_slope=self.negative_slope,
+                wrapped=wrapped,
+            )
+            self._record_swaps(trainer, dying, "dead fraction above threshold")
+            self._build_tracker(pl_module)
+
+    def _site_metrics(self, prefix: str, names: list[str], values: list[float]) -> dict[str, float]:
+        if len(names) <= self.max_layers_logged:
+            return {f"{prefix}/{name}": value for name, value in zip(names, values)}
+        metrics = {
+            f"{prefix}/layers_min": min(values),
+            f"{prefix}/layers_median": statistics.median(values),
+            f"{prefix}/layers_max": max(values),
+        }
+        highest = sorted(range(len(values)), key=lambda i: values[i], reverse=True)
+        for i in highest[: self.extreme_layers]:
+            metrics[f"{prefix}/{names[i]}"] = values[i]
+        return metrics
+
+    def _warn_nothing_measured(self, pl_module: Any) -> None:
+        if self._warned_empty:
+            return
+        self._warned_empty = True
+        rank_zero_warn(
+            f"DeadUnitMonitor: no activation call site of {type(pl_module).__name__} ran in a "
+            "training batch of the window; nothing was measured. Measured are activation "
+            "modules (torch's ReLU family and modules named like 'NewGELUActivation'; add a "
+            "type with lightning_gradguard.functional.register_activation) and functional "
+            f"activations {list(FUNCTION_NAMES)} called in training mode. Activations built "
+            "from other ops (a custom x * torch.sigmoid(x)) are not measured."
+        )
 
     def _record_swaps(self, trainer: Any, names: list[str], reason: str) -> None:
         step = int(trainer.global_step)
@@ -273,7 +370,8 @@ class DeadUnitMonitor(Callback):
         for name in names:
             if name not in self.swapped:
                 self.swapped.append(name)
-            dead = self.last_stats.get(name, {}).get("dead")
+            site_dead = [v["dead"] for n, v in self.last_stats.items() if n.split("#")[0] == name]
+            dead = max(site_dead) if site_dead else None
             detail = f"ReLU -> LeakyReLU({self.negative_slope:g}), {reason}"
             if dead is not None:
                 detail += f", {dead:.0%} dead"

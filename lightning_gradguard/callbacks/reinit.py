@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -25,19 +26,24 @@ from torch import Tensor, nn
 from lightning_gradguard._compat import Callback, rank_zero_warn
 from lightning_gradguard.callbacks._parts import flat_callbacks
 from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
-from lightning_gradguard.functional.activity import ActivityTracker, MeasuringWindows
+from lightning_gradguard.functional.activity import MeasuringWindows
 from lightning_gradguard.functional.init import (
     FAN_KINDS,
     SCHEMES,
-    WEIGHT_LAYERS,
-    UnitPair,
     _check_init_args,
     consumer_nonlinearities,
-    infer_unit_pairs,
     init_,
     init_layer_,
     lsuv_,
+)
+from lightning_gradguard.functional.redo import (
+    PairActivity,
+    PairInference,
+    PairTracer,
+    UnitPair,
+    check_pair,
     recycle_units_,
+    unit_layer,
 )
 from lightning_gradguard.functional.units import map_layers
 from lightning_gradguard.logging import log_to_loggers
@@ -92,22 +98,23 @@ def _optimizer_of(trainer: Any, parameter: Tensor) -> torch.optim.Optimizer | No
 
 def _check_pair(pl_module: nn.Module, pair: UnitPair) -> None:
     """Refuse an impossible producer/consumer pair at the start, not after the first window."""
-    producer = pl_module.get_submodule(pair.producer)
-    consumer = pl_module.get_submodule(pair.consumer)
-    for module, role in ((producer, "producer"), (consumer, "consumer")):
-        if not isinstance(module, WEIGHT_LAYERS):
-            raise ValueError(
-                f"pairs: {role} {getattr(pair, role)!r} is a {type(module).__name__}, "
-                "not Linear/Conv."
-            )
-    produced, consumed = producer.weight, consumer.weight
-    assert isinstance(produced, Tensor) and isinstance(consumed, Tensor)
-    units, reads = produced.shape[0], consumed.shape[1]
-    if units != reads:
-        raise ValueError(
-            f"pairs: consumer {pair.consumer!r} reads {reads} inputs but producer "
-            f"{pair.producer!r} makes {units} units: not a producer/consumer pair."
-        )
+    why = check_pair(pl_module, pair)
+    if why is not None:
+        raise ValueError(f"pairs: {why}.")
+
+
+def _pairs_hash(pairs: list[UnitPair]) -> float:
+    return float(zlib.crc32(repr(pairs).encode()))
+
+
+def _same_on_every_rank(pairs: list[UnitPair], device: torch.device) -> bool:
+    """One tiny collective: do all ranks hold the same pairs?"""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return True
+    value = _pairs_hash(pairs)
+    both = torch.tensor([value, -value], dtype=torch.float64, device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return bool(both[0] == value and -both[1] == value)
 
 
 class InitAtStart(Callback):
@@ -211,23 +218,41 @@ class UnitRecycler(Callback):
     """Recycle dormant units (ReDo, Sokar et al., 2023) every ``every_n_steps`` steps.
 
     Over a measuring window of ``window`` training batches the activity of each
-    producer→consumer pair's activation is accumulated (the same
-    :class:`~lightning_gradguard.functional.ActivityTracker` as ``DeadUnitMonitor``,
+    producer -> [norm] -> activation -> consumer pair is accumulated where the
+    consumer reads the units (:class:`~lightning_gradguard.functional.PairActivity`,
     summed across ranks); units whose dormancy score is at most ``tau`` get new
-    incoming weights, zero bias, zero outgoing weights and zeroed optimizer state
+    incoming weights, zero bias, zero outgoing weights, their norm affine and
+    running statistics reset, and zeroed optimizer state
     (:func:`~lightning_gradguard.functional.recycle_units_`). The output layer is
     never recycled: it is nobody's producer.
 
+    Without ``pairs``, they are inferred from the first training step's forward
+    pass, recorded as it runs (module hooks and a ``TorchFunctionMode``; compiled
+    code runs eagerly for that step): conv -> BatchNorm -> ReLU -> conv in a
+    ResNet block, GPT-2's ``c_fc`` -> act -> ``c_proj``, a Transformer FFN's
+    ``linear1`` -> ``F.relu`` -> ``linear2``. Call sites without an unambiguous
+    pair (after a residual add, feeding two layers) are named in a warning. That
+    step also counts for a window starting at it. Every rank must find the same
+    pairs (checked with one collective).
+
+    On a compiled model the window's batches run eagerly
+    (``torch.compiler.set_stance("force_eager")``) so the consumers' hooks see
+    them: no recompilation, compiled speed outside windows.
+
     Logged: ``recycled_units/<layer>`` (units recycled in that window, by
     producer layer). Every recycling is a ``recycle`` event of the run record
-    (values: ``units``); ``events`` lists them (step, kind, layer, detail).
+    (values: ``units``); ``events`` lists them (step, kind, layer, detail). The
+    pairs in use are in ``unit_pairs``, the skipped call sites in ``skipped``.
 
     Args:
         every_n_steps: start a measuring window every this many optimizer steps.
         window: training batches per window.
         tau: dormancy threshold (ReDo's default 0.025; 0 recycles only dead units).
-        pairs: ``[producer, consumer, activation]`` name triples; inferred from the
-            model's ``nn.Sequential`` stacks when omitted.
+        pairs: ``[producer, consumer, activation, norm, ...]`` names: the weight layer
+            making the units, the one reading them, the activation call site between
+            (a module path, ``path#i`` for a module run several times, or
+            ``module:function`` for a functional activation), and any norm layers
+            between producer and activation; inferred when omitted.
         scheme: init scheme of the new incoming weights.
         seed: seed of the random draws (with the step: identical on every rank).
     """
@@ -251,10 +276,12 @@ class UnitRecycler(Callback):
         if scheme == "lsuv":
             raise ValueError("scheme='lsuv' needs data; recycled units use a named scheme.")
         if pairs is not None and not all(
-            isinstance(p, (list, tuple)) and len(p) == 3 for p in pairs
+            isinstance(p, (list, tuple)) and len(p) >= 3 and all(isinstance(n, str) for n in p)
+            for p in pairs
         ):
             raise ValueError(
-                f"pairs={pairs!r} must be [producer, consumer, activation] name triples."
+                f"pairs={pairs!r} must be [producer, consumer, activation] name triples, "
+                "optionally followed by the names of norm layers between producer and activation."
             )
         self.every_n_steps = every_n_steps
         self.window = window
@@ -264,8 +291,12 @@ class UnitRecycler(Callback):
         self.seed = seed
         self.recycled_total = 0
         self._record: RunRecord | None = None
-        self._pairs: list[UnitPair] = []
-        self._tracker: ActivityTracker | None = None
+        self.unit_pairs: list[UnitPair] = []
+        self.skipped: dict[str, str] = {}
+        self._tracker: PairActivity | None = None
+        self._tracer: PairTracer | None = None
+        self._trace_pending = False
+        self._trace_activity: dict[str, Any] = {}
         self._windows = MeasuringWindows(every_n_steps, window)
 
     @functools.cached_property  # Lightning reads it at every hook call: compute it once
@@ -294,57 +325,116 @@ class UnitRecycler(Callback):
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         _refuse_sharded(pl_module, "UnitRecycler")
+        self._tracker = None
         if self.pairs is None:
-            self._pairs = [p for p in infer_unit_pairs(pl_module) if p.activation is not None]
-            if not self._pairs:
-                raise ValueError(
-                    f"UnitRecycler could not infer producer/consumer pairs in "
-                    f"{type(pl_module).__name__}: it looks inside nn.Sequential stacks "
-                    "(Linear/Conv, norm, activation, Linear/Conv). Pass pairs=[[producer, "
-                    "consumer, activation], ...] with module names."
-                )
-        else:
-            self._pairs = [UnitPair(p, c, a) for p, c, a in self.pairs]
-            modules = dict(pl_module.named_modules())
-            missing = sorted({n for p in self.pairs for n in p if n not in modules})
-            if missing:
-                raise ValueError(f"pairs name modules that do not exist: {missing}.")
-            for pair in self._pairs:
-                _check_pair(pl_module, pair)
-        activations = [
-            (p.activation, pl_module.get_submodule(p.activation))
-            for p in self._pairs
-            if p.activation
-        ]
+            self._trace_pending = True
+            return
+        self.unit_pairs = [UnitPair(p[0], p[1], p[2], tuple(p[3:])) for p in self.pairs]
+        modules = dict(pl_module.named_modules())
+        missing = sorted({n for p in self.pairs for n in (p[:2] + p[3:]) if n not in modules})
+        if missing:
+            raise ValueError(f"pairs name modules that do not exist: {missing}.")
+        for pair in self.unit_pairs:
+            _check_pair(pl_module, pair)
+        self._tracker = PairActivity(pl_module, self.unit_pairs)
+
+    # ------------------------------------------------------------------ inference
+    def _start_trace(self, pl_module: Any) -> None:
+        self._trace_pending = False
+        self._trace_activity = {}
+        self._tracer = PairTracer(pl_module, on_input=self._observe_input)
+        self._tracer.start()
+
+    def _observe_input(self, name: str, module: nn.Module, tensor: Tensor) -> None:
+        """Activity of every weight layer's input in the traced step (pairs are not known yet)."""
+        if name not in self._trace_activity:
+            self._trace_activity[name] = PairActivity.accumulator_for(module)
+        self._trace_activity[name](module, tensor)
+
+    def _finish_trace(self, trainer: Any, pl_module: Any) -> None:
+        tracer, self._tracer = self._tracer, None
+        if tracer is None:
+            return
+        found: PairInference = tracer.stop()
+        observed, self._trace_activity = self._trace_activity, {}
+        self.unit_pairs = [p for p in found.pairs if p.activation is not None]
+        self.skipped = dict(found.skipped)
         device = next(pl_module.parameters(), torch.empty(0)).device
-        self._tracker = ActivityTracker(activations, device=device)
+        if not _same_on_every_rank(self.unit_pairs, device):
+            raise RuntimeError(
+                "UnitRecycler inferred different producer/consumer pairs on different ranks "
+                f"(this rank: {[p.producer for p in self.unit_pairs]}): the forward pass takes "
+                "another path on some rank. Pass pairs=[[producer, consumer, activation], ...]."
+            )
+        if not self.unit_pairs:
+            listed = "; ".join(f"{s}: {why}" for s, why in self.skipped.items()) or "none"
+            raise ValueError(
+                f"UnitRecycler could not infer producer/consumer pairs in "
+                f"{type(pl_module).__name__} from its first training step (activation call "
+                f"sites: {listed}). Pass pairs=[[producer, consumer, activation, norms...], ...] "
+                "with module names."
+            )
+        if trainer.is_global_zero and self.skipped:
+            found.warn_skipped("UnitRecycler")
+        tracker = PairActivity(pl_module, self.unit_pairs, device=device)
+        self._tracker = tracker
+        step = int(trainer.global_step)
+        windows = self._windows
+        if step % windows.every_n_steps == 0 and step != windows.started_at:
+            # The traced step opens the window due now: count its forward pass.
+            windows.maybe_open(step, tracker)
+            for pair in self.unit_pairs:
+                if pair.consumer in observed:
+                    tracker.adopt(str(pair.activation), observed[pair.consumer])
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
+        if self._tracer is not None:
+            self._finish_trace(trainer, pl_module)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if self._tracer is not None:
+            self._tracer.stop()
+            self._tracer = None
+        if self._tracker is not None:
+            self._windows.close(self._tracker)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self._tracer is not None:
+            self._tracer.stop()
+            self._tracer = None
         if self._tracker is not None:
-            self._tracker.detach()
+            self._windows.close(self._tracker)  # also gives torch.compile its stance back
 
+    # ------------------------------------------------------------------ windows
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._trace_pending:
+            self._start_trace(pl_module)
+            return
         if self._tracker is not None:
             self._windows.maybe_open(int(trainer.global_step), self._tracker)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._tracer is not None:  # a step without backward (skipped, or manual without it)
+            self._finish_trace(trainer, pl_module)
         tracker = self._tracker
         if tracker is None or not self._windows.maybe_close(tracker):
             return
         stats = tracker.stats()
         step = int(trainer.global_step)
         metrics: dict[str, float] = {}
-        for index, pair in enumerate(self._pairs):
+        modules = dict(pl_module.named_modules())
+        for index, pair in enumerate(self.unit_pairs):
             if pair.activation is None or pair.activation not in stats:
                 continue
             mask = stats[pair.activation].dormant(self.tau)
-            optimizer = _optimizer_of(trainer, pl_module.get_submodule(pair.producer).weight)
-            device = pl_module.get_submodule(pair.producer).weight.device
-            generator = _generator(self.seed, step * 131 + index, device)
+            layer = unit_layer(modules[pair.producer], pair.producer)
+            assert layer is not None
+            optimizer = _optimizer_of(trainer, layer.weight)
+            generator = _generator(self.seed, step * 131 + index, layer.weight.device)
             count = recycle_units_(pl_module, pair, mask, optimizer, self.scheme, generator)
             metrics[f"recycled_units/{pair.producer}"] = float(count)
             if count:
@@ -453,6 +543,14 @@ class LayerReinit(Callback):
                 "or give an explicit schedule with at_steps=[...] and layers=[...]."
             )
         if self.layers is not None:
+            tied = map_layers(pl_module).tied
+            shared = {n: tied[n] for n in self.layers if n in tied}
+            if shared:
+                raise ValueError(
+                    f"layers={self.layers!r}: {sorted(shared)} share their weight with "
+                    f"{sorted(set(shared.values()))} (tied): re-initializing them would redraw "
+                    "that layer too. Leave them out."
+                )
             weight_layers = _weight_layer_names(pl_module)
             bad = [n for n in self.layers if n not in weight_layers]
             if bad:

@@ -95,6 +95,7 @@ def swap_activations(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, _replacement(modules[name], to, float(negative_slope), device))
+    _sync_fast_path_flag(model)  # a swapped TransformerEncoderLayer activation is used in eval too
     if not targets:
         warnings.warn(
             f"swap_activations: no {[t.__name__ for t in from_types]} module found in "
@@ -108,15 +109,64 @@ def swap_activations(
 
 _FUNCTIONAL_RELUS = {F.relu, torch.relu, torch.relu_, F.relu_}
 _METHOD_RELUS = {"relu", "relu_"}
+_TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_TRANSFORMER_STACKS = (nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer)
 
 
-def swap_functional_relu(module: nn.Module, negative_slope: float = 0.01) -> torch.fx.GraphModule:
+def _sync_fast_path_flag(model: nn.Module) -> None:
+    """Keep ``TransformerEncoderLayer``'s fast-path flag true to its ``activation``.
+
+    The inference fast path computes ReLU or GELU in one fused kernel when
+    ``activation_relu_or_gelu`` is 1 or 2, whatever ``activation`` now is; 0 makes
+    every pass call ``activation``.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer):
+            activation = module.activation
+            if activation is F.relu or type(activation) is nn.ReLU:
+                module.activation_relu_or_gelu = 1
+            elif activation is F.gelu or type(activation) is nn.GELU:
+                module.activation_relu_or_gelu = 2
+            else:
+                module.activation_relu_or_gelu = 0
+
+
+def _swap_transformer_relus(model: nn.Module, negative_slope: float) -> list[str]:
+    """Give every Transformer layer whose ``activation`` is ``F.relu`` a LeakyReLU module."""
+    swapped = []
+    for name, module in model.named_modules():
+        if isinstance(module, _TRANSFORMER_LAYERS) and module.activation in _FUNCTIONAL_RELUS:
+            module.activation = nn.LeakyReLU(negative_slope)
+            swapped.append(name)
+    _sync_fast_path_flag(model)
+    return swapped
+
+
+class _TransformerLeafTracer(torch.fx.Tracer):
+    """Traces around ``nn.Transformer*`` modules (their ReLUs are swapped in place)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, (*_TRANSFORMER_LAYERS, *_TRANSFORMER_STACKS)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def swap_functional_relu(module: nn.Module, negative_slope: float = 0.01) -> nn.Module:
     """Rewrite ``F.relu`` / ``torch.relu`` / ``x.relu()`` calls in ``forward`` to leaky ReLU.
 
     Module replacement cannot reach activations that ``forward`` calls as
     functions. This traces ``module`` with ``torch.fx`` and returns a new
     ``GraphModule`` (sharing the parameters) whose ReLU calls are
     ``F.leaky_relu(x, negative_slope)``. Put it where the module was.
+
+    ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` (default
+    activation ``F.relu``) cannot be traced (their ``forward`` branches on the
+    input); they are changed in place instead: ``activation`` becomes an
+    ``nn.LeakyReLU(negative_slope)`` module and the encoder layer's inference fast
+    path, which would compute a ReLU whatever ``activation`` is, is turned off
+    (``activation_relu_or_gelu = 0``). The tracer treats them (and
+    ``nn.TransformerEncoder``/``Decoder``/``Transformer``) as leaves; a module that is
+    one of them is returned itself, changed in place.
 
     Raises:
         ValueError: when ``module`` cannot be traced, with the tracer's reason
@@ -134,9 +184,21 @@ def swap_functional_relu(module: nn.Module, negative_slope: float = 0.01) -> tor
         >>> x = torch.randn(5, 2)
         >>> torch.allclose(rewritten(x), F.leaky_relu(net.fc(x), 0.1))
         True
+        >>> layer = swap_functional_relu(nn.TransformerEncoderLayer(8, 2), 0.1)
+        >>> layer.activation, layer.activation_relu_or_gelu
+        (LeakyReLU(negative_slope=0.1), 0)
     """
+    transformer_layers = _swap_transformer_relus(module, float(negative_slope))
+    if isinstance(module, (*_TRANSFORMER_LAYERS, *_TRANSFORMER_STACKS)):
+        if not transformer_layers:
+            warnings.warn(
+                f"swap_functional_relu: no F.relu activation in {type(module).__name__}.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return module
     try:
-        graph_module = torch.fx.symbolic_trace(module)
+        graph = _TransformerLeafTracer().trace(module)
     except Exception as error:  # torch.fx raises many types
         raise ValueError(
             f"swap_functional_relu: {type(module).__name__} cannot be traced by torch.fx "
@@ -144,7 +206,8 @@ def swap_functional_relu(module: nn.Module, negative_slope: float = 0.01) -> tor
             "nn.ReLU modules so swap_activations can replace them, or rewrite the "
             "traceable submodules one by one."
         ) from error
-    replaced = 0
+    graph_module = torch.fx.GraphModule(module, graph, type(module).__name__)
+    replaced = len(transformer_layers)
     for node in list(graph_module.graph.nodes):
         is_function = node.op == "call_function" and node.target in _FUNCTIONAL_RELUS
         is_method = node.op == "call_method" and node.target in _METHOD_RELUS
