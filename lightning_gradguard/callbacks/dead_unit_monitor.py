@@ -285,9 +285,9 @@ class DeadUnitMonitor(Callback):
         metrics: dict[str, float] = {}
         step = int(trainer.global_step)
         record = run_record(trainer)
-        fractions = list(self.last_stats.values())
+        site_stats = list(self.last_stats.values())
         for series, kind in (("dead_units", "dead"), ("dormant_units", "dormant")):
-            record.history.add(series, step, {n: v[kind] for n, v in zip(names, fractions)})
+            record.history.add(series, step, {n: v[kind] for n, v in zip(names, site_stats)})
         for prefix, kind in (("dead_units", "dead"), ("dormant_units", "dormant")):
             fractions = [v[kind] for v in self.last_stats.values()]
             metrics.update(self._site_metrics(prefix, names, fractions))
