@@ -26,6 +26,7 @@ _LAZY = {
     "HealthReport": "lightning_gradguard.callbacks.health_report",
     "InitAtStart": "lightning_gradguard.callbacks.reinit",
     "LayerReinit": "lightning_gradguard.callbacks.reinit",
+    "SpikeRecovery": "lightning_gradguard.callbacks.spike_recovery",
     "UnitRecycler": "lightning_gradguard.callbacks.reinit",
     "diagnose": "lightning_gradguard.doctor",
 }
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from lightning_gradguard.callbacks.gradguard import GradGuard
     from lightning_gradguard.callbacks.health_report import HealthReport
     from lightning_gradguard.callbacks.reinit import InitAtStart, LayerReinit, UnitRecycler
+    from lightning_gradguard.callbacks.spike_recovery import SpikeRecovery
     from lightning_gradguard.doctor import Diagnosis, diagnose
     from lightning_gradguard.mixin import GradGuardMixin
 
@@ -57,6 +59,7 @@ __all__ = [
     "HealthReport",
     "InitAtStart",
     "LayerReinit",
+    "SpikeRecovery",
     "UnitRecycler",
     "__version__",
     "diagnose",

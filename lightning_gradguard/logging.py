@@ -78,7 +78,7 @@ def metric_history(trainer: Any) -> deque[tuple[int, dict[str, float]]]:
 EVENT_COLUMNS = ("step", "kind", "layer", "detail")
 """Columns of the ``gradguard/events`` table."""
 
-ALERT_KINDS = {"nonfinite": "ERROR", "exploding": "WARN", "dying": "WARN"}
+ALERT_KINDS = {"nonfinite": "ERROR", "exploding": "WARN", "dying": "WARN", "rollback": "WARN"}
 """Event kinds that also raise a W&B alert, with the alert level."""
 
 

@@ -49,6 +49,7 @@ class _ClipState:
     nonfinite_flag: bool | None = None
     consecutive_skips: int = 0
     scaler_skips: Tensor | None = None
+    last_threshold: Tensor | None = None  # the global threshold of the last step
 
 
 class AdaptiveGradClip(Callback):
@@ -165,6 +166,25 @@ class AdaptiveGradClip(Callback):
         self._loaded: dict[str, Any] = {}
         self._monitor: Any = None
         self._uses_scaler = False
+        self._flag_sources: list[Any] = []
+
+    @property
+    def reads_flags(self) -> bool:
+        """Whether this clipper reads a decision flag on the host every step (it skips steps)."""
+        return self.skip_nonfinite or self.skip_spikes
+
+    def add_flag_source(self, source: Any) -> None:
+        """Reduce and read another callback's per-step flag together with the skip flags.
+
+        ``source.spike_flag(optimizer, total_norm, last_threshold)`` returns a 1-D bool
+        device tensor on the first optimizer's steps (``last_threshold``: the global
+        clip threshold of the previous step, ``None`` without one); the flags join the
+        skip flags' cross-rank reduction (any rank) and their one host read, and
+        ``source.receive_flags(values)`` gets the agreed values as a list of bools.
+        Only a clipper that :attr:`reads_flags` calls its sources.
+        """
+        if all(s is not source for s in self._flag_sources):
+            self._flag_sources.append(source)
 
     # ------------------------------------------------------------------ identity / state
 
@@ -396,12 +416,17 @@ class AdaptiveGradClip(Callback):
                 0 if state.scaler_skips is None else state.scaler_skips
             ) + nonfinite.long()
         deciding = self.skip_nonfinite or self.skip_spikes
+        sources = self._flag_sources if deciding and index == 0 else []
+        extra = [s.spike_flag(optimizer, total, state.last_threshold) for s in sources]
         if deciding:
             # Decide together *before* the policy sees the norm (one collective for both
             # flags): when only some ranks' gradients are non-finite (a fault after the
             # all-reduce), the others must not fold this step into their statistics either,
             # or the ranks' thresholds drift apart from here on.
-            skip, nonfinite = self._agree_across_ranks(torch.stack([skip, nonfinite])).unbind(0)
+            agreed = self._agree_across_ranks(
+                torch.cat([torch.stack([skip, nonfinite]), *[f.to(skip.device) for f in extra]])
+            )
+            skip, nonfinite, extra_agreed = agreed[0], agreed[1], agreed[2:]
             if self.skip_nonfinite and not self._uses_scaler:
                 norm = torch.where(nonfinite, torch.full_like(norm, math.nan), norm)
         decision = state.policy.decide(present, grads, norm, index_tensor, prepared)
@@ -410,14 +435,25 @@ class AdaptiveGradClip(Callback):
             # passes of the clipping would change anything, and only those run (on most
             # steps of a healthy run, none).
             flags = torch.cat(
-                [skip.view(1), nonfinite.view(1), decision.needs_scaling().to(skip.device)]
+                [
+                    skip.view(1),
+                    nonfinite.view(1),
+                    extra_agreed,
+                    decision.needs_scaling().to(skip.device),
+                ]
             ).tolist()
             state.skip_flag, state.nonfinite_flag = flags[0], flags[1]
+            offset = 2
+            for source, flag in zip(sources, extra):
+                source.receive_flags([bool(f) for f in flags[offset : offset + flag.numel()]])
+                offset += flag.numel()
             if not flags[0]:
-                decision.apply_(flags[2:])
+                decision.apply_(flags[offset:])
         else:
             decision.apply_()
         threshold, coef = decision.threshold, decision.coef
+        if self.scope == "global" and self.policy.uses_norms:
+            state.last_threshold = threshold
         if state.spikes is not None:
             state.spikes.record(total, ~skip)
         logging_step = state.steps_seen % self._interval == 0

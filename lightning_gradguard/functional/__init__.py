@@ -55,7 +55,8 @@ from lightning_gradguard.functional.policies import (
     clip_with_policy_,
     make_policy,
 )
-from lightning_gradguard.functional.spikes import SpikeWindow
+from lightning_gradguard.functional.snapshot import StateSnapshot
+from lightning_gradguard.functional.spikes import RunningSpikeTest, SpikeWindow
 from lightning_gradguard.functional.surgery import (
     activation_types,
     swap_activations,
@@ -83,7 +84,9 @@ __all__ = [
     "NoClip",
     "NormGrouping",
     "ParameterSnapshot",
+    "RunningSpikeTest",
     "SpikeWindow",
+    "StateSnapshot",
     "UnitPair",
     "UnitStats",
     "ZClip",
