@@ -201,6 +201,9 @@ class AdaptiveGradClip(Callback):
                 "policy": s.policy.state_dict(),
                 "spikes": None if s.spikes is None else s.spikes.state_dict(),
                 "consecutive_skips": s.consecutive_skips,
+                "last_threshold": None
+                if s.last_threshold is None
+                else s.last_threshold.detach().cpu().clone(),
             }
         return state
 
@@ -369,6 +372,10 @@ class AdaptiveGradClip(Callback):
                 if spikes is not None and saved.get("spikes") is not None:
                     spikes.load_state_dict(saved["spikes"])
                 state.consecutive_skips = int(saved["consecutive_skips"])
+                if saved.get("last_threshold") is not None:
+                    state.last_threshold = torch.as_tensor(saved["last_threshold"]).to(
+                        next(iter(params), torch.zeros(())).device
+                    )
             self._states[index] = state
         return index, state
 

@@ -112,13 +112,14 @@ class HealthReport(Callback):
       optimizer really uses), moved to the host in one transfer. Under FSDP2 they
       describe this rank's shards. Non-finite elements are left out.
     - The events table ``gradguard/events`` (step, kind, layer, detail): skipped
-      steps, swaps, re-initializations, recycling, vanishing / exploding /
-      non-finite warnings. W&B gets a ``wandb.Table``, TensorBoard a text table.
-    - W&B alerts on non-finite gradients, explosions and mass dying, at most
+      steps, swaps, re-initializations, recycling, rollbacks, vanishing /
+      exploding / non-finite warnings. W&B gets a ``wandb.Table``, TensorBoard a text table.
+    - W&B alerts on non-finite gradients, explosions, mass dying and rollbacks, at most
       ``max_alerts_per_hour`` per kind.
     - With a ``WandbLogger``: the callbacks' settings in the run config, metric
       sections (``define_metric``) against ``trainer/global_step``, and totals in
-      the run summary (skipped steps, swapped layers, recycled units, worst layers).
+      the run summary (skipped steps, swapped layers, recycled units, worst layers;
+      with ``SpikeRecovery``: rollbacks and the batches they skipped).
 
     Everything goes through the Trainer's loggers on rank zero; with no logger the
     PNG files are still written.
@@ -358,8 +359,14 @@ class HealthReport(Callback):
             skipped = [
                 e["step"] for e in event_log(trainer).events if e["detail"].startswith("skipped")
             ]
+            rollbacks = [e["step"] for e in event_log(trainer).events if e["kind"] == "rollback"]
             figure = plots.clip_chart(
-                clip_steps, raw, threshold_values, clipped, skipped_steps=skipped
+                clip_steps,
+                raw,
+                threshold_values,
+                clipped,
+                skipped_steps=skipped,
+                rollback_steps=rollbacks,
             )
             drawn["clipping"] = plots.save_png(figure, folder / "clipping.png")
         self.pictures.update(drawn)
@@ -433,6 +440,9 @@ class HealthReport(Callback):
         for callback in flat_callbacks(trainer):
             if hasattr(callback, "skipped_steps") and type(callback).__name__ == "AdaptiveGradClip":
                 totals["gradguard/skipped_steps"] = int(callback.skipped_steps)
+            if type(callback).__name__ == "SpikeRecovery":
+                totals["gradguard/rollbacks"] = len(callback.rollbacks)
+                totals["gradguard/rollback_skipped_batches"] = int(callback.skipped_batches)
             if hasattr(callback, "recycled_total"):
                 totals["gradguard/recycled_units"] += int(callback.recycled_total)
         steps, layers, norms = self._series(trainer, "grad_norm")
