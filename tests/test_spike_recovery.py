@@ -413,22 +413,33 @@ def test_a_checkpoint_due_inside_a_spike_streak_waits_for_the_decision(tmp_path:
     assert saved_at[0] == (13, True)
 
 
-def test_host_syncs_one_read_shared_with_the_clipper() -> None:
-    from test_host_sync import _counts
+def _counts_with_batch_end(extra: list[Any], steps: int = 8) -> list[tuple[Counter[str], int]]:
+    """Sync counts per batch, with the counter listed *last*: the window also covers the
+    other callbacks' ``on_train_batch_end`` (where snapshots are taken)."""
+    from helpers import TinyMLP
+    from test_host_sync import _CountPerBatch
 
-    bare = _counts([], steps=8)
-    clipper_only = _counts([AdaptiveGradClip(policy="zclip", log_every_n_steps=100)], steps=8)
-    both = _counts(
-        [
-            AdaptiveGradClip(policy="zclip", log_every_n_steps=100),
-            SpikeRecovery(every_n_steps=3, warmup=2),
-        ],
-        steps=8,
-    )
-    alone = _counts([SpikeRecovery(every_n_steps=3, warmup=2)], steps=8)
+    torch.manual_seed(0)
+    counter = _CountPerBatch()
+    kwargs = quiet_trainer_kwargs(max_steps=steps)
+    pl.Trainer(logger=CaptureLogger(), callbacks=[*extra, counter], **kwargs).fit(TinyMLP())
+    return counter.per_batch
+
+
+def test_host_syncs_one_read_shared_with_the_clipper() -> None:
+    def clipper() -> AdaptiveGradClip:
+        return AdaptiveGradClip(policy="zclip", log_every_n_steps=100)
+
+    def recovery() -> SpikeRecovery:
+        return SpikeRecovery(every_n_steps=3, warmup=2)
+
+    bare = _counts_with_batch_end([])
+    both = _counts_with_batch_end([clipper(), recovery()])
+    swapped = _counts_with_batch_end([recovery(), clipper()])  # order does not matter
+    alone = _counts_with_batch_end([recovery()])
     for step in range(1, 8):  # snapshot steps (3, 6) included: copies, no reads
-        assert clipper_only[step][0] - bare[step][0] == Counter({"tolist": 1})
         assert both[step][0] - bare[step][0] == Counter({"tolist": 1}), step
+        assert swapped[step][0] - bare[step][0] == Counter({"tolist": 1}), step
         assert alone[step][0] - bare[step][0] == Counter({"tolist": 1}), step
         assert both[step][1] == alone[step][1] == bare[step][1]
 
