@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_gradguard import AdaptiveGradClip, GradGuard, GradNormMonitor, SpikeRecovery
-from lightning_gradguard.functional import RunningSpikeTest, StateSnapshot
+from lightning_gradguard.functional import RunningSpikeTest, StateSnapshot, ZClip
 
 BATCH = 16
 SAMPLES = 256  # 16 batches per epoch
@@ -131,6 +131,34 @@ def test_running_spike_test_matches_lightning_rule_by_hand() -> None:
     assert not bool(z.is_spike(torch.tensor(100.0)))
 
 
+def test_gradient_signal_against_the_policy_level_or_the_own_running_mean() -> None:
+    recovery = SpikeRecovery(signals=["grad_norm"], grad_factor=5.0, warmup=2, window=4)
+    for norm in (1.0, 3.0):  # the own running mean becomes 2.0
+        flags = recovery.spike_flag(None, torch.tensor(norm), None)
+        recovery.receive_flags(flags.tolist())
+    level = torch.tensor(0.5, dtype=torch.float64)
+    # [any, nonfinite, loss, grad_norm]: against the policy's level (5 x 0.5 = 2.5) ...
+    assert recovery.spike_flag(None, torch.tensor(2.6), level).tolist() == [
+        True,
+        False,
+        False,
+        True,
+    ]
+    assert recovery.spike_flag(None, torch.tensor(2.4), level).tolist() == [False] * 4
+    # ... and against the own mean (5 x 2.0 = 10) while the policy warms up (NaN) or has none.
+    for missing in (torch.tensor(float("nan")), None):
+        assert recovery.spike_flag(None, torch.tensor(9.9), missing).tolist()[3] is False
+        assert recovery.spike_flag(None, torch.tensor(10.1), missing).tolist()[3] is True
+    # ZClip's level is its EMA mean once its warm-up is over (the authors' update rule).
+    zclip = ZClip(warmup_steps=2, alpha=0.5)
+    zclip.threshold(torch.tensor(1.0))
+    assert torch.isnan(zclip.typical_norm())
+    zclip.threshold(torch.tensor(3.0))
+    assert float(zclip.typical_norm()) == 2.0
+    zclip.threshold(torch.tensor(2.5))  # no spike: mean <- 0.5 * 2 + 0.5 * 2.5
+    assert float(zclip.typical_norm()) == 2.25
+
+
 def test_state_snapshot_restores_bit_identical_and_drops_newer_optimizer_state() -> None:
     net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
     optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
@@ -188,7 +216,7 @@ def test_no_spike_means_no_change() -> None:
 def test_gradguard_part_with_the_clipper_flags_and_the_run_record(tmp_path: Path) -> None:
     module = PoisonMLP(poisoned={(0, 12), (0, 13)})
     guard = GradGuard(
-        clip="norm",
+        clip=ZClip(warmup_steps=5, max_grad_norm=None),
         dead_units=False,
         report_args={"out_dir": str(tmp_path)},
         spike_recovery=True,
@@ -201,8 +229,8 @@ def test_gradguard_part_with_the_clipper_flags_and_the_run_record(tmp_path: Path
     trainer.fit(module)
     recovery = guard.recovery
     assert recovery._via_clipper  # the flag went through the clipper's one read
-    # FixedNorm(1.0) is the reference: the x100 inputs' norm is far above 5 x 1.0; two
-    # spiking steps in a row (12, 13) roll back to the snapshot at step 10.
+    # ZClip's running mean is the reference: the x100 inputs' norm is far above 5x it;
+    # two spiking steps in a row (12, 13) roll back to the snapshot at step 10.
     assert [(r["step"], r["to_step"], r["signals"]) for r in recovery.rollbacks] == [
         (14, 10, ["grad_norm"])
     ]

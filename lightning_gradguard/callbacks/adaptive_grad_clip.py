@@ -49,7 +49,6 @@ class _ClipState:
     nonfinite_flag: bool | None = None
     consecutive_skips: int = 0
     scaler_skips: Tensor | None = None
-    last_threshold: Tensor | None = None  # the global threshold of the last step
 
 
 class AdaptiveGradClip(Callback):
@@ -176,15 +175,22 @@ class AdaptiveGradClip(Callback):
     def add_flag_source(self, source: Any) -> None:
         """Reduce and read another callback's per-step flag together with the skip flags.
 
-        ``source.spike_flag(optimizer, total_norm, last_threshold)`` returns a 1-D bool
-        device tensor on the first optimizer's steps (``last_threshold``: the global
-        clip threshold of the previous step, ``None`` without one); the flags join the
+        ``source.spike_flag(optimizer, total_norm, typical_norm)`` returns a 1-D bool
+        device tensor on the first optimizer's steps (``typical_norm``: the policy's
+        running level of the global norm before this step, ``None`` without one, see
+        :meth:`~lightning_gradguard.functional.ClipPolicy.typical_norm`); the flags join the
         skip flags' cross-rank reduction (any rank) and their one host read, and
         ``source.receive_flags(values)`` gets the agreed values as a list of bools.
         Only a clipper that :attr:`reads_flags` calls its sources.
         """
         if all(s is not source for s in self._flag_sources):
             self._flag_sources.append(source)
+
+    def policy_level(self, state: _ClipState) -> Tensor | None:
+        """The policy's running level of the global norm (``None``: none, or layer scope)."""
+        if self.scope != "global":
+            return None
+        return state.policy.typical_norm()
 
     # ------------------------------------------------------------------ identity / state
 
@@ -201,9 +207,6 @@ class AdaptiveGradClip(Callback):
                 "policy": s.policy.state_dict(),
                 "spikes": None if s.spikes is None else s.spikes.state_dict(),
                 "consecutive_skips": s.consecutive_skips,
-                "last_threshold": None
-                if s.last_threshold is None
-                else s.last_threshold.detach().cpu().clone(),
             }
         return state
 
@@ -372,10 +375,6 @@ class AdaptiveGradClip(Callback):
                 if spikes is not None and saved.get("spikes") is not None:
                     spikes.load_state_dict(saved["spikes"])
                 state.consecutive_skips = int(saved["consecutive_skips"])
-                if saved.get("last_threshold") is not None:
-                    state.last_threshold = torch.as_tensor(saved["last_threshold"]).to(
-                        next(iter(params), torch.zeros(())).device
-                    )
             self._states[index] = state
         return index, state
 
@@ -424,7 +423,8 @@ class AdaptiveGradClip(Callback):
             ) + nonfinite.long()
         deciding = self.skip_nonfinite or self.skip_spikes
         sources = self._flag_sources if deciding and index == 0 else []
-        extra = [s.spike_flag(optimizer, total, state.last_threshold) for s in sources]
+        typical = self.policy_level(state) if sources else None
+        extra = [s.spike_flag(optimizer, total, typical) for s in sources]
         if deciding:
             # Decide together *before* the policy sees the norm (one collective for both
             # flags): when only some ranks' gradients are non-finite (a fault after the
@@ -459,8 +459,6 @@ class AdaptiveGradClip(Callback):
         else:
             decision.apply_()
         threshold, coef = decision.threshold, decision.coef
-        if self.scope == "global" and self.policy.uses_norms:
-            state.last_threshold = threshold
         if state.spikes is not None:
             state.spikes.record(total, ~skip)
         logging_step = state.steps_seen % self._interval == 0

@@ -109,9 +109,10 @@ class SpikeRecovery(Callback):
       losses by ``rtol`` times that mean and by ``atol``) or as a z-score
       (``statistic="zscore"``, ``sigma``), after ``warmup`` steps;
     - ``"grad_norm"``: the global gradient norm against ``grad_factor`` times the
-      clip policy's threshold of the previous step (``AdaptiveGradClip``), or
-      times the running mean of recent norms without one. The norm comes from the
-      monitor's (or the clipper's) pass: no second pass;
+      clip policy's running level of the norm (``AdaptiveGradClip`` with ZClip's
+      mean or EMA-ratio's EMA), or times the running mean of the last ``window``
+      norms otherwise. The norm comes from the monitor's (or the clipper's) pass:
+      no second pass;
     - ``"nonfinite"``: a loss that is inf or NaN.
 
     The ranks agree with one flag reduction; with an ``AdaptiveGradClip`` that
@@ -142,7 +143,7 @@ class SpikeRecovery(Callback):
         atol: smallest absolute loss increase that is a spike (``None``: no test).
         rtol: smallest loss increase relative to the running mean that is a spike.
         sigma: standard deviations for ``statistic="zscore"``.
-        grad_factor: a norm above this many times the reference is a spike.
+        grad_factor: a norm above this many times its typical level is a spike.
         cooldown_steps: steps of reduced learning rate after a rollback (0: none).
         cooldown_factor: the learning rate multiplier at the start of the cool-down.
         max_rollbacks: rollbacks allowed in the whole run.
@@ -166,7 +167,7 @@ class SpikeRecovery(Callback):
         window: int = 50,
         warmup: int = 20,
         atol: float | None = None,
-        rtol: float | None = 1.0,
+        rtol: float | None = 3.0,
         sigma: float = 6.0,
         grad_factor: float = 5.0,
         cooldown_steps: int = 0,
@@ -372,8 +373,12 @@ class SpikeRecovery(Callback):
             value = value / scale.to(value.device, torch.float64)
         self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
 
-    def spike_flag(self, optimizer: Any, total: Tensor | None, threshold: Tensor | None) -> Tensor:
-        """This rank's flags for the current step: [any, nonfinite, loss, grad_norm] (device)."""
+    def spike_flag(self, optimizer: Any, total: Tensor | None, typical: Tensor | None) -> Tensor:
+        """This rank's flags for the current step: [any, nonfinite, loss, grad_norm] (device).
+
+        ``typical``: the clip policy's running level of the norm (NaN or ``None``:
+        SpikeRecovery's own running mean of the last ``window`` norms is used).
+        """
         loss, self._loss_sum = self._loss_sum, None
         device = total.device if total is not None else (loss.device if loss is not None else None)
         false = torch.zeros((), dtype=torch.bool, device=device)
@@ -386,8 +391,8 @@ class SpikeRecovery(Callback):
         if total is not None and "grad_norm" in self.signals:
             total = total.detach().to(torch.float64)
             own = self._norm_test.is_spike(total)
-            if threshold is not None:
-                reference = threshold.detach().to(torch.float64).reshape(())
+            if typical is not None:
+                reference = typical.detach().to(torch.float64).reshape(())
                 by_policy = total > self.grad_factor * reference
                 grad_spike = torch.where(torch.isfinite(reference), by_policy, own)
             else:
@@ -425,17 +430,17 @@ class SpikeRecovery(Callback):
         total = None
         if "grad_norm" in self.signals:
             total = self._total_norm(trainer, pl_module, optimizer)
-        flags = self.spike_flag(optimizer, total, self._clip_threshold())
+        flags = self.spike_flag(optimizer, total, self._clip_level())
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             as_int = flags.to(torch.int32)
             dist.all_reduce(as_int, op=dist.ReduceOp.MAX)  # the one collective: any rank
             flags = as_int.bool()
         self.receive_flags([bool(f) for f in flags.tolist()])  # the one host read
 
-    def _clip_threshold(self) -> Tensor | None:
+    def _clip_level(self) -> Tensor | None:
         states = getattr(self._clipper, "_states", {}) if self._clipper is not None else {}
         state = states.get(0)
-        return None if state is None else state.last_threshold
+        return None if state is None else self._clipper.policy_level(state)
 
     def _total_norm(self, trainer: Any, pl_module: Any, optimizer: Any) -> Tensor:
         if self._monitor is not None:
@@ -556,8 +561,6 @@ class SpikeRecovery(Callback):
                 extra[f"clip_policy_{index}"] = copy.deepcopy(state.policy)
                 if state.spikes is not None:
                     extra[f"clip_spikes_{index}"] = copy.deepcopy(state.spikes)
-                if state.last_threshold is not None:
-                    extra[f"clip_threshold_{index}"] = state.last_threshold.clone()
         if self._monitor is not None:
             for index, view in getattr(self._monitor, "_views", {}).items():
                 extra[f"monitor_health_{index}"] = copy.deepcopy(view.health)
@@ -575,9 +578,6 @@ class SpikeRecovery(Callback):
                 saved = extra.get(f"clip_spikes_{index}")
                 if saved is not None and state.spikes is not None:
                     state.spikes.load_state_dict(_state_of(saved))
-                threshold = extra.get(f"clip_threshold_{index}")
-                if threshold is not None:
-                    state.last_threshold = torch.as_tensor(threshold).clone()
         if self._monitor is not None:
             for index, view in getattr(self._monitor, "_views", {}).items():
                 saved = extra.get(f"monitor_health_{index}")

@@ -110,6 +110,7 @@ def _actions(trainer: Any) -> str:
         "spike": "{n} spike(s) skipped",
         "swap": "ReLU→LeakyReLU in {n} layer(s)",
         "dying": "{n} dying layer(s)",
+        "rollback": "{n} rollback(s)",
     }
     counts = Counter(e["kind"] for e in events)
     first = {kind: min(e["step"] for e in events if e["kind"] == kind) for kind in counts}
@@ -194,7 +195,10 @@ def train_run(
     callbacks: list[Any] = [_Progress(bar)]
     guard = None
     if run.guarded:
-        guard = GradGuard(report_args={"out_dir": str(folder), "picture_every_n_steps": None})
+        guard = GradGuard(
+            report_args={"out_dir": str(folder), "picture_every_n_steps": None},
+            **run.guard_args,
+        )
         callbacks.insert(0, guard)
     logger = _wandb_logger(out, scenario, run, wandb_mode, group)
     trainer = pl.Trainer(
