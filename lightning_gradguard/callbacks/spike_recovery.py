@@ -614,6 +614,7 @@ class SpikeRecovery(Callback):
         self._batches = []
         self._streak = []
         self._cooldown_left = self.cooldown_steps
+        first = batches[0][0] if batches else since  # later than `since` after a rollback
         rollback: dict[str, Any] = {
             "step": step,
             "to_step": since,
@@ -624,7 +625,8 @@ class SpikeRecovery(Callback):
         shown = ", ".join(f"{b[1]}:{b[2]}" for b in batches[:8])
         more = " ..." if len(batches) > 8 else ""
         detail = (
-            f"rolled back the updates of steps {since}-{step - 1} ({', '.join(signals)}); "
+            f"rolled back the updates of steps {first}-{step - 1} ({', '.join(signals)}) to "
+            f"the state of step {since}; "
             f"skipped {len(batches)} batch(es) (epoch:batch {shown}{more})"
         )
         rank_zero_warn(f"SpikeRecovery: {detail}.")
