@@ -178,7 +178,7 @@ class AdaptiveGradClip(Callback):
         ``source.spike_flag(optimizer, total_norm, typical_norm)`` returns a 1-D bool
         device tensor on the first optimizer's steps (``typical_norm``: the policy's
         running level of the global norm before this step, ``None`` without one, see
-        :meth:`~lightning_gradguard.functional.ClipPolicy.typical_norm`); the flags join the
+        ``ClipPolicy.typical_norm``); the flags join the
         skip flags' cross-rank reduction (any rank) and their one host read, and
         ``source.receive_flags(values)`` gets the agreed values as a list of bools.
         Only a clipper that :attr:`reads_flags` calls its sources.
