@@ -251,6 +251,7 @@ class SpikeRecovery(Callback):
         self._trainer: Any = None
         self._loaded: dict[str, Any] | None = None
         self._last_nbytes = -1
+        self._hooks: list[Any] = []
 
     # ------------------------------------------------------------------ identity / state
 
@@ -342,7 +343,7 @@ class SpikeRecovery(Callback):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         for optimizer in trainer.optimizers:
-            optimizer.register_step_post_hook(self._after_step)
+            self._hooks.append(optimizer.register_step_post_hook(self._after_step))
         loaded, self._loaded = self._loaded, None
         if loaded and loaded.get("snapshots"):
             self._snapshots = []
@@ -359,6 +360,9 @@ class SpikeRecovery(Callback):
         self._flush_deferred(trainer)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
         if "save_checkpoint" in vars(trainer):
             del trainer.save_checkpoint
 
