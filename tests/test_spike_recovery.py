@@ -374,7 +374,9 @@ def test_fp16_grad_scaler_state_is_rolled_back() -> None:
     assert [r["to_step"] for r in recovery.rollbacks] == [10]
     # The loss test saw the unscaled loss (else every step would look like a spike).
     assert len(recovery.rollbacks) == 1
-    # The scale grows every 2 finite steps; after the rollback it is the scale of step 10.
+    # The scale grows every 2 finite steps (it did between the snapshot and the spike);
+    # after the rollback it is the scale of step 10 again.
+    assert scales[11] != scales[9]
     assert scales[12] == scales[9]
 
 
