@@ -381,7 +381,10 @@ def test_fp16_grad_scaler_state_is_rolled_back() -> None:
 
 
 def test_checkpoint_resume_after_a_rollback_equals_an_uninterrupted_run(tmp_path: Path) -> None:
-    poisoned = {(0, 12), (1, 7)}  # one rollback before the checkpoint, one after the resume
+    # One rollback before the checkpoint (end of epoch 0, step 16), one after the resume
+    # (step 17) to the snapshot the checkpoint carried: the state of step 10 (its age
+    # counts from the first rollback, step 13, so the next snapshot is due at step 18).
+    poisoned = {(0, 12), (1, 1)}
     args = {"signals": ["loss"], **FAST}
 
     def run(
@@ -405,8 +408,7 @@ def test_checkpoint_resume_after_a_rollback_equals_an_uninterrupted_run(tmp_path
     state = torch.load(saved, weights_only=True)  # plain tensors and primitives only
     assert any("SpikeRecovery" in key for key in state["callbacks"])
     resumed, resumed_trainer, resumed_recovery = run(tmp_path / "resumed", resume=str(saved))
-    # Snapshots every 5 steps, counted from the rollback at 13: 18, 23.
-    assert [r["to_step"] for r in whole_recovery.rollbacks] == [10, 23]
+    assert [(r["step"], r["to_step"]) for r in whole_recovery.rollbacks] == [(13, 10), (18, 10)]
     assert resumed_recovery.rollbacks == whole_recovery.rollbacks
     for a, b in zip(whole.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
