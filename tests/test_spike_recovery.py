@@ -514,3 +514,37 @@ def test_bad_arguments_name_the_argument(kwargs: dict[str, Any], error: type, ma
         SpikeRecovery(**kwargs)
     with pytest.raises(error, match="GradGuard\\(spike_recovery_args"):
         GradGuard(spike_recovery=True, spike_recovery_args=kwargs)
+
+
+def test_rollback_reaches_a_real_offline_wandb_run(tmp_path: Path) -> None:
+    from wandb_reader import load_run
+
+    from lightning_gradguard import HealthReport
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("WANDB_SILENT", "true")
+        for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+            mp.setenv(var, str(tmp_path / var.lower()))
+        from pytorch_lightning.loggers import WandbLogger
+
+        logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="gradguard-tests")
+        recovery = SpikeRecovery(signals=["loss"], **FAST)
+        report = HealthReport(out_dir=str(tmp_path / "pictures"), picture_every_n_steps=None)
+        options = quiet_trainer_kwargs(max_epochs=1)
+        pl.Trainer(logger=logger, callbacks=[recovery, report], **options).fit(
+            PoisonMLP(poisoned={(0, 12)})
+        )
+        logger.experiment.finish()
+        run = load_run(tmp_path)
+        import wandb
+
+        wandb.teardown()
+    rows = [row for row in run.table("gradguard/events").rows if row[1] == "rollback"]
+    assert [row[0] for row in rows] == [12]
+    assert "to the state of step 10" in rows[0][3] and "0:10, 0:11, 0:12" in rows[0][3]
+    alerts = [a for a in run.alerts if a["title"] == "gradguard: rollback"]
+    assert len(alerts) == 1 and alerts[0]["level"] == "WARN"
+    assert run.user_summary["gradguard/rollbacks"] == 1
+    assert run.user_summary["gradguard/rollback_skipped_batches"] == 3
+    assert [v for _, v in run.series("spike/rollbacks", step_key="trainer/global_step")] == [1.0]
