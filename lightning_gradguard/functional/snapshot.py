@@ -86,6 +86,7 @@ class StateSnapshot:
         self.extra: dict[str, Any] = {}
         self._host: dict[str, Tensor] = {}
         self._scalars: dict[str, Any] = {}
+        self._copied: Any = None  # a CUDA event after non-blocking copies to the host
 
     @property
     def taken(self) -> bool:
@@ -109,9 +110,14 @@ class StateSnapshot:
     def take(self, module: nn.Module, optimizers: Sequence[Any], step: int) -> None:
         """Copy the current state into the host buffers (allocated on first use)."""
         seen = set()
+        on_cuda = False
         for key, live in live_state(module, optimizers):
             self._buffer(key, live).copy_(live, non_blocking=live.is_cuda)
             seen.add(key)
+            on_cuda = on_cuda or live.is_cuda
+        if on_cuda:  # the host reads the buffers only after this (see state_dict)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
         for key in set(self._host) - seen:  # state that no longer exists
             del self._host[key]
         self._scalars = _optimizer_scalars(optimizers)
@@ -131,6 +137,8 @@ class StateSnapshot:
 
     def state_dict(self) -> dict[str, Any]:
         """The snapshot as CPU tensors and Python primitives (for a checkpoint)."""
+        if self._copied is not None:  # wait for the non-blocking copies (a checkpoint: rare)
+            self._copied.synchronize()
         return {
             "step": self.step,
             "tensors": {k: v.clone() for k, v in self._host.items()},
