@@ -27,6 +27,7 @@ _LAZY = {
     "InitAtStart": "lightning_gradguard.callbacks.reinit",
     "LayerReinit": "lightning_gradguard.callbacks.reinit",
     "RunRecord": "lightning_gradguard.record",
+    "SpikeRecovery": "lightning_gradguard.callbacks.spike_recovery",
     "UnitRecycler": "lightning_gradguard.callbacks.reinit",
     "diagnose": "lightning_gradguard.doctor",
     "run_record": "lightning_gradguard.record",
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from lightning_gradguard.callbacks.gradguard import GradGuard
     from lightning_gradguard.callbacks.health_report import HealthReport
     from lightning_gradguard.callbacks.reinit import InitAtStart, LayerReinit, UnitRecycler
+    from lightning_gradguard.callbacks.spike_recovery import SpikeRecovery
     from lightning_gradguard.doctor import Diagnosis, diagnose
     from lightning_gradguard.mixin import GradGuardMixin
     from lightning_gradguard.record import RunRecord, run_record
@@ -61,6 +63,7 @@ __all__ = [
     "InitAtStart",
     "LayerReinit",
     "RunRecord",
+    "SpikeRecovery",
     "UnitRecycler",
     "__version__",
     "diagnose",

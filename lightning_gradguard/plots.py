@@ -586,13 +586,14 @@ def clip_chart(
     clipped_norm: npt.ArrayLike | None = None,
     skipped_steps: Sequence[int] = (),
     title: str = "Gradient clipping",
+    rollback_steps: Sequence[int] = (),
     figsize: tuple[float, float] = (10.0, 4.5),
 ) -> Figure:
     """Raw global gradient norm against the clipping threshold, on a log scale.
 
     Steps where the raw norm exceeds the threshold get a red dot; non-finite raw
     norms (NaN / inf) are marked at the top edge; skipped steps get a vertical
-    dotted line.
+    dotted line, rollbacks (``SpikeRecovery``) a purple dashed one.
 
     Args:
         steps: the logged steps.
@@ -604,6 +605,7 @@ def clip_chart(
             masked where unknown).
         skipped_steps: steps whose optimizer step was skipped.
         title: the figure title.
+        rollback_steps: steps where ``SpikeRecovery`` rolled back.
         figsize: width and height in inches.
 
     Returns:
@@ -697,6 +699,18 @@ def clip_chart(
             linestyles=":",
             linewidth=1.4,
             label=f"skipped step: {len(skipped_steps)}",
+            zorder=1,
+        )
+    if len(rollback_steps):
+        ax.vlines(
+            list(rollback_steps),
+            0.0,
+            1.0,
+            transform=ax.get_xaxis_transform(),
+            colors="tab:purple",
+            linestyles="--",
+            linewidth=1.6,
+            label=f"rollback (SpikeRecovery): {len(rollback_steps)}",
             zorder=1,
         )
     if bad.any():

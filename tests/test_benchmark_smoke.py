@@ -36,6 +36,8 @@ DEFAULT_VARIANTS = {
     "timm_agc": "timm adaptive_clip_grad",
     "dead_window": "DeadUnitMonitor, in windows",
     "dead_idle": "DeadUnitMonitor, outside windows",
+    "recovery": "SpikeRecovery (snapshot every 50 steps)",
+    "recovery_every10": "SpikeRecovery, snapshot every 10 steps",
 }
 OPTIONAL = {"zclip_pkg", "smartclip_autoclip", "timm_agc"}
 NOT_ON_TRANSFORMER: set[str] = set()  # every variant runs on every workload

@@ -135,3 +135,37 @@ def test_online_mode_without_login_says_what_to_do(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "run `wandb login` first, or use --wandb offline" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_loss_spike_scenario_bursts_the_learning_rate_and_recovers_with_spike_recovery() -> None:
+    import pytorch_lightning as pl
+
+    from lightning_gradguard import GradGuard
+    from lightning_gradguard.demo.scenarios import LOSS_SPIKE_BURST, SCENARIOS
+
+    assert [s.name for s in SCENARIOS][-1] == "loss_spike"
+    assert parse_args(["--only", "loss_spike"]).only == ["loss_spike"]
+    scenario = SCENARIOS[-1]
+    without, plain, recovering = scenario.runs
+    assert not without.guarded and plain.guarded and recovering.guarded
+    assert GradGuard(**plain.guard_args).recovery is None
+    guard = GradGuard(**recovering.guard_args)
+    assert guard.recovery is not None and guard.recovery.every_n_steps == 25
+    # The burst: the learning rate the optimizer really steps with, by step.
+    model = recovering.make_model()
+    model.burst_start = 3  # the same burst, earlier, to keep the run short
+    seen: list[float] = []
+
+    class Probe(pl.Callback):
+        def on_before_optimizer_step(self, trainer: object, pl_module: object, opt: object) -> None:
+            seen.append(opt.param_groups[0]["lr"])  # type: ignore[attr-defined]
+
+    x = torch.randn(64 * 20, 64)
+    y = torch.randint(0, 10, (64 * 20,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+    pl.Trainer(
+        max_steps=20, logger=False, callbacks=[Probe()], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    ).fit(model, loader)  # fmt: skip
+    expected = [1e-3] * 3 + [1e-3 * f for f in LOSS_SPIKE_BURST] + [1e-3] * 5
+    assert seen == pytest.approx(expected, rel=1e-12)

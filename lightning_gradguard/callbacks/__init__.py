@@ -6,6 +6,7 @@ from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
 from lightning_gradguard.callbacks.gradguard import GradGuard
 from lightning_gradguard.callbacks.health_report import HealthReport
 from lightning_gradguard.callbacks.reinit import InitAtStart, LayerReinit, UnitRecycler
+from lightning_gradguard.callbacks.spike_recovery import SpikeRecovery
 
 __all__ = [
     "AdaptiveGradClip",
@@ -15,5 +16,6 @@ __all__ = [
     "HealthReport",
     "InitAtStart",
     "LayerReinit",
+    "SpikeRecovery",
     "UnitRecycler",
 ]

@@ -166,6 +166,32 @@ class AdaptiveGradClip(Callback):
         self._loaded: dict[str, Any] = {}
         self._monitor: Any = None
         self._uses_scaler = False
+        self._flag_sources: list[Any] = []
+
+    @property
+    def reads_flags(self) -> bool:
+        """Whether this clipper reads a decision flag on the host every step (it skips steps)."""
+        return self.skip_nonfinite or self.skip_spikes
+
+    def add_flag_source(self, source: Any) -> None:
+        """Reduce and read another callback's per-step flag together with the skip flags.
+
+        ``source.spike_flag(optimizer, total_norm, typical_norm)`` returns a 1-D bool
+        device tensor on the first optimizer's steps (``typical_norm``: the policy's
+        running level of the global norm before this step, ``None`` without one, see
+        ``ClipPolicy.typical_norm``); the flags join the
+        skip flags' cross-rank reduction (any rank) and their one host read, and
+        ``source.receive_flags(values)`` gets the agreed values as a list of bools.
+        Only a clipper that :attr:`reads_flags` calls its sources.
+        """
+        if all(s is not source for s in self._flag_sources):
+            self._flag_sources.append(source)
+
+    def policy_level(self, state: _ClipState) -> Tensor | None:
+        """The policy's running level of the global norm (``None``: none, or layer scope)."""
+        if self.scope != "global":
+            return None
+        return state.policy.typical_norm()
 
     # ------------------------------------------------------------------ identity / state
 
@@ -415,12 +441,18 @@ class AdaptiveGradClip(Callback):
                 0 if state.scaler_skips is None else state.scaler_skips
             ) + nonfinite.long()
         deciding = self.skip_nonfinite or self.skip_spikes
+        sources = self._flag_sources if deciding and index == 0 else []
+        typical = self.policy_level(state) if sources else None
+        extra = [s.spike_flag(optimizer, total, typical) for s in sources]
         if deciding:
             # Decide together *before* the policy sees the norm (one collective for both
             # flags): when only some ranks' gradients are non-finite (a fault after the
             # all-reduce), the others must not fold this step into their statistics either,
             # or the ranks' thresholds drift apart from here on.
-            skip, nonfinite = self._agree_across_ranks(torch.stack([skip, nonfinite])).unbind(0)
+            agreed = self._agree_across_ranks(
+                torch.cat([torch.stack([skip, nonfinite]), *[f.to(skip.device) for f in extra]])
+            )
+            skip, nonfinite, extra_agreed = agreed[0], agreed[1], agreed[2:]
             if self.skip_nonfinite and not self._uses_scaler:
                 norm = torch.where(nonfinite, torch.full_like(norm, math.nan), norm)
         decision = state.policy.decide(present, grads, norm, index_tensor, prepared)
@@ -429,11 +461,20 @@ class AdaptiveGradClip(Callback):
             # passes of the clipping would change anything, and only those run (on most
             # steps of a healthy run, none).
             flags = torch.cat(
-                [skip.view(1), nonfinite.view(1), decision.needs_scaling().to(skip.device)]
+                [
+                    skip.view(1),
+                    nonfinite.view(1),
+                    extra_agreed,
+                    decision.needs_scaling().to(skip.device),
+                ]
             ).tolist()
             state.skip_flag, state.nonfinite_flag = flags[0], flags[1]
+            offset = 2
+            for source, flag in zip(sources, extra):
+                source.receive_flags([bool(f) for f in flags[offset : offset + flag.numel()]])
+                offset += flag.numel()
             if not flags[0]:
-                decision.apply_(flags[2:])
+                decision.apply_(flags[offset:])
         else:
             decision.apply_()
         threshold, coef = decision.threshold, decision.coef

@@ -13,6 +13,7 @@ from lightning_gradguard.callbacks.adaptive_grad_clip import AdaptiveGradClip
 from lightning_gradguard.callbacks.dead_unit_monitor import RESCUE_MODES, DeadUnitMonitor
 from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
 from lightning_gradguard.callbacks.health_report import HealthReport
+from lightning_gradguard.callbacks.spike_recovery import SpikeRecovery
 from lightning_gradguard.functional.policies import ClipPolicy
 
 # Every hook of Lightning's Callback base class (the two packages have the same ones).
@@ -51,11 +52,15 @@ class GradGuard(Callback):
     4. :class:`~lightning_gradguard.HealthReport` (``report``): pictures,
        histograms, the events table, alerts and a run summary.
 
+    Off by default: :class:`~lightning_gradguard.SpikeRecovery`
+    (``spike_recovery=True``, after the clipper): a last-good snapshot and a
+    rollback on a loss spike; its flag travels in the clipper's one host read.
+
     Every part can be switched off (``monitor=False``, ``clip=None``,
     ``dead_units=False``, ``report=False``) and configured with a dict of its own
     arguments (``monitor_args``, ``clip_args``, ``dead_unit_args``,
     ``report_args``); the parts are available as attributes (``norm_monitor``,
-    ``clipper``, ``unit_monitor``, ``health_report``; ``None`` when off) and, in
+    ``clipper``, ``recovery``, ``unit_monitor``, ``health_report``; ``None`` when off) and, in
     order, in ``gradguard_parts``.
 
     The parts talk to each other through the run record
@@ -85,6 +90,9 @@ class GradGuard(Callback):
         clip_args: more ``AdaptiveGradClip`` arguments.
         dead_unit_args: more ``DeadUnitMonitor`` arguments.
         report_args: more ``HealthReport`` arguments.
+        spike_recovery: add ``SpikeRecovery`` (roll back to the last good state on a
+            loss spike).
+        spike_recovery_args: more ``SpikeRecovery`` arguments.
 
     Example:
         >>> guard = GradGuard(clip="autoclip", dead_unit_args={"every_n_steps": 50})
@@ -108,6 +116,8 @@ class GradGuard(Callback):
         clip_args: dict[str, Any] | None = None,
         dead_unit_args: dict[str, Any] | None = None,
         report_args: dict[str, Any] | None = None,
+        spike_recovery: bool = False,
+        spike_recovery_args: dict[str, Any] | None = None,
     ) -> None:
         for name, flag in (
             ("monitor", monitor),
@@ -115,6 +125,7 @@ class GradGuard(Callback):
             ("skip_spikes", skip_spikes),
             ("dead_units", dead_units),
             ("report", report),
+            ("spike_recovery", spike_recovery),
         ):
             if not isinstance(flag, bool):
                 raise TypeError(f"GradGuard({name}={flag!r}) must be True or False.")
@@ -130,6 +141,7 @@ class GradGuard(Callback):
             ("clip_args", clip_args),
             ("dead_unit_args", dead_unit_args),
             ("report_args", report_args),
+            ("spike_recovery_args", spike_recovery_args),
         ):
             if options is not None and not isinstance(options, dict):
                 raise TypeError(
@@ -147,6 +159,8 @@ class GradGuard(Callback):
         self.clip_args = clip_args
         self.dead_unit_args = dead_unit_args
         self.report_args = report_args
+        self.spike_recovery = spike_recovery
+        self.spike_recovery_args = spike_recovery_args
         interval = {"log_every_n_steps": log_every_n_steps}
         self.norm_monitor: GradNormMonitor | None = (
             _build(GradNormMonitor, "monitor_args", {**interval, **(monitor_args or {})})
@@ -172,9 +186,20 @@ class GradGuard(Callback):
         self.health_report: HealthReport | None = (
             _build(HealthReport, "report_args", report_args) if report else None
         )
+        self.recovery: SpikeRecovery | None = (
+            _build(SpikeRecovery, "spike_recovery_args", spike_recovery_args)
+            if spike_recovery
+            else None
+        )
         self.gradguard_parts: list[Any] = [
             part
-            for part in (self.norm_monitor, self.clipper, self.unit_monitor, self.health_report)
+            for part in (
+                self.norm_monitor,
+                self.clipper,
+                self.recovery,
+                self.unit_monitor,
+                self.health_report,
+            )
             if part is not None
         ]
         base = {name: getattr(Callback, name, None) for name in _HOOKS}

@@ -22,6 +22,7 @@ from torch import Tensor
 from lightning_gradguard._compat import Callback, rank_zero_warn
 from lightning_gradguard.callbacks._parts import flat_callbacks
 from lightning_gradguard.callbacks.adaptive_grad_clip import AdaptiveGradClip
+from lightning_gradguard.callbacks.spike_recovery import SpikeRecovery
 from lightning_gradguard.functional.norms import NormGrouping, local_tensors
 from lightning_gradguard.logging import tensorboard_writers, to_host, wandb_runs
 from lightning_gradguard.record import EVENT_COLUMNS, Event, RunRecord, run_record
@@ -126,51 +127,52 @@ def _public_config(callback: Any) -> dict[str, Any]:
 class HealthReport(Callback):
     """Pictures, gradient histograms, the events table and a run summary.
 
-    It draws from the run record (:func:`~lightning_gradguard.record.run_record`),
-    where the other lightning_gradguard callbacks write what they measured (the
-    metric history) and did (the events), so it adds no pass over the gradients,
-    except for the opt-in histograms. The record is part of the checkpoint: after
-    a resume, pictures, events and summary cover the whole run.
+      It draws from the run record (:func:`~lightning_gradguard.record.run_record`),
+      where the other lightning_gradguard callbacks write what they measured (the
+      metric history) and did (the events), so it adds no pass over the gradients,
+      except for the opt-in histograms. The record is part of the checkpoint: after
+      a resume, pictures, events and summary cover the whole run.
 
-    - Pictures every ``picture_every_n_steps`` steps and at the end of fit: a
-      gradient-flow heatmap (layers × steps, log-scale norm, vanishing cells
-      marked), the dead-unit fraction per layer over time, and the clip threshold
-      against the raw norm. Saved as PNG files in ``out_dir`` for users of any
-      logger, and logged as images to W&B (``gradguard/<picture>``) and TensorBoard.
-    - Histograms of every layer's gradients (``grad_hist/<layer>``), opt-in, every
-      ``histogram_every_n_steps`` steps: computed on the device with
-      ``torch.histc`` after AMP unscaling and the DDP reduction (the gradients the
-      optimizer really uses), moved to the host in one transfer. Under FSDP2 they
-      describe this rank's shards. Non-finite elements are left out.
-    - The events table ``gradguard/events`` (step, kind, layer, detail): skipped
-      steps, swaps, re-initializations, recycling, vanishing / exploding /
-      non-finite warnings. W&B gets a ``wandb.Table``, TensorBoard a text table.
-    - W&B alerts on non-finite gradients, explosions and mass dying, at most
-      ``max_alerts_per_hour`` per kind.
-    - With a ``WandbLogger``: the callbacks' settings in the run config, metric
-      sections (``define_metric``) against ``trainer/global_step``, and totals in
-      the run summary (skipped steps, swapped layers, recycled units, worst layers).
-    - Files in ``out_dir`` for any logger: the pictures, ``events.csv`` (the
-      events table) and ``summary.json`` (the run summary).
+      - Pictures every ``picture_every_n_steps`` steps and at the end of fit: a
+        gradient-flow heatmap (layers × steps, log-scale norm, vanishing cells
+        marked), the dead-unit fraction per layer over time, and the clip threshold
+        against the raw norm. Saved as PNG files in ``out_dir`` for users of any
+        logger, and logged as images to W&B (``gradguard/<picture>``) and TensorBoard.
+      - Histograms of every layer's gradients (``grad_hist/<layer>``), opt-in, every
+        ``histogram_every_n_steps`` steps: computed on the device with
+        ``torch.histc`` after AMP unscaling and the DDP reduction (the gradients the
+        optimizer really uses), moved to the host in one transfer. Under FSDP2 they
+        describe this rank's shards. Non-finite elements are left out.
+      - The events table ``gradguard/events`` (step, kind, layer, detail): skipped
+        steps, swaps, re-initializations, recycling, rollbacks, vanishing /
+        exploding / non-finite warnings. W&B gets a ``wandb.Table``, TensorBoard a text table.
+      - W&B alerts on non-finite gradients, explosions, mass dying and rollbacks, at most
+        ``max_alerts_per_hour`` per kind.
+      - With a ``WandbLogger``: the callbacks' settings in the run config, metric
+        sections (``define_metric``) against ``trainer/global_step``, and totals in
+        the run summary (skipped steps, swapped layers, recycled units, worst layers;
+    with ``SpikeRecovery``: rollbacks and the batches they skipped).
+      - Files in ``out_dir`` for any logger: the pictures, ``events.csv`` (the
+        events table) and ``summary.json`` (the run summary).
 
-    At the end of fit, and also when fit stops on an exception (``on_exception``,
-    including the clipper's limit of skipped steps in a row), the pictures, the
-    events table and the summary so far are written before the error propagates;
-    the summary then says what stopped the run (``gradguard/stopped_by``).
+      At the end of fit, and also when fit stops on an exception (``on_exception``,
+      including the clipper's limit of skipped steps in a row), the pictures, the
+      events table and the summary so far are written before the error propagates;
+      the summary then says what stopped the run (``gradguard/stopped_by``).
 
-    Everything goes through the Trainer's loggers on rank zero; with no logger the
-    files are still written.
+      Everything goes through the Trainer's loggers on rank zero; with no logger the
+      files are still written.
 
-    Args:
-        picture_every_n_steps: draw and log the pictures every this many steps
-            (``None``: only at the end of fit).
-        histogram_every_n_steps: log gradient histograms every this many steps
-            (``None``, the default: never).
-        histogram_bins: bins per histogram.
-        out_dir: folder of the files (default: ``gradguard`` in the first logger's
-            folder, else in ``trainer.default_root_dir``).
-        alerts: send W&B alerts.
-        max_alerts_per_hour: the rate limit per alert kind.
+      Args:
+          picture_every_n_steps: draw and log the pictures every this many steps
+              (``None``: only at the end of fit).
+          histogram_every_n_steps: log gradient histograms every this many steps
+              (``None``, the default: never).
+          histogram_bins: bins per histogram.
+          out_dir: folder of the files (default: ``gradguard`` in the first logger's
+              folder, else in ``trainer.default_root_dir``).
+          alerts: send W&B alerts.
+          max_alerts_per_hour: the rate limit per alert kind.
     """
 
     def __init__(
@@ -438,6 +440,7 @@ class HealthReport(Callback):
                 clip.column("threshold"),
                 clip.column("clipped"),
                 skipped_steps=skipped,
+                rollback_steps=[event.step for event in record.events_of("rollback")],
             )
             drawn["clipping"] = plots.save_png(figure, folder / "clipping.png")
         self.pictures.update(drawn)
@@ -503,6 +506,10 @@ class HealthReport(Callback):
             "gradguard/reinitialized_layers": sorted(record.layers("reinit")),
             "gradguard/recycled_units": int(record.total("recycle", "units")),
         }
+        for callback in flat_callbacks(trainer):
+            if isinstance(callback, SpikeRecovery):  # rollbacks also counted as events
+                totals["gradguard/rollbacks"] = len(callback.rollbacks)
+                totals["gradguard/rollback_skipped_batches"] = int(callback.skipped_batches)
         steps, layers, norms = self._series(trainer, "grad_norm")
         if steps and layers:
             last = norms[-1].filled(math.nan)

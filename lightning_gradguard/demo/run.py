@@ -110,6 +110,7 @@ def _actions(trainer: Any) -> str:
         "stop": "training stopped",
         "swap": "ReLU→LeakyReLU in {layers} layer(s)",
         "dying": "{layers} dying layer(s)",
+        "rollback": "{n} rollback(s)",
     }
     first = {
         kind: min(e.step for e in record.events_of(kind))
@@ -200,7 +201,10 @@ def train_run(
     callbacks: list[Any] = [_Progress(bar)]
     guard = None
     if run.guarded:
-        guard = GradGuard(report_args={"out_dir": str(folder), "picture_every_n_steps": None})
+        guard = GradGuard(
+            report_args={"out_dir": str(folder), "picture_every_n_steps": None},
+            **run.guard_args,
+        )
         callbacks.insert(0, guard)
     logger = _wandb_logger(out, scenario, run, wandb_mode, group)
     trainer = pl.Trainer(

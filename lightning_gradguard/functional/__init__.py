@@ -71,7 +71,8 @@ from lightning_gradguard.functional.redo import (
     site_nonlinearity,
     trace_unit_pairs,
 )
-from lightning_gradguard.functional.spikes import SpikeWindow
+from lightning_gradguard.functional.snapshot import StateSnapshot
+from lightning_gradguard.functional.spikes import RunningSpikeTest, SpikeWindow
 from lightning_gradguard.functional.surgery import (
     activation_types,
     swap_activations,
@@ -122,7 +123,9 @@ __all__ = [
     "PairInference",
     "PairTracer",
     "ParameterSnapshot",
+    "RunningSpikeTest",
     "SpikeWindow",
+    "StateSnapshot",
     "UnitLayout",
     "UnitPair",
     "UnitStats",

@@ -103,6 +103,15 @@ class ClipPolicy:
         Most policies need nothing. :class:`AGC` reads each weight's output units from
         the unit map (:func:`~lightning_gradguard.functional.map_layers`).
         """
+        del model
+
+    def typical_norm(self) -> Tensor | None:
+        """The policy's running level of the norm so far (a device tensor), if it keeps one.
+
+        NaN while it is still warming up; ``None`` for policies without such a
+        statistic. ``SpikeRecovery`` compares the gradient norm against it.
+        """
+        return None
 
     def prepare(self, parameters: Sequence[Tensor]) -> Any:
         """Work on the gradients that does not need the norm, done before it is known.
@@ -512,6 +521,12 @@ class ZClip(ClipPolicy):
         self.initialized = ready | completing
         return torch.where(ready, effective, torch.full_like(norm, cap))
 
+    def typical_norm(self) -> Tensor | None:
+        """The EMA mean of the norm; NaN during the warm-up."""
+        if getattr(self, "mean", None) is None:
+            return None
+        return torch.where(self.initialized, self.mean, torch.full_like(self.mean, math.nan))
+
     def config(self) -> dict[str, Any]:
         return {
             "alpha": self.alpha,
@@ -560,6 +575,12 @@ class EMARatio(ClipPolicy):
         self.ema = torch.where(finite, torch.lerp(ema, clipped, 1 - self.decay), self.ema)
         self.started = self.started | finite
         return threshold
+
+    def typical_norm(self) -> Tensor | None:
+        """The EMA of the (clipped) norm; NaN before the first norm."""
+        if self.ema is None:
+            return None
+        return torch.where(self.started, self.ema, torch.full_like(self.ema, math.nan))
 
     def config(self) -> dict[str, Any]:
         return {"ratio": self.ratio, "decay": self.decay}
