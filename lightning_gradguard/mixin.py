@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_gradguard._compat import rank_zero_warn
 from lightning_gradguard.functional.policies import ClipPolicy, clip_with_policy_, make_policy
@@ -55,6 +55,15 @@ class GradGuardMixin:
             policies[optimizer_index] = template if not policies else copy.deepcopy(template)
         return policies[optimizer_index]
 
+    def _gradguard_bound_policy(self, optimizer_index: int) -> ClipPolicy | None:
+        """The policy, bound to this module's parameters as they are when it first clips."""
+        policy = self.gradguard_policy_for(optimizer_index)
+        bound: set[int] = self.__dict__.setdefault("_gradguard_bound", set())
+        if policy is not None and optimizer_index not in bound and isinstance(self, nn.Module):
+            policy.bind(self)  # AGC reads each weight's output units from the unit map
+            bound.add(optimizer_index)
+        return policy
+
     def _gradguard_trainer(self) -> Any:
         return getattr(self, "_trainer", None)  # None outside a fit, without raising
 
@@ -71,7 +80,7 @@ class GradGuardMixin:
         gradient_clip_algorithm: str | None = None,
     ) -> None:
         """Clip with ``gradguard_clip``; falls back to Lightning's behaviour when it is None."""
-        policy = self.gradguard_policy_for(self._gradguard_index(optimizer))
+        policy = self._gradguard_bound_policy(self._gradguard_index(optimizer))
         if policy is None:
             super().configure_gradient_clipping(  # type: ignore[misc]
                 optimizer, gradient_clip_val, gradient_clip_algorithm
@@ -100,7 +109,7 @@ class GradGuardMixin:
             ValueError: when ``gradguard_clip`` is None.
         """
         index = self._gradguard_index(optimizer)
-        policy = self.gradguard_policy_for(index)
+        policy = self._gradguard_bound_policy(index)
         if policy is None:
             raise ValueError(
                 "clip_gradients_unscaled needs a policy: set gradguard_clip on the module, "

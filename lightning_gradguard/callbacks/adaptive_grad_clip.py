@@ -328,6 +328,7 @@ class AdaptiveGradClip(Callback):
                 only=params,
             )
             policy = self.policy if index == 0 else copy.deepcopy(self.policy)
+            policy.bind(pl_module)  # AGC reads each weight's output units from the unit map
             spikes = (
                 SpikeWindow(self.spike_window, self.spike_min_samples, self.spike_sigma)
                 if self.skip_spikes

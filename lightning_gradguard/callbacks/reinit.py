@@ -26,16 +26,19 @@ from lightning_gradguard._compat import Callback, rank_zero_warn
 from lightning_gradguard.callbacks._parts import flat_callbacks
 from lightning_gradguard.functional.activity import ActivityTracker, MeasuringWindows
 from lightning_gradguard.functional.init import (
+    FAN_KINDS,
     SCHEMES,
     WEIGHT_LAYERS,
     UnitPair,
+    _check_init_args,
     consumer_nonlinearities,
     infer_unit_pairs,
     init_,
-    init_weight_,
+    init_layer_,
     lsuv_,
     recycle_units_,
 )
+from lightning_gradguard.functional.units import map_layers
 from lightning_gradguard.logging import log_to_loggers, record_event
 
 
@@ -57,6 +60,15 @@ def _refuse_sharded(pl_module: nn.Module, owner: str) -> None:
             "re-initialized rows and their optimizer state live on other ranks. Use DDP, or "
             "initialize before sharding (e.g. init_ in configure_model)."
         )
+
+
+def _weight_layer_names(pl_module: nn.Module) -> set[str]:
+    """Modules whose weight a fan-based scheme re-initializes (Linear, Conv, HF Conv1D)."""
+    return {
+        layer.name
+        for layer in map_layers(pl_module)
+        if layer.kind in FAN_KINDS and layer.spec.weight == "weight"
+    }
 
 
 def _check_scheme(scheme: str) -> None:
@@ -148,8 +160,13 @@ class InitAtStart(Callback):
             "tol": tol,
             "max_iters": max_iters,
         }
-        if scheme != "lsuv":  # validate now: init_ on an empty module checks the arguments
-            init_(nn.Module(), scheme, **self.init_kwargs)
+        if scheme != "lsuv":  # validate now (the patterns are checked against the model later)
+            _check_init_args(
+                scheme,
+                nonlinearity,
+                self.init_kwargs["residual_projections"],
+                n_layers,
+            )
         self.report: Any = None
 
     @staticmethod
@@ -416,11 +433,12 @@ class LayerReinit(Callback):
                 "or give an explicit schedule with at_steps=[...] and layers=[...]."
             )
         if self.layers is not None:
-            modules = dict(pl_module.named_modules())
-            bad = [n for n in self.layers if not isinstance(modules.get(n), WEIGHT_LAYERS)]
+            weight_layers = _weight_layer_names(pl_module)
+            bad = [n for n in self.layers if n not in weight_layers]
             if bad:
                 raise ValueError(
-                    f"layers={self.layers!r}: {bad} are not Linear/Conv modules of the model."
+                    f"layers={self.layers!r}: {bad} are not Linear/Conv modules of the model "
+                    "(Linear, Conv, ConvTranspose or Hugging Face Conv1D)."
                 )
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -439,11 +457,13 @@ class LayerReinit(Callback):
         for view in list(self._monitor._views.values()):
             flags = view.health.vanishing.tolist()  # one host read per check
             names = [n for n, flag in zip(view.grouping.names, flags) if flag]
-            modules = dict(pl_module.named_modules())
+            if not names:
+                continue
+            weight_layers = _weight_layer_names(pl_module)
             chosen = [
                 n
                 for n in names
-                if isinstance(modules.get(n), WEIGHT_LAYERS)
+                if n in weight_layers
                 and (self.layers is None or n in self.layers)
                 and self.reinit_counts.get(n, 0) < self.max_reinits_per_layer
             ]
@@ -461,16 +481,17 @@ class LayerReinit(Callback):
         self, trainer: Any, pl_module: Any, names: list[str], step: int, reason: str
     ) -> None:
         gains = consumer_nonlinearities(pl_module)
+        layer_map = map_layers(pl_module)
         for offset, name in enumerate(names):
-            module = pl_module.get_submodule(name)
-            weight = module.weight
+            layer = layer_map[name]  # fans and units from the map (HF Conv1D is [in, out])
+            weight = layer.weight
             nl, slope = gains.get(name) or ("relu", 0.0)
             generator = _generator(self.seed, step * 131 + offset, weight.device)
-            init_weight_(weight, self.scheme, nl, slope, generator=generator)
+            init_layer_(layer, self.scheme, nl, slope, generator=generator)
             params = [weight]
-            if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
-                params.append(module.bias)
+            if layer.bias is not None:
+                layer.bias.zero_()
+                params.append(layer.bias)
             for parameter in params:
                 optimizer = _optimizer_of(trainer, parameter)
                 if optimizer is not None and parameter in optimizer.state:
