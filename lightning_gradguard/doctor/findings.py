@@ -437,8 +437,8 @@ def find_problems(
                 (
                     "Nothing to do unless training stalls: the residual stream and LayerNorm "
                     "carry the scale. To re-initialize as GPT-2 does: lightning_gradguard."
-                    "functional.init_(model, 'normal', std=0.02, residual_projections=['*.c_proj'], "
-                    "n_layers=<blocks>).",
+                    "functional.init_(model, 'normal', std=0.02, "
+                    "residual_projections=['*.c_proj'], n_layers=<blocks>).",
                 )
                 if arch.transformer
                 else (
