@@ -594,6 +594,7 @@ def _rows(
                     normalized.add(producer)
         elif _is_norm(called):
             normalized.update(recorder.producers(call, is_layer, False))
+    by_module = {id(layer.module): layer for layer in layer_map}
     rows: list[LayerRow] = []
     for index, group in enumerate(grouping.names):
         module = owners[group]
@@ -612,8 +613,8 @@ def _rows(
         key = consumer.get(module_name)
         activation = recorder.modules[key[0]] if key is not None else None
         weight_std = he_std = glorot_std = None
-        layer = layer_map[module_name] if module_name in layer_map else None  # noqa: SIM401
-        if layer is not None and layer.kind in _SCALED_KINDS and layer.name == module_name:
+        layer = by_module.get(id(module))  # by identity: names differ under torch.compile
+        if layer is not None and layer.kind in _SCALED_KINDS:
             weight = layer.weight.detach()
             gain = _gain(activation)
             weight_std = float(weight.double().std()) if weight.numel() > 1 else None
@@ -674,7 +675,7 @@ def _not_checked(
                 "such layer(s) with a finite gradient were found",
             )
         )
-    unknown = [name for name in layer_map.unknown if name in owners or name == ""]
+    unknown = [name for name in layer_map.unknown if name in owners or name == ""]  # by name
     if unknown:
         out.append(
             Unchecked(
@@ -684,7 +685,12 @@ def _not_checked(
                 tuple(name or "(root)" for name in unknown),
             )
         )
-    embeddings = [layer.name for layer in layer_map.of_kind("embedding") if layer.name in owners]
+    owner_ids = {id(module): name for name, module in owners.items()}
+    embeddings = [
+        owner_ids[id(layer.module)]
+        for layer in layer_map.of_kind("embedding")
+        if id(layer.module) in owner_ids
+    ]
     if embeddings:
         out.append(
             Unchecked(
