@@ -114,9 +114,11 @@ def test_healthy_gpt2_with_adamw_is_untouched(tmp_path: Path) -> None:
     assert sum(n > 1.0 for n in raw_norms) > STEPS // 2
 
 
-def test_healthy_resnet_with_sgd_momentum_is_untouched(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_healthy_resnet_with_sgd_momentum_is_untouched(tmp_path: Path, compiled: bool) -> None:
+    net = resnet_tiny()
     model = _Watched(
-        resnet_tiny(),
+        torch.compile(net, backend="eager") if compiled else net,
         lambda net, batch: nn.functional.cross_entropy(net(batch[0]), batch[1]),
         lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9),
         _images,
