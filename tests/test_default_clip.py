@@ -230,3 +230,27 @@ def test_guard_clip_weight_norm_and_clipping_match_torch() -> None:
 def test_guard_clip_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         GuardClip(**kwargs)
+
+
+def test_guard_clip_per_layer_uses_each_layer_weight_norm() -> None:
+    torch.manual_seed(0)
+    big, small = nn.Linear(4, 4), nn.Linear(4, 2)
+    params = [big.weight, big.bias, small.weight, small.bias]
+    for p, scale in zip(params, (100.0, 100.0, 1e-3, 1e-3)):
+        p.grad = torch.randn_like(p) * scale
+    grads = [p.grad for p in params]
+    raw = [p.grad.clone() for p in params]
+    groups = torch.tensor([0, 0, 1, 1])
+    norm = torch.stack(
+        [torch.nn.utils.get_total_norm(grads[:2]), torch.nn.utils.get_total_norm(grads[2:])]
+    ).double()
+    weights = [
+        float(torch.nn.utils.get_total_norm([p.detach() for p in params[:2]])),
+        float(torch.nn.utils.get_total_norm([p.detach() for p in params[2:]])),
+    ]
+    decision = GuardClip(cut_ratio=0.5, min_cut=1e-3).decide(params, grads, norm, groups)
+    assert decision.threshold.tolist() == pytest.approx([0.5 * weights[0], weights[1]])
+    decision.apply_()
+    after = float(torch.nn.utils.get_total_norm([p.grad for p in params[:2]]))
+    assert after == pytest.approx(0.5 * weights[0], rel=1e-5)  # the big layer is cut
+    assert all(torch.equal(p.grad, r) for p, r in zip(params[2:], raw[2:]))  # the other not
