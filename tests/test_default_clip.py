@@ -192,7 +192,9 @@ def test_guard_clip_rules_against_a_hand_computation() -> None:
             expected, recorded = min(2.0 * median, 10.0), norm
         assert t == pytest.approx(expected), (norm, history)
         history = [*history, recorded][-4:]
+    assert GuardClip().state_dict() == {}  # before the first step: nothing to save
     state = policy.state_dict()
+    assert set(state) == {"history", "position"}
     assert all(isinstance(v, Tensor) for v in state.values())
     again = GuardClip(spike_ratio=2.0, window=4, weight_ratio=1.0, cut_ratio=0.01, min_cut=0.5)
     again.load_state_dict(state)

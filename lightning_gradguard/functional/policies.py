@@ -166,7 +166,7 @@ class ClipPolicy:
         return {
             n: getattr(self, n).detach().cpu().clone()
             for n in self._state_names
-            if hasattr(self, n)
+            if getattr(self, n, None) is not None  # none before the first step
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
