@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from models import resnet_tiny, tiny_gpt2, transformer_encoder
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard.functional import (
     AGC,
@@ -164,19 +168,20 @@ def test_unknown_layers_are_named_and_a_registered_layer_is_read_by_its_spec() -
         assert (dense.kind, dense.units, dense.fan_in, dense.fan_out) == ("linear", 6, 4, 6)
         assert dense.bias is model[1].offset
         torch.testing.assert_close(dense.unit_norms(), model[1].kernel.detach().norm(dim=0))
+
         # A predicate works too, and the newest registration wins.
-        register_layer(
-            lambda m: isinstance(m, _Dense), LayerSpec("custom", unit_dim=0, weight="kernel")
-        )
+        def is_dense(module: nn.Module) -> bool:
+            return isinstance(module, _Dense)
+
+        register_layer(is_dense, LayerSpec("custom", unit_dim=0, weight="kernel"))
         layers = map_layers(model)
         assert (layers["1"].kind, layers["1"].units) == ("custom", 4)
         assert layers.unknown == {"1": ("offset",)}  # the new spec names no such bias
         assert layers["1"].bias is None
+        unregister_layer(is_dense)
+        assert map_layers(model)["1"].kind == "linear"
     finally:
         unregister_layer(_Dense)
-        from lightning_gradguard.functional import units
-
-        units._REGISTERED.clear()
     assert map_layers(model).unknown == {"1": ("kernel", "offset")}
 
 
@@ -197,10 +202,31 @@ def test_embedding_is_a_lookup_table_one_unit_per_row() -> None:
     assert math.isclose(1 / math.sqrt(layer.fan_in), 1.0)
 
 
-def test_compiled_model_is_read_through() -> None:
-    model = resnet_tiny()
+def test_compiled_gpt2_is_read_through_by_the_map_agc_init_and_lsuv() -> None:
+    from models import gpt2_batch, gpt2_loss
+
+    model = tiny_gpt2()
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = torch.compile(model, backend="eager")
     assert map_layers(compiled).names() == map_layers(model).names()
+    report = init_(compiled, "normal", residual_projections=["*.c_proj"], n_layers=2)
+    assert report.tied == {"lm_head": "transformer.wte"}
+    assert "transformer.h.0.mlp.c_fc" in report
+    gpt2_loss(model, gpt2_batch()).backward()  # the gradients: AGC reads the wrapper
+    reference = tiny_gpt2()
+    reference.load_state_dict(model.state_dict())
+    for p, q in zip(reference.parameters(), model.parameters()):
+        p.grad = q.grad.clone()
+    agc_(compiled, clipping=0.01)
+    _hand_agc_(reference, 0.01, 1e-3)
+    for p, q in zip(reference.parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad)
+    lsuv = lsuv_(compiled, gpt2_batch(batch=8))  # run eagerly: no recompile per hook
+    assert len(lsuv.output_std) == 8 and lsuv.not_converged == []
+    model.compile(backend="eager")  # compiled in place: LSUV still runs the module eagerly
+    lsuv = lsuv_(model, gpt2_batch(batch=8))
+    assert len(lsuv.output_std) == 8 and lsuv.not_converged == []
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before
 
 
 # --------------------------------------------------------------------------- AGC per output unit
@@ -454,7 +480,7 @@ def test_encoder_init_covers_the_raw_in_proj_parameter() -> None:
         assert torch.count_nonzero(attn.in_proj_bias) == 0
         assert _close(_std(attn.out_proj.weight), math.sqrt(2 / (2 * d)))
         assert _close(_std(layer.linear1.weight), math.sqrt(2 / (d + 32)))
-    assert "encoder.layers.0.self_attn.in_proj_weight" in report
+    assert report["encoder.layers.0.self_attn"] == "linear"  # the module's one mapped weight
 
 
 def test_init_and_lsuv_name_the_layers_they_leave_alone() -> None:
@@ -514,7 +540,123 @@ def test_lsuv_on_the_encoder_reports_attention_projections() -> None:
     # MultiheadAttention uses out_proj's weight without calling the module: unreached.
     assert report.unreached == [f"encoder.layers.{i}.self_attn.out_proj" for i in range(2)]
     for i in range(2):
-        assert (
-            "not this weight's alone"
-            in report.skipped[f"encoder.layers.{i}.self_attn.in_proj_weight"]
-        )
+        assert "not this weight's alone" in report.skipped[f"encoder.layers.{i}.self_attn"]
+
+
+# --------------------------------------------------------------------------- callbacks on GPT-2
+
+
+class _GPT2Module(pl.LightningModule):
+    def __init__(self, n_embd: int = 64) -> None:
+        super().__init__()
+        self.model = tiny_gpt2(n_embd=n_embd)
+        self.n_embd = n_embd
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        from models import gpt2_loss
+
+        return gpt2_loss(self.model, batch[0])
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self) -> DataLoader:
+        from models import gpt2_batch
+
+        return DataLoader(TensorDataset(gpt2_batch(batch=8)), batch_size=4)
+
+
+class _Observe(pl.Callback):
+    """Reads the model where the callbacks before it have acted."""
+
+    def __init__(self) -> None:
+        self.init_std: dict[str, float] = {}
+        self.max_ratio: list[float] = []
+        self.reinit_std: list[float] = []
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        block = pl_module.model.transformer.h[0]
+        self.init_std = {
+            "c_fc": _std(block.mlp.c_fc.weight),
+            "c_proj": _std(block.mlp.c_proj.weight),
+            "wte": _std(pl_module.model.transformer.wte.weight),
+        }
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self.max_ratio.append(float(_conv1d_unit_ratios(pl_module.model, 0.01, 1e-3).max()))
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        if trainer.global_step == 1:
+            self.reinit_std.append(_std(pl_module.model.transformer.h[1].mlp.c_fc.weight))
+
+
+def test_callbacks_on_gpt2_init_clip_and_reinit_conv1d_by_output_unit() -> None:
+    from helpers import quiet_trainer_kwargs
+
+    from lightning_gradguard import AdaptiveGradClip, InitAtStart, LayerReinit
+
+    observe = _Observe()
+    module = _GPT2Module()
+    n_layer = module.model.config.n_layer
+    callbacks = [
+        InitAtStart("normal", residual_projections=["*.mlp.c_proj"], n_layers=n_layer),
+        AdaptiveGradClip(policy=AGC(clipping=0.01)),
+        LayerReinit(at_steps=[1], layers=["model.transformer.h.1.mlp.c_fc"]),
+        observe,
+    ]
+    trainer = pl.Trainer(max_steps=2, callbacks=callbacks, logger=False, **quiet_trainer_kwargs())
+    trainer.fit(module)
+    assert _close(observe.init_std["c_fc"], 0.02)
+    assert _close(observe.init_std["c_proj"], 0.02 / math.sqrt(2 * n_layer))
+    assert _close(observe.init_std["wte"], 0.02)
+    assert callbacks[0].report.tied == {"model.lm_head": "model.transformer.wte"}
+    # Every Conv1D output column of every step within λ·max(‖W_j‖, eps), by hand.
+    assert len(observe.max_ratio) == 2 and max(observe.max_ratio) <= 1 + 1e-5
+    # Re-initialized with Kaiming (relu gain) through the map: fan_in = n_embd, not 4·n_embd.
+    assert len(observe.reinit_std) == 1
+    assert _close(observe.reinit_std[0], math.sqrt(2 / module.n_embd))
+
+
+def test_agc_on_gpt2_sharded_like_fsdp2_matches_the_hand_formula(tmp_path: Path) -> None:
+    import distributed_helpers as h
+
+    h.launch_ranks("agc_conv1d_run.py", str(tmp_path), timeout=240)
+    reference = _gpt2_with_grads()
+    _hand_agc_(reference, 0.01, 1e-3)
+    results = [h.read_json(tmp_path / f"rank{rank}.json") for rank in range(h.WORLD_SIZE)]
+    for result in results:
+        # One reduction for the sharded vectors' weights, one for their gradients, one
+        # for every Conv1D's column norms (weights and gradients together).
+        assert result["all_reduce_calls"] == 3
+        grads = result["grads"]
+        assert set(grads) == {n for n, _ in reference.named_parameters()}
+        for name, p in reference.named_parameters():
+            torch.testing.assert_close(torch.tensor(grads[name]), p.grad, msg=name)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_kaiming_on_conv_transpose_uses_the_inputs_per_output_channel(groups: int) -> None:
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose2d(64, 32, kernel_size=3, groups=groups)
+    report = init_(nn.Sequential(conv, nn.ReLU()), "kaiming_normal")
+    assert report == {"0": "relu"}
+    # Output channel c reads in/groups input channels through a 3x3 kernel.
+    expected = math.sqrt(2 / (64 // groups * 9))
+    assert _close(_std(conv.weight), expected)
+    # nn.init reads weight.shape[1] = out/groups as the fan-in.
+    torch_std = math.sqrt(2 / nn.init._calculate_fan_in_and_fan_out(conv.weight)[0])
+    assert not _close(torch_std, expected)
+
+
+def test_lsuv_on_resnet_gives_unit_variance_per_conv_before_its_batchnorm() -> None:
+    from models import image_batch
+
+    model = resnet_tiny()
+    x, _ = image_batch(batch=16)
+    report = lsuv_(model, x)
+    convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert sorted(report.output_std) == sorted(convs) and report.not_converged == []
+    norms = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert set(report.skipped) == norms
+    for name, std in _output_stds(model, convs, x).items():
+        assert abs(std - 1.0) < 0.1, name

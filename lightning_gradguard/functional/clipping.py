@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gradguard.functional.norms import _all_reduce, local_tensors
-from lightning_gradguard.functional.units import UnitLayout, map_layers
+from lightning_gradguard.functional.units import UnitLayout, map_layers, unit_norms
 
 CLIP_EPS = 1e-6
 """Added to the norm in ``threshold / (norm + eps)``, as torch's ``clip_grad_norm_`` does."""
@@ -179,8 +179,7 @@ def _unitwise_norms(stacked: Tensor) -> Tensor:
 
 def layout_norms(stacked: Tensor, layout: UnitLayout) -> Tensor:
     """Unit norms of a stack ``(n, *layout.view_shape)``, flat in (tensor, unit) order."""
-    dims = tuple(d + 1 for d in layout.reduce_dims)
-    return torch.linalg.vector_norm(stacked, dim=dims, dtype=_norm_dtype(stacked)).reshape(-1)
+    return unit_norms(stacked, tuple(d + 1 for d in layout.reduce_dims))
 
 
 def _unit_norms_of(tensor: Tensor) -> Tensor:

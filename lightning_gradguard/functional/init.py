@@ -276,6 +276,17 @@ def _check_init_args(
         )
 
 
+def _layer_keys(layer_map: LayerMap) -> dict[int, str]:
+    """How reports name each layer: its module, or its parameter where a module has several."""
+    counts: dict[str, int] = {}
+    for layer in layer_map:
+        counts[layer.name] = counts.get(layer.name, 0) + 1
+    return {
+        id(layer): layer.name if counts[layer.name] == 1 else layer.parameter_name
+        for layer in layer_map
+    }
+
+
 def _skip_unknown(layer_map: LayerMap, report: dict[str, str], owner: str) -> None:
     """Name the modules whose parameters the unit map does not know (report + warning)."""
     for name, held in layer_map.unknown.items():
@@ -370,8 +381,9 @@ def init_(
     fallback = "relu" if scheme.startswith("kaiming") else "linear"
     report = InitReport()
     report.tied.update(layer_map.tied)
+    keys = _layer_keys(layer_map)
     for layer in layer_map:
-        name = layer.name if layer.spec.weight == "weight" else layer.parameter_name
+        name = keys[id(layer)]
         if layer.kind == "norm":
             report.skipped[name] = "norm affine: kept as it is"
             continue
@@ -468,8 +480,9 @@ def lsuv_(
     layer_map = map_layers(model)
     report = LSUVReport()
     layers: list[Layer] = []
+    keys = _layer_keys(layer_map)
     for layer in layer_map:
-        name = layer.name if layer.spec.weight == "weight" else layer.parameter_name
+        name = keys[id(layer)]
         if layer.kind not in FAN_KINDS:
             report.skipped[name] = {
                 "embedding": "lookup table: not rescaled",
@@ -493,10 +506,14 @@ def lsuv_(
             if layer.bias is not None:
                 layer.bias.zero_()
 
+    # A compiled model is run eagerly here: LSUV's hooks come and go, which would make
+    # the compiled graph recompile on every change.
+    model = getattr(model, "_orig_mod", model)
+
     def call() -> Any:
         if isinstance(batch, dict):
-            return model(**batch)
-        return model(*(tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)))
+            return model._call_impl(**batch)
+        return model._call_impl(*(tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)))
 
     order: list[str] = []
     handles = []
