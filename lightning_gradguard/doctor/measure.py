@@ -148,8 +148,10 @@ def is_activation(module: nn.Module) -> bool:
 
 
 def _is_norm(module: nn.Module) -> bool:
-    name = type(module).__name__
-    return isinstance(module, NORM_LAYERS) or name.endswith(("Norm", "RMSNorm")) or "Norm" in name
+    """A normalization layer: torch's, or a leaf module whose class name says ``Norm``."""
+    if isinstance(module, NORM_LAYERS):
+        return True
+    return "Norm" in type(module).__name__ and next(module.children(), None) is None
 
 
 def _activation_label(module: nn.Module) -> str:
