@@ -15,7 +15,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from helpers import quiet_trainer_kwargs
-from models import gpt2_loss, resnet_tiny, tiny_gpt2
+from models import gpt2_loss, resnet_tiny, sequence_batch, tiny_gpt2, transformer_encoder
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -125,6 +125,17 @@ def test_healthy_resnet_with_sgd_momentum_is_untouched(tmp_path: Path, compiled:
     )
     assert _untouched_fraction(model, tmp_path) >= 0.95
     assert sum(model.losses[-10:]) < sum(model.losses[:10])
+
+
+def test_healthy_transformer_encoder_with_adamw_is_untouched(tmp_path: Path) -> None:
+    model = _Watched(
+        transformer_encoder(),
+        lambda net, batch: nn.functional.cross_entropy(net(batch[0]), batch[1]),
+        lambda params: torch.optim.AdamW(params, lr=1e-3),
+        lambda step: sequence_batch(16, seed=step % 4),  # four batches, seen again and again
+    )
+    assert _untouched_fraction(model, tmp_path) >= 0.95
+    assert sum(model.losses[-8:]) < sum(model.losses[:8])
 
 
 def _s2(std: float, seed: int) -> nn.Sequential:
