@@ -538,6 +538,8 @@ def test_gpt2_conv1d_layers_are_checked_and_unmeasured_parts_are_named() -> None
     from models import gpt2_batch, gpt2_loss, tiny_gpt2
 
     model, tokens = tiny_gpt2(), gpt2_batch()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.bias[:40] -= 50.0  # 40 of 128 GELU units never positive
     diagnosis = diagnose(model, tokens, loss_fn=gpt2_loss)
     assert kinds(diagnosis, "error") == kinds(diagnosis, "warning") == []
     c_fc = model.transformer.h[0].mlp.c_fc
@@ -552,8 +554,18 @@ def test_gpt2_conv1d_layers_are_checked_and_unmeasured_parts_are_named() -> None
     first = _grad_norm(model, loss, "transformer.h.0.attn.c_attn")
     last = _grad_norm(model, loss, "transformer.h.1.mlp.c_proj")
     assert diagnosis.first_last_ratio == pytest.approx(first / last, rel=1e-5)
+    # NewGELUActivation's units, counted by hand: never positive on any token of any step
+    outputs: list[torch.Tensor] = []
+    handle = model.transformer.h[0].mlp.act.register_forward_hook(
+        lambda m, i, o: outputs.append(o.detach().reshape(-1, o.shape[-1]))
+    )
+    with torch.no_grad():
+        model(input_ids=tokens)
+    handle.remove()
+    expected = float((outputs[0] <= 0).all(dim=0).double().mean())
+    assert expected >= 40 / 128 and row.dead_fraction == expected
     checks = {(e.check, name) for e in diagnosis.not_checked for name in e.layers}
-    assert ("dead units", "transformer.h.0.mlp.act") in checks
+    assert ("dead units", "transformer.h.0.attn.c_attn") in checks
     assert ("weight scale", "transformer.wte") in checks
     text = str(diagnosis)
     assert "Not checked:" in text and "Verdict: healthy" in text

@@ -147,6 +147,16 @@ def is_activation(module: nn.Module) -> bool:
     return name.endswith("Activation") and next(module.parameters(), None) is None
 
 
+def _counts_dead_units(module: nn.Module) -> bool:
+    """A ReLU-like activation (torch's, or a third-party GELU/SiLU/ReLU module): its units
+    can be dead (never positive)."""
+    if isinstance(module, DEFAULT_ACTIVATIONS):
+        return True
+    return is_activation(module) and any(
+        part in type(module).__name__ for part in ("GELU", "SiLU", "Swish", "ReLU")
+    )
+
+
 def _is_norm(module: nn.Module) -> bool:
     """A normalization layer: torch's, or a leaf module whose class name says ``Norm``."""
     if isinstance(module, NORM_LAYERS):
@@ -234,7 +244,7 @@ class _Recorder:
                 produced = _first_tensor(output)
                 if produced is not None and produced.grad_fn is not None:
                     self.outputs.setdefault(produced.grad_fn, []).append(name)
-            if not isinstance(module, DEFAULT_ACTIVATIONS) or not isinstance(output, Tensor):
+            if not _counts_dead_units(module) or not isinstance(output, Tensor):
                 return
             if output.dim() == 0 or key in self.broken:
                 return
@@ -744,7 +754,8 @@ def _not_checked(
         out.append(
             Unchecked(
                 "dead units",
-                "third-party activation modules are not measured for dead units",
+                "activation modules that are not ReLU-like (by type or class name) are not "
+                "measured for dead units",
                 tuple(other),
             )
         )
