@@ -101,7 +101,15 @@ from lightning_gradguard import (
     HealthReport,
     SpikeRecovery,
 )
-from lightning_gradguard.functional import AGC, AutoClip, EMARatio, FixedNorm, FixedValue, ZClip
+from lightning_gradguard.functional import (
+    AGC,
+    AutoClip,
+    EMARatio,
+    FixedNorm,
+    FixedValue,
+    GuardClip,
+    ZClip,
+)
 
 # --------------------------------------------------------------------------- loggers
 
@@ -432,7 +440,7 @@ def _health_report(ctx: BenchContext) -> VariantSetup:
 
 
 def _bundle(ctx: BenchContext) -> VariantSetup:
-    # The one-line default, logging every step: monitor + ZClip with skipping + dead units
+    # The one-line default, logging every step: monitor + GuardClip with skipping + dead units
     # (windows of 10 batches every 100 steps) + HealthReport (pictures at the end of fit).
     report_args = {"out_dir": str(ctx.workdir / "pictures")}
     return VariantSetup(callbacks=[GradGuard(log_every_n_steps=1, report_args=report_args)])
@@ -652,6 +660,7 @@ VARIANTS: dict[str, Variant] = {
     "clip_zclip": Variant("AdaptiveGradClip zclip", _clipper(ZClip), "clipping"),
     "clip_ema_ratio": Variant("AdaptiveGradClip ema_ratio", _clipper(EMARatio), "clipping"),
     "clip_agc": Variant("AdaptiveGradClip agc", _clipper(AGC), "clipping"),
+    "clip_guard": Variant("AdaptiveGradClip guard", _clipper(GuardClip), "clipping"),
     "clip_zclip_log1": Variant(
         "AdaptiveGradClip zclip, logging every step", _clipper(ZClip, 1), "clipping"
     ),

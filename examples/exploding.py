@@ -48,7 +48,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import AdaptiveGradClip
 from lightning_gradguard.demo.data import digits
-from lightning_gradguard.functional import AGC, AutoClip, EMARatio, FixedNorm, FixedValue, ZClip
+from lightning_gradguard.functional import (
+    AGC,
+    AutoClip,
+    EMARatio,
+    FixedNorm,
+    FixedValue,
+    GuardClip,
+    ZClip,
+)
 
 HIDDEN_LAYERS = 9
 WIDTH = 128
@@ -79,6 +87,7 @@ CONFIGS = (
     Config("ZClip()", _clip(ZClip)),
     Config("ZClip(max_grad_norm=None)", _clip(lambda: ZClip(max_grad_norm=None))),
     Config("EMARatio()", _clip(EMARatio)),
+    Config("GuardClip()", _clip(GuardClip)),
     Config("AGC(), head excluded", _clip(AGC, exclude=["head.*"])),
     Config("AutoClip(percentile=10), layer", _clip(lambda: AutoClip(percentile=10), scope="layer")),
     Config("ZClip(), layer", _clip(ZClip, scope="layer")),

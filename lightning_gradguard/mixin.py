@@ -38,8 +38,8 @@ class GradGuardMixin:
 
     Attributes:
         gradguard_clip: a :class:`~lightning_gradguard.functional.ClipPolicy`, a
-            shorthand (``"norm"``, ``"value"``, ``"agc"``, ``"autoclip"``,
-            ``"zclip"``, ``"ema_ratio"``) or ``None`` (Lightning's default behaviour).
+            shorthand (``"norm"``, ``"value"``, ``"agc"``, ``"autoclip"``, ``"zclip"``,
+            ``"ema_ratio"``, ``"guard"``) or ``None`` (Lightning's default behaviour).
             Each optimizer gets its own copy of the policy's state.
     """
 

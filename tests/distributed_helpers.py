@@ -291,6 +291,13 @@ FIXED_MAX_NORM = 0.3
 ZCLIP_ARGS: dict[str, Any] = {"warmup_steps": 3, "max_grad_norm": None, "z_thresh": 2.5}
 AUTOCLIP_ARGS: dict[str, Any] = {"percentile": 50.0, "window": 100}
 AGC_CLIPPING = 0.05
+GUARD_ARGS: dict[str, Any] = {
+    "spike_ratio": 2.0,
+    "window": 100,
+    "weight_ratio": 1.0,
+    "cut_ratio": 0.05,
+    "min_cut": 0.05,
+}
 AGC_EPS = 1e-3
 FAULT_STEP = 4  # rank 1 puts a NaN into one gradient (after DDP's all-reduce) at this step
 ADAM_LR = 0.01
@@ -383,6 +390,38 @@ class ReferenceAutoClip:
         return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+class ReferenceGuardClip:
+    """GuardClip in Python floats: a spike rule over the lower median of recorded norms,
+    and a bound relative to the weight norm.
+
+    A norm above ``spike_ratio`` × the median is clipped to the median; a norm above
+    ``weight_ratio`` × ‖W‖ is clipped to ``max(cut_ratio·‖W‖, min_cut)`` (the smaller of
+    the two when both fire). A clipped step records the value it was clipped to, any
+    other step its norm. When nothing fires the threshold is the smaller trigger.
+    """
+
+    def __init__(
+        self, spike_ratio: float, window: int, weight_ratio: float, cut_ratio: float, min_cut: float
+    ) -> None:
+        self.spike_ratio, self.window = spike_ratio, window
+        self.weight_ratio, self.cut_ratio, self.min_cut = weight_ratio, cut_ratio, min_cut
+        self.history: list[float] = []
+
+    def threshold(self, norm: float, weight_norm: float) -> float:
+        recent = sorted(self.history[-self.window :])
+        median = recent[(len(recent) - 1) // 2] if recent else math.nan
+        trigger = self.spike_ratio * median if recent else math.inf
+        fired = norm > trigger
+        target = median if fired else math.inf
+        bound = self.weight_ratio * weight_norm
+        if norm > bound:
+            target = min(target, max(self.cut_ratio * weight_norm, self.min_cut))
+            fired = True
+        value = target if fired else min(trigger, bound)
+        self.history.append(target if fired else norm)
+        return value
+
+
 def reference_agc_(params: list[torch.Tensor], clipping: float, eps: float) -> None:
     """Unit-wise AGC on full (unsharded) tensors, one unit at a time (plain torch)."""
     for p in params:
@@ -402,7 +441,8 @@ def reference_clip_run(
     """One plain-torch process on the global batches of the clipping dataset.
 
     Args:
-        policy: ``"fixed"`` (``FIXED_MAX_NORM``), ``"zclip"``, ``"autoclip"`` or ``"agc"``.
+        policy: ``"fixed"`` (``FIXED_MAX_NORM``), ``"zclip"``, ``"autoclip"``, ``"guard"``
+            or ``"agc"``.
         optimizer: ``"sgd"`` (lr ``LR``) or ``"adam"`` (lr ``ADAM_LR``).
         skip_steps: steps whose update is skipped entirely (no optimizer step and no
             clipping statistics updated), as a skipped non-finite step should be.
@@ -420,6 +460,7 @@ def reference_clip_run(
     thresholds: Any = {
         "zclip": ReferenceZClip(**ZCLIP_ARGS),
         "autoclip": ReferenceAutoClip(**AUTOCLIP_ARGS),
+        "guard": ReferenceGuardClip(**GUARD_ARGS),
     }.get(policy)
     out: dict[str, list] = {"raw_norm": [], "threshold": [], "clipped": [], "params": []}
     for step in range(CLIP_STEPS):
@@ -437,7 +478,10 @@ def reference_clip_run(
         if policy == "agc":
             reference_agc_(params, AGC_CLIPPING, AGC_EPS)
         else:
-            threshold = FIXED_MAX_NORM if policy == "fixed" else thresholds.threshold(norm)
+            if policy == "guard":
+                threshold = thresholds.threshold(norm, _norm([p.detach() for p in params], 2.0))
+            else:
+                threshold = FIXED_MAX_NORM if policy == "fixed" else thresholds.threshold(norm)
             if math.isfinite(threshold):
                 torch.nn.utils.clip_grad_norm_(params, threshold)
         out["threshold"].append(threshold)

@@ -28,6 +28,7 @@ DEFAULT_VARIANTS = {
     "clip_zclip": "AdaptiveGradClip zclip",
     "clip_ema_ratio": "AdaptiveGradClip ema_ratio",
     "clip_agc": "AdaptiveGradClip agc",
+    "clip_guard": "AdaptiveGradClip guard",
     "clip_zclip_log1": "AdaptiveGradClip zclip, logging every step",
     "lightning_clip": "Trainer(gradient_clip_val=1.0)",
     "norm_floor": "one _foreach_norm over the gradients (the floor)",

@@ -32,6 +32,7 @@ from lightning_gradguard.functional.policies import (
     EMARatio,
     FixedNorm,
     FixedValue,
+    GuardClip,
     ZClip,
     clip_with_policy_,
     make_policy,
@@ -708,6 +709,7 @@ POLICY_FACTORIES = {
         warmup_steps=10, max_grad_norm=1.2, mode="percentile", skip_update_on_spike=True
     ),
     "ema_ratio": lambda: EMARatio(ratio=1.5, decay=0.9),
+    "guard": lambda: GuardClip(spike_ratio=1.5, window=16),
 }
 
 

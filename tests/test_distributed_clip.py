@@ -101,7 +101,7 @@ def test_ddp_fixed_norm_matches_clip_grad_norm(launch: tuple) -> None:
         _assert_matches_reference(run, ref, f"rank {rank}")
 
 
-@pytest.mark.parametrize("policy", ["zclip", "autoclip"])
+@pytest.mark.parametrize("policy", ["zclip", "autoclip", "guard"])
 def test_ddp_adaptive_policy_decides_together(launch: tuple, policy: str) -> None:
     runs = _ranks(launch, f"ddp_{policy}")
     # Thresholds, clip decisions, policy state and parameters: identical on both ranks.
@@ -121,7 +121,7 @@ def test_ddp_adaptive_policy_decides_together(launch: tuple, policy: str) -> Non
 # --------------------------------------------------------------------------- FSDP2
 
 
-@pytest.mark.parametrize("policy", ["fixed", "agc"])
+@pytest.mark.parametrize("policy", ["fixed", "agc", "guard"])
 def test_fsdp2_clipped_shards_match_unsharded_reference(launch: tuple, policy: str) -> None:
     runs = _ranks(launch, f"fsdp_{policy}")
     rank0, rank1 = runs
@@ -139,9 +139,11 @@ def test_fsdp2_clipped_shards_match_unsharded_reference(launch: tuple, policy: s
     assert rank1["local_shapes"]["4.bias"] == [0]
     _assert_ranks_identical(runs, ALL_KEYS)
     ref = h.reference_clip_run(policy)
-    if policy == "fixed":
+    if policy in ("fixed", "guard"):
         assert 0 < sum(_clipped_steps(ref)) < h.CLIP_STEPS
     for rank, run in enumerate(runs):
+        if policy == "guard":  # its weight rule reads the norm of every shard, reduced
+            assert run["threshold"] == pytest.approx(ref["threshold"], rel=1e-5), f"rank {rank}"
         _assert_matches_reference(run, ref, f"rank {rank}")
 
 

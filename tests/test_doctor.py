@@ -475,3 +475,154 @@ def test_cli_lightningcli_config(project: Path, capsys: Any) -> None:
     capsys.readouterr()
     assert main(["--config", str(config)]) == 2
     assert "model.class_path 'nowhere.Net': cannot import 'nowhere'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- real architectures
+
+
+def _advice(diagnosis: Diagnosis) -> str:
+    return " ".join(r for f in diagnosis.findings for r in f.recommendations)
+
+
+def _grad_norm(model: nn.Module, loss: torch.Tensor, layer: str) -> float:
+    """A layer's own parameters' gradient norm by plain autograd, in float64."""
+    params = list(model.get_submodule(layer).parameters(recurse=False))
+    grads = torch.autograd.grad(loss, params, retain_graph=True)
+    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+
+
+def test_resnet_downsampling_block_data_flow_and_no_false_alarm() -> None:
+    from models import image_batch, resnet_tiny
+
+    model, batch = resnet_tiny(), image_batch(16, 8)
+    diagnosis = diagnose(model, batch)
+    assert kinds(diagnosis, "error") == kinds(diagnosis, "warning") == []
+    assert diagnosis.exit_code == 0
+    # torchvision's BasicBlock: relu(bn2(conv2(.)) + downsample(x)), one relu called twice
+    for layer in ("layer2.0.conv2", "layer2.0.downsample.0", "layer1.0.conv2"):
+        assert diagnosis.row(layer).activation == "ReLU"
+        assert diagnosis.row(layer).activation_module == layer.split(".")[0] + ".0.relu"
+        assert diagnosis.row(layer).normalized
+    # the dead fraction of the block's second relu call, counted by hand (train-mode BN)
+    net = resnet_tiny()
+    block = net.layer2[0]
+    x, _ = batch
+    with torch.no_grad():
+        h = net.layer1(net.relu(net.bn1(net.conv1(x))))
+        pre = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(h))))) + block.downsample(h)
+    expected = float((pre <= 0).all(dim=3).all(dim=2).all(dim=0).double().mean())
+    assert diagnosis.row("layer2.0.conv2").dead_fraction == expected
+    assert diagnosis.row("layer2.0.downsample.0").dead_fraction == expected
+    # He std of a conv from its fans (in_channels * 3 * 3), gain of ReLU
+    conv2 = diagnosis.row("layer2.0.conv2")
+    assert conv2.he_std == pytest.approx(math.sqrt(2) / math.sqrt(16 * 9), rel=1e-12)
+    assert "BatchNorm" not in _advice(diagnosis) and "skip connections" not in _advice(diagnosis)
+    unchecked = {entry.check: entry for entry in diagnosis.not_checked}
+    assert "conv1" in unchecked["grad/param ratio"].layers
+
+
+def test_resnet18_sized_has_no_error() -> None:
+    """Stock ResNet-18 widths: its first conv (grad/param above 1, before BatchNorm) is no
+    explosion."""
+    from models import ResNet, image_batch
+
+    torch.manual_seed(0)
+    model = ResNet(layers=(2, 2, 2, 2), widths=(64, 128, 256, 512))
+    diagnosis = diagnose(model, image_batch(8, 32), steps=1)
+    assert kinds(diagnosis, "error") == [] and diagnosis.exit_code == 0
+    assert (diagnosis.row("conv1").ratio or 0) > 1.0  # what the old rule read as exploding
+    assert [r.name for r in diagnosis.rows if r.is_matrix_layer][-1] == "fc"
+
+
+def test_gpt2_conv1d_layers_are_checked_and_unmeasured_parts_are_named() -> None:
+    from models import gpt2_batch, gpt2_loss, tiny_gpt2
+
+    model, tokens = tiny_gpt2(), gpt2_batch()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.bias[:40] -= 50.0  # 40 of 128 GELU units never positive
+    diagnosis = diagnose(model, tokens, loss_fn=gpt2_loss)
+    assert kinds(diagnosis, "error") == kinds(diagnosis, "warning") == []
+    c_fc = model.transformer.h[0].mlp.c_fc
+    row = diagnosis.row("transformer.h.0.mlp.c_fc")
+    fan_in, fan_out = c_fc.weight.shape  # Conv1D stores [in, out]
+    assert row.activation == "NewGELUActivation"
+    assert row.weight_std == pytest.approx(float(c_fc.weight.detach().double().std()))
+    assert row.he_std == pytest.approx(math.sqrt(2) / math.sqrt(fan_in), rel=1e-12)
+    assert row.glorot_std == pytest.approx(math.sqrt(2) * math.sqrt(2 / (fan_in + fan_out)))
+    # the depth profile runs: first and last Conv1D by plain autograd
+    loss = gpt2_loss(model, tokens)
+    first = _grad_norm(model, loss, "transformer.h.0.attn.c_attn")
+    last = _grad_norm(model, loss, "transformer.h.1.mlp.c_proj")
+    assert diagnosis.first_last_ratio == pytest.approx(first / last, rel=1e-5)
+    # NewGELUActivation's units, counted by hand: never positive on any token of any step
+    outputs: list[torch.Tensor] = []
+    handle = model.transformer.h[0].mlp.act.register_forward_hook(
+        lambda m, i, o: outputs.append(o.detach().reshape(-1, o.shape[-1]))
+    )
+    with torch.no_grad():
+        model(input_ids=tokens)
+    handle.remove()
+    expected = float((outputs[0] <= 0).all(dim=0).double().mean())
+    assert expected >= 40 / 128 and row.dead_fraction == expected
+    checks = {(e.check, name) for e in diagnosis.not_checked for name in e.layers}
+    assert ("dead units", "transformer.h.0.attn.c_attn") in checks
+    assert ("weight scale", "transformer.wte") in checks
+    text = str(diagnosis)
+    assert "Not checked:" in text and "Verdict: healthy" in text
+    remark = next(f for f in diagnosis.findings if f.kind == "weight_scale")  # GPT-2's 0.02
+    assert remark.severity == "info" and "fixed std by design" in remark.message
+    data = json.loads(json.dumps(diagnosis.to_dict(), allow_nan=False))
+    assert {e["check"] for e in data["not_checked"]} >= {"dead units", "weight scale"}
+
+
+def test_transformer_encoder_out_proj_is_not_the_last_layer() -> None:
+    from models import sequence_batch, transformer_encoder
+
+    model, batch = transformer_encoder(), sequence_batch(8)
+    diagnosis = diagnose(model, batch)
+    assert kinds(diagnosis, "error") == kinds(diagnosis, "warning") == []
+    names = [r.name for r in diagnosis.rows]
+    attn = names.index("encoder.layers.0.self_attn")
+    assert names[attn + 1] == "encoder.layers.0.self_attn.out_proj"
+    assert names[-1] == "head"
+    loss = nn.functional.cross_entropy(model(batch[0]), batch[1])
+    first = _grad_norm(model, loss, "encoder.layers.0.self_attn")
+    last = _grad_norm(model, loss, "head")
+    assert diagnosis.first_last_ratio == pytest.approx(first / last, rel=1e-5)
+    functional = next(e for e in diagnosis.not_checked if e.check == "dead units")
+    assert "encoder.layers.0.linear1" in functional.layers  # F.relu is not measured
+
+    # a real problem is still found, with advice that fits a transformer
+    with torch.no_grad():
+        model.head.weight.mul_(1e4)
+    exploding = diagnose(model, batch, steps=1)
+    assert "exploding" in kinds(exploding, "error")
+    advice = _advice(exploding)
+    assert "skip connections" not in advice and "BatchNorm" not in advice
+    assert "GradGuard()" in advice
+
+
+def test_nn_transformer_and_compiled_resnet_have_no_error() -> None:
+    from models import image_batch, resnet_tiny, sequence_batch
+
+    class Seq2Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.t = nn.Transformer(16, 2, 1, 1, 32, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.t(x, x).mean(1))
+
+    torch.manual_seed(0)
+    diagnosis = diagnose(Seq2Seq(), sequence_batch(8), steps=1)
+    assert kinds(diagnosis, "error") == kinds(diagnosis, "warning") == []
+
+    compiled = torch.compile(resnet_tiny(), backend="eager")
+    plain = diagnose(resnet_tiny(), image_batch(16, 8), steps=1)
+    found = diagnose(compiled, image_batch(16, 8), steps=1)
+    assert found.exit_code == 0
+    assert [r.name for r in found.rows] == [r.name for r in plain.rows]
+    for a, b in zip(found.rows, plain.rows):
+        assert a.activation == b.activation and a.he_std == b.he_std
+        assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-5)

@@ -42,7 +42,7 @@ def _fit(model: pl.LightningModule, callbacks: list[Any], tmp_path: Path, **kwar
     return logger
 
 
-def test_defaults_are_monitor_zclip_with_skipping_dead_units_with_rescue_and_report() -> None:
+def test_defaults_are_monitor_guard_clip_with_skipping_dead_units_with_rescue_and_report() -> None:
     guard = GradGuard()
     assert [type(p).__name__ for p in guard.gradguard_parts] == [
         "GradNormMonitor",
@@ -50,7 +50,7 @@ def test_defaults_are_monitor_zclip_with_skipping_dead_units_with_rescue_and_rep
         "DeadUnitMonitor",
         "HealthReport",
     ]
-    assert guard.clipper is not None and guard.clipper.policy.name == "zclip"
+    assert guard.clipper is not None and guard.clipper.policy.name == "guard"
     assert guard.clipper.skip_nonfinite
     assert guard.unit_monitor is not None and guard.unit_monitor.rescue == "threshold"
 

@@ -117,7 +117,9 @@ def test_no_sync_with_clipping_and_accumulation() -> None:
         assert dispatch == bare_dispatch
 
 
-@pytest.mark.parametrize("policy", ["norm", "value", "agc", "autoclip", "zclip", "ema_ratio"])
+@pytest.mark.parametrize(
+    "policy", ["norm", "value", "agc", "autoclip", "zclip", "ema_ratio", "guard"]
+)
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_clipping_without_skipping_never_syncs(policy: str, scope: str) -> None:
     bare = _counts([], steps=4)
@@ -130,7 +132,7 @@ def test_clipping_without_skipping_never_syncs(policy: str, scope: str) -> None:
         assert dispatch == bare_dispatch
 
 
-@pytest.mark.parametrize("policy", ["zclip", "autoclip", "agc", "value", "none"])
+@pytest.mark.parametrize("policy", ["zclip", "autoclip", "agc", "value", "none", "guard"])
 def test_skipping_costs_one_flag_read_per_step(policy: str) -> None:
     # The skip flags and which clipping passes have work to do travel in one ``tolist``
     # (a copy to the host on a GPU; on the CPU it reads memory without a dispatched op).

@@ -77,7 +77,7 @@ class AdaptiveGradClip(Callback):
     Args:
         policy: a :class:`~lightning_gradguard.functional.ClipPolicy` object or a
             shorthand: ``"norm"``, ``"value"``, ``"agc"``, ``"autoclip"``,
-            ``"zclip"``, ``"ema_ratio"`` (default arguments).
+            ``"zclip"``, ``"ema_ratio"``, ``"guard"`` (default arguments).
         scope: ``"global"`` (one norm for all gradients) or ``"layer"`` (each group
             of ``group_by`` is clipped on its own norm).
         group_by: grouping for ``scope="layer"`` (see ``GradNormMonitor``).

@@ -43,7 +43,9 @@ class GradGuard(Callback):
        gradient norms, parameter norms, update ratios, vanishing/exploding/
        non-finite warnings.
     2. :class:`~lightning_gradguard.AdaptiveGradClip` (``clip``): the policy
-       (default ZClip), with non-finite steps skipped. It reuses the monitor's
+       (default :class:`~lightning_gradguard.functional.GuardClip`, which leaves
+       healthy steps alone and clips spikes and explosions), with non-finite steps
+       skipped. It reuses the monitor's
        norms: one pass over the gradients for both.
     3. :class:`~lightning_gradguard.DeadUnitMonitor` (``dead_units``): dead and
        dormant units per activation layer, with ``rescue`` (default: swap the
@@ -73,8 +75,8 @@ class GradGuard(Callback):
 
     Args:
         monitor: log per-layer norms and detect vanishing/exploding gradients.
-        clip: clipping policy: ``"zclip"``, ``"autoclip"``, ``"ema_ratio"``,
-            ``"norm"``, ``"value"``, ``"agc"`` or a
+        clip: clipping policy: ``"guard"`` (the default), ``"zclip"``, ``"autoclip"``,
+            ``"ema_ratio"``, ``"norm"``, ``"value"``, ``"agc"`` or a
             :class:`~lightning_gradguard.functional.ClipPolicy`; ``None`` for no
             clipping (non-finite steps are then still skipped if ``skip_nonfinite``).
         skip_nonfinite: skip optimizer steps whose gradients contain inf or NaN.
@@ -105,7 +107,7 @@ class GradGuard(Callback):
     def __init__(
         self,
         monitor: bool = True,
-        clip: str | ClipPolicy | None = "zclip",
+        clip: str | ClipPolicy | None = "guard",
         skip_nonfinite: bool = True,
         skip_spikes: bool = False,
         dead_units: bool = True,

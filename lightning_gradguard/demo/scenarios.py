@@ -208,9 +208,9 @@ SCENARIOS: tuple[Scenario, ...] = (
         ),
         explanation=(
             "The first gradient norm is ~600 and the weights turn inf/NaN within a few steps. "
-            "GradGuard's default ZClip clips every norm above its cap of 1.0 (and, once it has "
-            "learned the normal level, every spike above it); a non-finite step would be "
-            "skipped."
+            "GradGuard's default GuardClip clips a gradient larger than the weights to "
+            "max(0.01 x weight norm, 1.0) from the first step, and later every spike above twice "
+            "the median of the recent norms to that median; a non-finite step would be skipped."
         ),
     ),
     Scenario(
@@ -223,9 +223,10 @@ SCENARIOS: tuple[Scenario, ...] = (
         ),
         explanation=(
             "The learning-rate spike of epoch 5 pushes most units of the upper layers below "
-            "zero for every input: they never fire again. GradGuard's clipping limits the "
-            "damage of the spike (clipping alone: 0.91-0.93 over 3 seeds), and it swaps the ReLU "
-            "of a layer more than half dead for LeakyReLU (the swap alone: 0.74-0.76)."
+            "zero for every input: they never fire again. GradGuard's clipping cuts the spike's "
+            "gradients to the median of the norms before it (seed 0: 0.95, no layer half dead), "
+            "and it swaps the ReLU of a layer more than half dead for LeakyReLU (the swap alone: "
+            "0.74-0.76)."
         ),
     ),
     Scenario(

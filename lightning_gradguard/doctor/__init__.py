@@ -31,22 +31,37 @@ Example:
 """
 
 from lightning_gradguard.doctor.cli import UsageError, import_object, main
-from lightning_gradguard.doctor.findings import Thresholds, find_problems
-from lightning_gradguard.doctor.measure import default_loss, diagnose, is_lightning_module
-from lightning_gradguard.doctor.report import FAIL_ON, SEVERITIES, Diagnosis, Finding, LayerRow
+from lightning_gradguard.doctor.findings import Architecture, Thresholds, find_problems
+from lightning_gradguard.doctor.measure import (
+    default_loss,
+    diagnose,
+    is_activation,
+    is_lightning_module,
+)
+from lightning_gradguard.doctor.report import (
+    FAIL_ON,
+    SEVERITIES,
+    Diagnosis,
+    Finding,
+    LayerRow,
+    Unchecked,
+)
 
 __all__ = [
     "FAIL_ON",
     "SEVERITIES",
+    "Architecture",
     "Diagnosis",
     "Finding",
     "LayerRow",
     "Thresholds",
+    "Unchecked",
     "UsageError",
     "default_loss",
     "diagnose",
     "find_problems",
     "import_object",
+    "is_activation",
     "is_lightning_module",
     "main",
 ]

@@ -30,6 +30,50 @@ class Thresholds:
     scale_band: tuple[float, float] = (0.5, 2.0)
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """What the model already has, so that advice fits it.
+
+    Attributes:
+        normalization: it has normalization layers (BatchNorm, LayerNorm, GroupNorm, RMSNorm...).
+        residual: it has residual blocks (a transformer block, an attention layer, a
+            ResNet block), recognized by module type or class name.
+        transformer: it has attention layers.
+        functional_activation: it has ``nn.TransformerEncoderLayer``/``DecoderLayer``,
+            whose activation is a function, not a module.
+    """
+
+    normalization: bool = False
+    residual: bool = False
+    transformer: bool = False
+    functional_activation: bool = False
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Architecture:
+        """Read it from the module types and class names of ``model``.
+
+        Example:
+            >>> Architecture.of(nn.TransformerEncoderLayer(8, 2)).transformer
+            True
+        """
+        names = [type(m).__name__ for m in model.modules()]
+        layers = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+        attention = (nn.MultiheadAttention, *layers)
+        transformer = any(
+            isinstance(m, attention) or type(m).__name__.endswith("Attention")
+            for m in model.modules()
+        )
+        residual = transformer or any(
+            any(part in name for part in ("Block", "Bottleneck", "Residual")) for name in names
+        )
+        return cls(
+            normalization=any("Norm" in name for name in names),
+            residual=residual,
+            transformer=transformer,
+            functional_activation=any(isinstance(m, layers) for m in model.modules()),
+        )
+
+
 # --------------------------------------------------------------------------- findings
 
 _CHECK_LOSS = (
@@ -42,9 +86,10 @@ _HE = (
     "init_(model, 'kaiming_normal') or the InitAtStart(scheme='kaiming_normal') callback."
 )
 _CLIP = (
-    "Clip gradients: AdaptiveGradClip(policy='norm') (a fixed cap of 1.0, what "
-    "Trainer(gradient_clip_val=1.0) does) or policy='zclip', which starts from a fixed cap. "
-    "A percentile policy (AutoClip) cannot clip the first steps: it has no history yet."
+    "Clip gradients: GradGuard() (its default policy 'guard' clips a gradient larger than the "
+    "weights from the first step, and spikes later on), or AdaptiveGradClip(policy='norm') (a "
+    "fixed cap of 1.0, what Trainer(gradient_clip_val=1.0) does). A percentile policy "
+    "(AutoClip) cannot clip the first steps: it has no history yet."
 )
 _LR = "Lower the learning rate, or warm it up over the first steps."
 
@@ -86,6 +131,7 @@ def find_problems(
     samples: int,
     owners: dict[str, nn.Module],
     t: Thresholds,
+    architecture: Architecture | None = None,
 ) -> tuple[list[Finding], float | None]:
     """Findings from the rows, most severe first, and the first/last gradient norm ratio.
 
@@ -96,7 +142,10 @@ def find_problems(
         samples: the fewest positions any measured activation saw (for dead fractions).
         owners: the module of every row (for its biases and parameters).
         t: the thresholds.
+        architecture: what the model already has (normalization, skip connections):
+            no advice to add what is there.
     """
+    arch = architecture if architecture is not None else Architecture()
     findings: list[Finding] = []
     with_grad = [r for r in rows if r.grad_norm is not None]
     matrix = [r for r in with_grad if r.is_matrix_layer]
@@ -112,6 +161,7 @@ def find_problems(
     low_scale = [r for r in rows if r.he_ratio is not None and r.he_ratio < t.scale_band[0]]
     high_scale = [r for r in rows if r.he_ratio is not None and r.he_ratio > t.scale_band[1]]
     normalize = _normalization(batch_size, t.small_batch, "before the activation")
+    structural = ([] if arch.normalization else [normalize]) + ([] if arch.residual else [_SKIP])
 
     # -- non-finite
     if bad_losses or nonfinite:
@@ -184,14 +234,13 @@ def find_problems(
                 "Glorot init alone does not rescue a deep sigmoid stack: with any weights the "
                 "sigmoid's slope (at most 0.25) shrinks the gradient layer after layer.",
                 _normalization(batch_size, t.small_batch, "before each sigmoid"),
-                _SKIP,
+                *([] if arch.residual else [_SKIP]),
             ]
         elif tanh_fed:
             recs += [
                 "Initialize the tanh layers with Glorot (Xavier) init and tanh's gain 5/3: "
                 "lightning_gradguard.functional.init_(model, 'xavier_uniform') infers the gain.",
-                normalize,
-                _SKIP,
+                *structural,
             ]
         else:
             if relu_fed and any(r in low_scale for r in relu_fed):
@@ -206,7 +255,7 @@ def find_problems(
             ]
             if dead:
                 recs.append("Dead ReLU units pass no gradient: see the 'dying' finding.")
-            recs += [normalize, _SKIP]
+            recs += structural
         recs.append(_CHECK_LOSS)
         findings.append(
             Finding(
@@ -228,7 +277,7 @@ def find_problems(
                 (
                     "Replace the sigmoids by ReLU with He init.",
                     _normalization(batch_size, t.small_batch, "before each sigmoid"),
-                    _SKIP,
+                    *([] if arch.residual else [_SKIP]),
                 ),
             )
         )
@@ -237,7 +286,12 @@ def find_problems(
     if not bad_losses and not nonfinite:
         total = math.sqrt(math.fsum((r.grad_norm or 0.0) ** 2 for r in with_grad))
         # the last layer's gradient follows the loss, not the depth: it is left out
-        steep = [r for r in matrix[:-1] if (r.ratio or 0.0) > t.exploding_ratio]
+        # a layer whose output a normalization consumes is scale-free: the loss does not
+        # depend on its weight norm, and its gradient shrinks as the weights grow, so its
+        # ratio is no sign of an explosion (a ResNet's first conv, before BatchNorm)
+        steep = [
+            r for r in matrix[:-1] if (r.ratio or 0.0) > t.exploding_ratio and not r.normalized
+        ]
         growing = first_last is not None and first_last > 1.0 / t.vanishing_ratio
         if total > t.exploding_threshold or steep or growing:
             parts = []
@@ -267,7 +321,7 @@ def find_problems(
                         f"which compounds to about {mean ** len(hidden):.2g}x over {len(hidden)} "
                         "layers (He init for ReLU, Glorot for tanh)."
                     )
-            recs += [_LR, normalize]
+            recs += [_LR] + ([] if arch.normalization else [normalize])
             findings.append(
                 Finding(
                     "exploding",
@@ -371,9 +425,23 @@ def find_problems(
                 f"{len(off)} layer(s) have a weight std outside {t.scale_band[0]:g}-"
                 f"{t.scale_band[1]:g}x both the He and the Glorot std for their activation "
                 f"(std/He: {detail}{more}). PyTorch's default init of Linear/Conv is about "
-                "0.41x the He std for ReLU.",
+                "0.41x the He std for ReLU."
+                + (
+                    " Transformers are initialized at a small fixed std by design (GPT-2: 0.02, "
+                    "its residual projections 0.02/sqrt(2 n_layer)), with LayerNorm and "
+                    "residual connections keeping the signal's scale."
+                    if arch.transformer
+                    else ""
+                ),
                 tuple(r.name for r in off),
                 (
+                    "Nothing to do unless training stalls: the residual stream and LayerNorm "
+                    "carry the scale. To re-initialize as GPT-2 does: lightning_gradguard."
+                    "functional.init_(model, 'normal', std=0.02, "
+                    "residual_projections=['*.c_proj'], n_layers=<blocks>).",
+                )
+                if arch.transformer
+                else (
                     "He init for ReLU-like activations, Glorot for tanh and sigmoid: "
                     "lightning_gradguard.functional.init_(model, 'kaiming_normal' or "
                     "'xavier_uniform') infers each layer's gain.",

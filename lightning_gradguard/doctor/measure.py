@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard.doctor.findings import Thresholds, find_problems
-from lightning_gradguard.doctor.report import Diagnosis, LayerRow
+from lightning_gradguard.doctor.findings import Architecture, Thresholds, find_problems
+from lightning_gradguard.doctor.report import Diagnosis, LayerRow, Unchecked
 from lightning_gradguard.functional.activity import DEFAULT_ACTIVATIONS, unit_dim
-from lightning_gradguard.functional.init import NORM_LAYERS, PASS_THROUGH, WEIGHT_LAYERS
+from lightning_gradguard.functional.init import NORM_LAYERS
 from lightning_gradguard.functional.norms import (
     ROOT_GROUP,
     NormGrouping,
@@ -23,6 +23,7 @@ from lightning_gradguard.functional.norms import (
     grad_norms,
     param_norms,
 )
+from lightning_gradguard.functional.units import LayerMap, map_layers
 
 SATURATING: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Tanh)
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
@@ -130,6 +131,39 @@ def is_lightning_module(model: nn.Module) -> bool:
     )
 
 
+def is_activation(module: nn.Module) -> bool:
+    """An activation module: one of :data:`ACTIVATIONS`, or a parameterless third-party one.
+
+    Third-party activation modules are recognized by name (Hugging Face's
+    ``NewGELUActivation``, ``GELUActivation``...: a class name ending in ``Activation``).
+
+    Example:
+        >>> is_activation(nn.ReLU()), is_activation(nn.Linear(2, 2))
+        (True, False)
+    """
+    if isinstance(module, ACTIVATIONS):
+        return True
+    name = type(module).__name__
+    return name.endswith("Activation") and next(module.parameters(), None) is None
+
+
+def _counts_dead_units(module: nn.Module) -> bool:
+    """A ReLU-like activation (torch's, or a third-party GELU/SiLU/ReLU module): its units
+    can be dead (never positive)."""
+    if isinstance(module, DEFAULT_ACTIVATIONS):
+        return True
+    return is_activation(module) and any(
+        part in type(module).__name__ for part in ("GELU", "SiLU", "Swish", "ReLU")
+    )
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """A normalization layer: torch's, or a leaf module whose class name says ``Norm``."""
+    if isinstance(module, NORM_LAYERS):
+        return True
+    return "Norm" in type(module).__name__ and next(module.children(), None) is None
+
+
 def _activation_label(module: nn.Module) -> str:
     if isinstance(module, nn.LeakyReLU):
         return f"LeakyReLU({module.negative_slope:g})"
@@ -149,6 +183,8 @@ def _gain(module: nn.Module | None) -> float:
         return 0.75
     if isinstance(module, _RELU_LIKE):  # GELU, SiLU, ...: no gain in torch; ReLU's is closest
         return math.sqrt(2.0)
+    if any(part in type(module).__name__ for part in ("GELU", "SiLU", "Swish", "ReLU")):
+        return math.sqrt(2.0)  # third-party ReLU-like activation modules
     if isinstance(module, nn.Tanh):
         return 5.0 / 3.0
     return 1.0
@@ -158,11 +194,15 @@ def _gain(module: nn.Module | None) -> float:
 
 
 class _Recorder:
-    """Forward hooks: the call order of the modules, and per-unit activity of every activation call.
+    """Forward hooks: the call order, per-unit activity of every activation call, and data flow.
 
     An activation module called twice in one forward pass (``self.relu`` after two
-    layers) is measured separately for each call: call ``k`` belongs to the layer
-    it follows.
+    layers) is measured separately for each call. Which layers feed which
+    activation or normalization call is read from the autograd graph of the first
+    step (the output node of every module call, the input node of every activation
+    and normalization call), so branches (a downsample path added to a block's
+    output) and parameterless operations in between (additions, reshapes) are
+    followed as they ran, whatever order the modules were declared in.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -173,9 +213,26 @@ class _Recorder:
         self.active: dict[tuple[str, int], Tensor] = {}  # positions with h > 0, per unit
         self.samples: dict[tuple[str, int], int] = {}
         self.broken: set[tuple[str, int]] = set()  # a call whose width changed between steps
+        self.outputs: dict[Any, list[str]] = {}  # autograd node of a call's output -> modules
+        self.inputs: dict[tuple[str, int], Any] = {}  # activation/norm call -> its input's node
         self._handles = [
             module.register_forward_hook(self._hook(name)) for name, module in self.modules.items()
         ]
+        self._handles += [
+            module.register_forward_pre_hook(self._pre_hook(name))
+            for name, module in self.modules.items()
+            if is_activation(module) or _is_norm(module)
+        ]
+
+    def _pre_hook(self, name: str) -> Callable[[nn.Module, Any], None]:
+        def hook(module: nn.Module, inputs: Any) -> None:
+            if not self.recording:
+                return
+            first = _first_tensor(inputs)
+            if first is not None and first.grad_fn is not None:  # before an in-place op runs
+                self.inputs[(name, self.calls.get(name, 0))] = first.grad_fn
+
+        return hook
 
     def _hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -184,7 +241,10 @@ class _Recorder:
             key = (name, index)
             if self.recording:
                 self.trace.append(key)
-            if not isinstance(module, DEFAULT_ACTIVATIONS) or not isinstance(output, Tensor):
+                produced = _first_tensor(output)
+                if produced is not None and produced.grad_fn is not None:
+                    self.outputs.setdefault(produced.grad_fn, []).append(name)
+            if not _counts_dead_units(module) or not isinstance(output, Tensor):
                 return
             if output.dim() == 0 or key in self.broken:
                 return
@@ -211,11 +271,51 @@ class _Recorder:
             handle.remove()
         self._handles = []
 
+    def forget_graph(self) -> None:
+        """Drop the autograd nodes (they keep the first step's graph alive)."""
+        self.outputs, self.inputs = {}, {}
+
     def dead_fraction(self, key: tuple[str, int]) -> float | None:
         active = self.active.get(key)
         if active is None or key in self.broken or active.numel() == 0:
             return None
         return float((active == 0).double().mean())
+
+    def producers(
+        self, key: tuple[str, int], is_layer: Callable[[str], bool], through_norms: bool
+    ) -> dict[str, bool]:
+        """The layers whose output reaches the input of call ``key``, and whether through a norm.
+
+        Walks the autograd graph back from the call's input, through parameterless
+        operations (and normalizations when ``through_norms``), and stops at the
+        output of a layer (found), of an activation, or of a normalization.
+        """
+        start = self.inputs.get(key)
+        found: dict[str, bool] = {}
+        stack: list[tuple[Any, bool]] = [(start, False)]
+        seen: set[tuple[int, bool]] = set()
+        while stack and len(seen) < _GRAPH_LIMIT:
+            node, normed = stack.pop()
+            if node is None or (id(node), normed) in seen:
+                continue
+            seen.add((id(node), normed))
+            names = self.outputs.get(node, ())
+            layer = next((n for n in names if is_layer(n)), None)
+            if layer is not None:
+                found[layer] = found.get(layer, False) or normed
+                continue
+            if any(is_activation(self.modules[n]) for n in names):
+                continue
+            if any(_is_norm(self.modules[n]) for n in names):
+                if not through_norms:
+                    continue
+                normed = True
+            stack.extend((following, normed) for following, _ in node.next_functions)
+        return found
+
+
+_GRAPH_LIMIT = 4096
+"""Autograd nodes visited, at most, when looking for the layers feeding one call."""
 
 
 def _private_copy(model: nn.Module) -> nn.Module:
@@ -302,29 +402,6 @@ def _layers(model: nn.Module) -> tuple[NormGrouping, dict[str, nn.Module]]:
             full = clean_parameter_name(f"{name}.{parameter_name}" if name else parameter_name)
             owners.setdefault(full.rpartition(".")[0] or ROOT_GROUP, module)
     return grouping, {name: owners[name] for name in grouping.names}
-
-
-def _consumer(
-    trace: list[tuple[str, int]], start: int, modules: dict[str, nn.Module]
-) -> tuple[tuple[str, int] | None, bool]:
-    """The activation call consuming the layer at ``trace[start]``; whether a norm is between.
-
-    Normalization, dropout, identity and other parameterless modules (pooling,
-    flatten) are skipped; the next module with parameters ends the search.
-    """
-    normalized = False
-    for key in trace[start + 1 :]:
-        module = modules[key[0]]
-        if isinstance(module, ACTIVATIONS):
-            return key, normalized
-        if isinstance(module, NORM_LAYERS):
-            normalized = True
-            continue
-        if isinstance(module, PASS_THROUGH) or next(module.children(), None) is not None:
-            continue  # a container's hook fires after its children: not a new layer
-        if next(module.parameters(recurse=False), None) is not None:
-            return None, normalized
-    return None, normalized
 
 
 # --------------------------------------------------------------------------- diagnose
@@ -470,10 +547,16 @@ def diagnose(
     has_grad = [False] * len(grouping.names)
     for parameter, group in zip(grouping.parameters, grouping.group_index):
         has_grad[group] = has_grad[group] or parameter.grad is not None
-    rows = _rows(work, grouping, owners, recorder, per_step, parameter_norms, has_grad)
+    layer_map = map_layers(work)
+    rows = _rows(work, grouping, owners, recorder, per_step, parameter_norms, has_grad, layer_map)
+    recorder.forget_graph()
     samples = min(recorder.samples.values(), default=0)
-    findings, first_last = find_problems(rows, losses, batch_size, samples, owners, thresholds)
-    return Diagnosis(rows, findings, steps, batch_size, losses, first_last)
+    architecture = Architecture.of(work)
+    findings, first_last = find_problems(
+        rows, losses, batch_size, samples, owners, thresholds, architecture
+    )
+    not_checked = _not_checked(rows, owners, layer_map, recorder, architecture)
+    return Diagnosis(rows, findings, steps, batch_size, losses, first_last, not_checked)
 
 
 def _check_loss(loss: Any) -> None:
@@ -495,11 +578,35 @@ def _rows(
     per_step: list[list[float]],
     parameter_norms: list[float],
     has_grad: list[bool],
+    layer_map: LayerMap,
 ) -> list[LayerRow]:
     module_names = {id(m): n for n, m in work.named_modules()}
     first_seen: dict[str, int] = {}
     for position, (name, _) in enumerate(recorder.trace):
         first_seen.setdefault(name, position)
+    layer_names = {
+        module_names.get(id(module), "")
+        for module in owners.values()
+        if not _is_norm(module) and not is_activation(module)
+    }
+
+    def is_layer(name: str) -> bool:
+        return name in layer_names
+
+    # Which activation call consumes each layer (the first one its output reaches), and
+    # which layers a normalization consumes: from the data flow of the first step.
+    consumer: dict[str, tuple[str, int]] = {}
+    normalized: set[str] = set()
+    for call in dict.fromkeys(recorder.trace):  # calls in the order they ran
+        called = recorder.modules[call[0]]
+        if is_activation(called):
+            for producer, through_norm in recorder.producers(call, is_layer, True).items():
+                consumer.setdefault(producer, call)
+                if through_norm:
+                    normalized.add(producer)
+        elif _is_norm(called):
+            normalized.update(recorder.producers(call, is_layer, False))
+    by_module = {id(layer.module): layer for layer in layer_map}
     rows: list[LayerRow] = []
     for index, group in enumerate(grouping.names):
         module = owners[group]
@@ -514,20 +621,17 @@ def _rows(
                 if any(math.isnan(v) for v in values)
                 else math.inf
             )
-        key: tuple[str, int] | None = None
-        normalized = False
         module_name = module_names.get(id(module), "")
-        if module_name in first_seen:
-            key, normalized = _consumer(recorder.trace, first_seen[module_name], recorder.modules)
+        key = consumer.get(module_name)
         activation = recorder.modules[key[0]] if key is not None else None
         weight_std = he_std = glorot_std = None
-        if isinstance(module, WEIGHT_LAYERS):
-            weight = getattr(module, "weight").detach()  # noqa: B009  # a Tensor, not a Module
-            fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
+        layer = by_module.get(id(module))  # by identity: names differ under torch.compile
+        if layer is not None and layer.kind in _SCALED_KINDS:
+            weight = layer.weight.detach()
             gain = _gain(activation)
             weight_std = float(weight.double().std()) if weight.numel() > 1 else None
-            he_std = gain / math.sqrt(fan_in)
-            glorot_std = gain * math.sqrt(2.0 / (fan_in + fan_out))
+            he_std = gain / math.sqrt(layer.fan_in)
+            glorot_std = gain * math.sqrt(2.0 / (layer.fan_in + layer.fan_out))
         rows.append(
             LayerRow(
                 name=group,
@@ -540,11 +644,119 @@ def _rows(
                 weight_std=weight_std,
                 he_std=he_std,
                 glorot_std=glorot_std,
-                normalized=normalized,
+                normalized=module_name in normalized,
             )
         )
-    order = {
-        name: first_seen.get(module_names.get(id(owners[name]), ""), math.inf)
-        for name in grouping.names
-    }
-    return sorted(rows, key=lambda r: order[r.name])  # stable: unreached layers keep their order
+
+    def order(name: str) -> float:
+        """Where the forward pass reached the module; a module it never called (the
+        ``out_proj`` that ``MultiheadAttention`` uses through its weight) sits with its
+        nearest called ancestor."""
+        path = module_names.get(id(owners[name]), "")
+        offset = 0.0
+        while path:
+            if path in first_seen:
+                return first_seen[path] + offset
+            path = path.rpartition(".")[0]
+            offset = 0.5  # just after the ancestor's own hook
+        return math.inf
+
+    return sorted(rows, key=lambda r: order(r.name))  # stable: unreached layers keep order
+
+
+_SCALED_KINDS = ("linear", "conv", "conv1d")
+"""Kinds of the unit map whose weight scale is compared with He and Glorot init."""
+
+
+def _not_checked(
+    rows: list[LayerRow],
+    owners: dict[str, nn.Module],
+    layer_map: LayerMap,
+    recorder: _Recorder,
+    architecture: Architecture,
+) -> list[Unchecked]:
+    """The checks that could not run, or not on every layer, and why."""
+    out: list[Unchecked] = []
+    matrix = [r for r in rows if r.is_matrix_layer]
+    finite = [r for r in matrix if r.grad_norm is not None and math.isfinite(r.grad_norm)]
+    if len(finite) < 2:
+        out.append(
+            Unchecked(
+                "depth profile",
+                f"it compares the first and the last Linear/Conv layer, and {len(finite)} "
+                "such layer(s) with a finite gradient were found",
+            )
+        )
+    unknown = [name for name in layer_map.unknown if name in owners or name == ""]  # by name
+    if unknown:
+        out.append(
+            Unchecked(
+                "weight scale",
+                "the unit map does not know these layer types (register them with "
+                "lightning_gradguard.functional.register_layer)",
+                tuple(name or "(root)" for name in unknown),
+            )
+        )
+    owner_ids = {id(module): name for name, module in owners.items()}
+    embeddings = [
+        owner_ids[id(layer.module)]
+        for layer in layer_map.of_kind("embedding")
+        if id(layer.module) in owner_ids
+    ]
+    if embeddings:
+        out.append(
+            Unchecked(
+                "weight scale",
+                "embeddings are lookup tables: He and Glorot init do not apply to them",
+                tuple(embeddings),
+            )
+        )
+    scale_free = [r.name for r in matrix[:-1] if r.normalized]
+    if scale_free:
+        out.append(
+            Unchecked(
+                "grad/param ratio",
+                "a normalization consumes their output, so the loss does not depend on their "
+                "scale and the ratio says nothing about exploding",
+                tuple(scale_free),
+            )
+        )
+    unmeasured = [
+        r.name
+        for r in matrix[:-1]
+        if r.activation is None and r.grad_norm is not None and not r.normalized
+    ]
+    if unmeasured:
+        hint = (
+            " (nn.TransformerEncoderLayer and nn.TransformerDecoderLayer call F.relu/F.gelu)"
+            if architecture.functional_activation
+            else ""
+        )
+        out.append(
+            Unchecked(
+                "dead units",
+                "no activation module consumes their output (attention, a residual sum, or a "
+                f"functional activation such as F.relu in forward{hint}, which is not measured)",
+                tuple(unmeasured),
+            )
+        )
+    measured = {key[0] for key in recorder.active}
+    other = sorted(
+        {
+            r.activation_module
+            for r in rows
+            if r.activation_module is not None
+            and r.activation_module not in measured
+            and not isinstance(recorder.modules[r.activation_module], ACTIVATIONS)
+        }
+    )
+    if other:
+        out.append(
+            Unchecked(
+                "dead units",
+                "activation modules that are not ReLU-like (by type or class name) are not "
+                "measured for dead units",
+                tuple(other),
+            )
+        )
+    return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 SEVERITIES = ("info", "warning", "error")
@@ -126,6 +126,31 @@ class Finding:
         }
 
 
+@dataclass(frozen=True)
+class Unchecked:
+    """A check :func:`diagnose` could not run (or ran on only part of the layers), and why.
+
+    Attributes:
+        check: ``"depth profile"``, ``"grad/param ratio"``, ``"weight scale"`` or
+            ``"dead units"``.
+        reason: why it could not run, in one sentence.
+        layers: the layers it did not cover (empty: the whole model).
+    """
+
+    check: str
+    reason: str
+    layers: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The entry as JSON-able values."""
+        return {"check": self.check, "reason": self.reason, "layers": list(self.layers)}
+
+    def __str__(self) -> str:
+        names = [f"'{name}'" for name in self.layers]
+        listed = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        return f"{self.check}: {self.reason}" + (f" ({listed})" if listed else "")
+
+
 @dataclass
 class Diagnosis:
     """The result of :func:`diagnose`: per-layer rows, findings and an exit code.
@@ -140,6 +165,8 @@ class Diagnosis:
         losses: the loss of every step.
         first_last_ratio: gradient norm of the first Linear/Conv layer over that
             of the last one (``None`` with fewer than two such layers).
+        not_checked: the checks that could not run, or not on every layer
+            (:class:`Unchecked`). "No problem found" covers only the checks that ran.
     """
 
     rows: list[LayerRow]
@@ -148,6 +175,7 @@ class Diagnosis:
     batch_size: int | None
     losses: list[float]
     first_last_ratio: float | None = None
+    not_checked: list[Unchecked] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -192,6 +220,7 @@ class Diagnosis:
             "first_last_ratio": _json_float(self.first_last_ratio),
             "rows": [row.to_dict() for row in self.rows],
             "findings": [finding.to_dict() for finding in self.findings],
+            "not_checked": [entry.to_dict() for entry in self.not_checked],
         }
 
     def format_table(self) -> str:
@@ -240,12 +269,22 @@ class Diagnosis:
     def format_findings(self) -> str:
         """The findings and their recommendations, as text."""
         if not self.findings:
-            return "No problem found."
+            return (
+                "No problem found by the checks that ran (see 'Not checked')."
+                if self.not_checked
+                else "No problem found."
+            )
         out: list[str] = []
         for finding in self.findings:
             out.append(f"[{finding.severity.upper()}] {finding.kind}: {finding.message}")
             out.extend(f"    - {rec}" for rec in finding.recommendations)
         return "\n".join(out)
+
+    def format_not_checked(self) -> str:
+        """The checks that could not run, as text (empty when every check ran)."""
+        if not self.not_checked:
+            return ""
+        return "\n".join(["Not checked:"] + [f"    - {entry}" for entry in self.not_checked])
 
     def __str__(self) -> str:
         loss = ", ".join(_fmt(v, "g") for v in self.losses[:1])
@@ -268,6 +307,7 @@ class Diagnosis:
                 "",
                 self.format_findings(),
                 "",
+                *([self.format_not_checked(), ""] if self.not_checked else []),
                 f"Verdict: {verdict} (exit code {self.exit_code})",
             ]
         )

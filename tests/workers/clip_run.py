@@ -7,9 +7,9 @@ processes run one ``Trainer.fit`` per scenario on one process group: starting Py
 and importing Lightning costs seconds, a fit here a fraction of one.
 
 - ``ddp_*`` (``pytorch_lightning``, ``strategy="ddp"``, SGD): ``FixedNorm``, ``ZClip``,
-  ``AutoClip``.
+  ``AutoClip``, ``GuardClip``.
 - ``fsdp_*`` (``lightning.pytorch``, ``ModelParallelStrategy`` + FSDP2 ``fully_shard``,
-  SGD): ``FixedNorm`` and ``AGC``.
+  SGD): ``FixedNorm``, ``AGC`` and ``GuardClip`` (its weight norm over the shards).
 - ``fault_zclip`` (``pytorch_lightning``, ``strategy="ddp"``, Adam): ``ZClip``, and
   rank 1 alone puts a NaN into one gradient at ``FAULT_STEP``, after DDP's all-reduce
   (a callback listed before the clipper).
@@ -37,15 +37,17 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_gradguard import AdaptiveGradClip
-from lightning_gradguard.functional import AGC, AutoClip, FixedNorm, ZClip
+from lightning_gradguard.functional import AGC, AutoClip, FixedNorm, GuardClip, ZClip
 
 # In this order: the fault run last, so a hang there leaves the other results written.
 SCENARIOS = (
     "ddp_fixed",
     "ddp_zclip",
     "ddp_autoclip",
+    "ddp_guard",
     "fsdp_fixed",
     "fsdp_agc",
+    "fsdp_guard",
     "fault_zclip",
 )
 
@@ -63,6 +65,8 @@ def _policy(name: str) -> Any:
         return ZClip(**h.ZCLIP_ARGS)
     if name == "autoclip":
         return AutoClip(**h.AUTOCLIP_ARGS)
+    if name == "guard":
+        return GuardClip(**h.GUARD_ARGS)
     return AGC(clipping=h.AGC_CLIPPING, eps=h.AGC_EPS)
 
 
@@ -155,8 +159,8 @@ def run(pl: Any, mode: str, policy_name: str, out_dir: Path) -> dict[str, Any]:
     policy = _policy(policy_name)
     threshold = policy.threshold
 
-    def recording_threshold(norm: torch.Tensor) -> torch.Tensor:
-        value = threshold(norm)
+    def recording_threshold(norm: torch.Tensor, *args: Any) -> torch.Tensor:
+        value = threshold(norm, *args)
         record["threshold"].append(_plain(float(value)))
         return value
 
