@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 from torch import nn
@@ -105,9 +106,12 @@ class DeadUnitMonitor(Callback):
         if (
             isinstance(dormant_tau, bool)
             or not isinstance(dormant_tau, (int, float))
-            or dormant_tau < 0
+            or not 0 <= dormant_tau < math.inf
         ):
-            raise ValueError(f"dormant_tau={dormant_tau!r} must be a non-negative number.")
+            raise ValueError(
+                f"DeadUnitMonitor(dormant_tau={dormant_tau!r}): dormant_tau must be a "
+                "non-negative finite number."
+            )
         if layout not in ("auto", "channels_first", "channels_last"):
             raise ValueError(
                 f"layout={layout!r} is not a unit layout: use 'auto', 'channels_first' or "

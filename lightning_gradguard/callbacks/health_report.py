@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gradguard._compat import Callback
+from lightning_gradguard._compat import Callback, rank_zero_warn
 from lightning_gradguard.callbacks._parts import flat_callbacks
 from lightning_gradguard.functional.norms import NormGrouping, local_tensors
 from lightning_gradguard.logging import (
@@ -74,6 +74,15 @@ def finite_histogram(values: Tensor, bins: int) -> Tensor:
     counts = torch.zeros(bins, dtype=values.dtype, device=values.device)
     counts.index_add_(0, index, finite.to(values.dtype))
     return torch.cat([low.view(1), high.view(1), counts])
+
+
+def _plots_or_none() -> Any:
+    """:mod:`lightning_gradguard.plots`, or None when matplotlib cannot be imported."""
+    try:
+        from lightning_gradguard import plots
+    except ImportError:
+        return None
+    return plots
 
 
 def _public_config(callback: Any) -> dict[str, Any]:
@@ -166,6 +175,12 @@ class HealthReport(Callback):
             raise ValueError(
                 f"max_alerts_per_hour={max_alerts_per_hour!r} must be an integer >= 0."
             )
+        if out_dir is not None and not isinstance(out_dir, (str, os.PathLike)):
+            raise TypeError(
+                f"HealthReport(out_dir={out_dir!r}): out_dir must be a folder path (str) or None."
+            )
+        if not isinstance(alerts, bool):
+            raise TypeError(f"HealthReport(alerts={alerts!r}): alerts must be True or False.")
         self.picture_every_n_steps = picture_every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
         self.histogram_bins = histogram_bins
@@ -175,6 +190,8 @@ class HealthReport(Callback):
         self.pictures: dict[str, Path] = {}
         self._grouping: NormGrouping | None = None
         self._last_picture_step = -1
+        self._warned_no_matplotlib = False
+        self._warned_write = False
 
     # ------------------------------------------------------------------ set-up
 
@@ -316,8 +333,16 @@ class HealthReport(Callback):
         return steps, layers, np.ma.masked_array(values, mask=missing.reshape(values.shape))
 
     def _draw_and_log(self, trainer: Any, step: int, log: bool = True) -> None:
-        from lightning_gradguard import plots
-
+        plots = _plots_or_none()
+        if plots is None:
+            if not self._warned_no_matplotlib:
+                self._warned_no_matplotlib = True
+                rank_zero_warn(
+                    "HealthReport: matplotlib is not installed, so no pictures are drawn "
+                    "(the events, histograms and summary are still logged). "
+                    "pip install 'lightning_gradguard[plots]' to get them."
+                )
+            return
         folder = self._folder(trainer)
         drawn: dict[str, Path] = {}
         steps, layers, norms = self._series(trainer, "grad_norm")
@@ -333,7 +358,7 @@ class HealthReport(Callback):
             figure = plots.gradient_flow_heatmap(
                 steps, layers, norms, vanishing_threshold=threshold
             )
-            drawn["gradient_flow"] = plots.save_png(figure, folder / "gradient_flow.png")
+            self._save(plots, figure, folder / "gradient_flow.png", drawn, "gradient_flow")
         steps, layers, fractions = self._series(trainer, "dead_units")
         if steps and layers:
             events = [
@@ -352,7 +377,7 @@ class HealthReport(Callback):
             figure = plots.dead_units_chart(
                 steps, layers, fractions, threshold=threshold, events=events
             )
-            drawn["dead_units"] = plots.save_png(figure, folder / "dead_units.png")
+            self._save(plots, figure, folder / "dead_units.png", drawn, "dead_units")
         clip_steps, raw, threshold_values, clipped = self._clip_series(trainer)
         if clip_steps:
             skipped = [
@@ -361,10 +386,23 @@ class HealthReport(Callback):
             figure = plots.clip_chart(
                 clip_steps, raw, threshold_values, clipped, skipped_steps=skipped
             )
-            drawn["clipping"] = plots.save_png(figure, folder / "clipping.png")
+            self._save(plots, figure, folder / "clipping.png", drawn, "clipping")
         self.pictures.update(drawn)
         if log:
             self._log_images(trainer, drawn, step)
+
+    def _save(self, plots: Any, figure: Any, path: Path, drawn: dict[str, Path], name: str) -> None:
+        """Write one picture; a failed write is a warning (once), never the end of the run."""
+        try:
+            drawn[name] = plots.save_png(figure, path)
+        except (OSError, ValueError) as error:  # unwritable, not a folder, disk full
+            if not self._warned_write:
+                self._warned_write = True
+                rank_zero_warn(
+                    f"HealthReport: cannot write pictures to out_dir={str(path.parent)!r} "
+                    f"({type(error).__name__}: {error}); training goes on without them. "
+                    "Set HealthReport(out_dir=...) to a writable folder."
+                )
 
     def _clip_series(self, trainer: Any) -> tuple[list[int], list[float], list[float], list[float]]:
         rows: dict[int, dict[str, float]] = {}

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -67,6 +68,39 @@ def _check_scheme(scheme: str) -> None:
 def _positive(value: Any, argument: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{argument}={value!r} must be a positive integer.")
+
+
+def _check_seed(seed: Any, owner: str) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise TypeError(f"{owner}(seed={seed!r}): seed must be a non-negative integer.")
+    return seed
+
+
+def _check_steps(at_steps: Any) -> list[int] | None:
+    """``at_steps`` as a sorted list of global steps (a string is refused, not split)."""
+    if at_steps is None:
+        return None
+    if isinstance(at_steps, (str, bytes)) or not isinstance(at_steps, (list, tuple)):
+        raise TypeError(
+            f"LayerReinit(at_steps={at_steps!r}): at_steps must be a list of global steps, "
+            "e.g. at_steps=[10, 500]."
+        )
+    if not all(not isinstance(s, bool) and isinstance(s, int) and s >= 0 for s in at_steps):
+        raise ValueError(
+            f"LayerReinit(at_steps={at_steps!r}): every step must be a non-negative integer."
+        )
+    return sorted(at_steps)
+
+
+def _check_names(names: Any, argument: str, owner: str) -> list[str] | None:
+    if names is None:
+        return None
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise TypeError(
+            f"{owner}({argument}={names!r}): {argument} must be a list of module names, "
+            "e.g. ['encoder.0', 'head']."
+        )
+    return list(names)
 
 
 def _optimizer_of(trainer: Any, parameter: Tensor) -> torch.optim.Optimizer | None:
@@ -135,7 +169,7 @@ class InitAtStart(Callback):
     ) -> None:
         _check_scheme(scheme)
         self.scheme = scheme
-        self.seed = seed
+        self.seed = _check_seed(seed, "InitAtStart")
         self.input_fn = input_fn
         self.init_kwargs: dict[str, Any] = {
             "nonlinearity": nonlinearity,
@@ -225,8 +259,10 @@ class UnitRecycler(Callback):
         _positive(window, "window")
         if window > every_n_steps:
             raise ValueError(f"window={window} must not exceed every_n_steps={every_n_steps}.")
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or tau < 0:
-            raise ValueError(f"tau={tau!r} must be a non-negative number.")
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau < math.inf:
+            raise ValueError(
+                f"UnitRecycler(tau={tau!r}): tau must be a non-negative finite number."
+            )
         _check_scheme(scheme)
         if scheme == "lsuv":
             raise ValueError("scheme='lsuv' needs data; recycled units use a named scheme.")
@@ -241,7 +277,7 @@ class UnitRecycler(Callback):
         self.tau = float(tau)
         self.pairs = None if pairs is None else [list(p) for p in pairs]
         self.scheme = scheme
-        self.seed = seed
+        self.seed = _check_seed(seed, "UnitRecycler")
         self.events: list[dict[str, Any]] = []
         self.recycled_total = 0
         self._pairs: list[UnitPair] = []
@@ -370,14 +406,16 @@ class LayerReinit(Callback):
         _check_scheme(scheme)
         if scheme == "lsuv":
             raise ValueError("scheme='lsuv' needs data; LayerReinit uses a named scheme.")
-        if at_steps is not None and not layers:
+        steps = _check_steps(at_steps)
+        names = _check_names(layers, "layers", "LayerReinit")
+        if steps is not None and not names:
             raise ValueError("at_steps needs layers=[...]: the modules to re-initialize.")
         self.check_every_n_steps = check_every_n_steps
-        self.at_steps = None if at_steps is None else sorted(int(s) for s in at_steps)
-        self.layers = None if layers is None else list(layers)
+        self.at_steps = steps
+        self.layers = names
         self.scheme = scheme
         self.max_reinits_per_layer = max_reinits_per_layer
-        self.seed = seed
+        self.seed = _check_seed(seed, "LayerReinit")
         self.events: list[dict[str, Any]] = []
         self.reinit_counts: dict[str, int] = {}
         self._monitor: Any = None

@@ -100,6 +100,11 @@ def clip_by_norm_(
     Returns:
         The clip coefficient(s) applied (1 where nothing was clipped).
 
+    Raises:
+        ValueError: for a negative (or NaN) number as threshold, which would flip the
+            gradient's sign. A tensor threshold is checked on its device without a host
+            sync (``torch._assert_async``: a RuntimeError).
+
     Example:
         >>> g = [torch.tensor([3.0, 4.0])]
         >>> clip_by_norm_(g, torch.tensor(1.0), torch.tensor(5.0))
@@ -107,9 +112,33 @@ def clip_by_norm_(
         >>> g[0]
         tensor([0.6000, 0.8000])
     """
+    threshold = _check_threshold(threshold)
     coef = clip_coefficients(threshold, norm, eps)
     scale_(grads, coef, group_index)
     return coef
+
+
+def _check_threshold(threshold: Tensor | float) -> Tensor:
+    """Refuse a negative or NaN clipping threshold (a Python number or a tensor)."""
+    if not isinstance(threshold, Tensor):
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise TypeError(
+                f"clip_by_norm_(threshold={threshold!r}): threshold must be a number or a tensor."
+            )
+        if not threshold >= 0:
+            raise ValueError(
+                f"clip_by_norm_(threshold={threshold!r}): threshold must be >= 0 (a negative "
+                "threshold would flip the gradients' sign)."
+            )
+        return torch.tensor(float(threshold), dtype=torch.float64)
+    # A tensor threshold is checked where it lives, without reading it back to the host
+    # (on the CPU this raises RuntimeError at once; on an accelerator, at its next sync).
+    torch._assert_async(
+        (threshold >= 0).all(),
+        "clip_by_norm_(threshold=...): threshold must be >= 0 (a negative threshold would "
+        "flip the gradients' sign)",
+    )
+    return threshold
 
 
 @torch.no_grad()

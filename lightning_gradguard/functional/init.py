@@ -183,6 +183,8 @@ def init_(
             without ``n_layers``.
     """
     _validate_scheme(scheme)
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < math.inf:
+        raise ValueError(f"std={std!r} must be a positive finite number (GPT-2 uses 0.02).")
     if nonlinearity is not None and nonlinearity not in {*_GAIN_NAMES.values(), "linear"}:
         raise ValueError(
             f"nonlinearity={nonlinearity!r} has no known gain: use one of "
