@@ -141,6 +141,18 @@ def _check_threshold(threshold: Tensor | float) -> Tensor:
     return threshold
 
 
+_COMPLEX_TO_REAL = {
+    torch.complex32: torch.float16,
+    torch.complex64: torch.float32,
+    torch.complex128: torch.float64,
+}
+
+
+def _real_dtype(tensor: Tensor) -> torch.dtype:
+    """The dtype a real coefficient takes to scale ``tensor`` (complex: its parts' dtype)."""
+    return _COMPLEX_TO_REAL.get(tensor.dtype, tensor.dtype)
+
+
 @torch.no_grad()
 def scale_(grads: Sequence[Tensor], coef: Tensor, group_index: Tensor | None = None) -> None:
     """Multiply gradients in place by a coefficient, or by one coefficient per group.
@@ -158,11 +170,11 @@ def scale_(grads: Sequence[Tensor], coef: Tensor, group_index: Tensor | None = N
         return
     locals_, _ = local_tensors(grads)
     if coef.dim() == 0:
-        torch._foreach_mul_(locals_, coef.to(locals_[0].device, locals_[0].dtype))
+        torch._foreach_mul_(locals_, coef.to(locals_[0].device, _real_dtype(locals_[0])))
         return
     if group_index is None:
         raise ValueError("scale_: per-group coefficients need group_index.")
-    per_tensor = coef.index_select(0, group_index.to(coef.device)).to(locals_[0].dtype)
+    per_tensor = coef.index_select(0, group_index.to(coef.device)).to(_real_dtype(locals_[0]))
     torch._foreach_mul_(locals_, list(per_tensor.to(locals_[0].device).unbind(0)))
 
 
@@ -170,7 +182,8 @@ def scale_(grads: Sequence[Tensor], coef: Tensor, group_index: Tensor | None = N
 def clip_by_value_(grads: Sequence[Tensor], clip_value: float) -> None:
     """Clamp every gradient element to ``[-clip_value, clip_value]`` in place.
 
-    Unlike :func:`clip_by_norm_` this changes the gradient's direction.
+    Unlike :func:`clip_by_norm_` this changes the gradient's direction. Complex
+    gradients have their real and imaginary parts clamped.
 
     Example:
         >>> g = [torch.tensor([0.5, -3.0])]
@@ -182,6 +195,9 @@ def clip_by_value_(grads: Sequence[Tensor], clip_value: float) -> None:
     if not grads:
         return
     locals_, _ = local_tensors(grads)
+    # Complex gradients: the real and imaginary parts are clamped (clamp has no complex
+    # kernel; a view as real pairs changes the gradient in place).
+    locals_ = [torch.view_as_real(t) if t.is_complex() else t for t in locals_]
     torch._foreach_clamp_min_(locals_, -clip_value)
     torch._foreach_clamp_max_(locals_, clip_value)
 

@@ -391,6 +391,13 @@ least 1e-12 cannot be dominated by such values, so its float32 norm is accurate.
 """
 
 
+def _dense_part(tensor: Tensor) -> Tensor:
+    """A dense tensor with the same norm: an empty shard's zero, a sparse tensor's values."""
+    if tensor.layout is not torch.strided:  # nn.Embedding(sparse=True): duplicates summed
+        tensor = tensor.coalesce().values() if tensor.is_sparse else tensor.to_dense()
+    return tensor if tensor.numel() else tensor.new_zeros(1)  # empty shard: norm 0, inf ok
+
+
 def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, exact: bool = False) -> Tensor:
     """Norms of local tensors, one fused ``_foreach_norm`` call, stacked into float64.
 
@@ -422,11 +429,14 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, exact: bool 
             return torch.stack(torch._foreach_norm(group, norm_type, dtype=torch.float32))
         return torch.stack(torch._foreach_norm(group, norm_type))
 
-    # The common case, checked in one pass: one device, one dtype, no empty shard.
+    # The common case, checked in one pass: one device, one dtype, no empty shard, dense.
     dtype, device = tensors[0].dtype, tensors[0].device
-    if all(t.dtype is dtype and t.numel() and t.device == device for t in tensors):
+    if all(
+        t.dtype is dtype and t.numel() and t.device == device and t.layout is torch.strided
+        for t in tensors
+    ):
         return norms_of(list(tensors)).to(torch.float64)
-    tensors = [t if t.numel() else t.new_zeros(1) for t in tensors]  # empty shard: norm 0, inf ok
+    tensors = [_dense_part(t) for t in tensors]
     first = tensors[0].device
     out = torch.empty(len(tensors), dtype=torch.float64, device=first)
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
