@@ -293,6 +293,11 @@ AUTOCLIP_ARGS: dict[str, Any] = {"percentile": 50.0, "window": 100}
 AGC_CLIPPING = 0.05
 AGC_EPS = 1e-3
 FAULT_STEP = 4  # rank 1 puts a NaN into one gradient (after DDP's all-reduce) at this step
+# tests/workers/faults_run.py: rank 1 alone multiplies its gradients by FAULT_SPIKE_FACTOR at
+# FAULT_SPIKE_STEP (a finite spike only it sees), or puts a NaN into one at FAULT_NAN_STEP.
+FAULT_SPIKE_STEP = 5
+FAULT_SPIKE_FACTOR = 1000.0
+FAULT_NAN_STEP = 3
 ADAM_LR = 0.01
 
 

@@ -424,7 +424,8 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, exact: bool 
 
     def norms_of(group: list[Tensor]) -> Tensor:
         if exact:
-            return torch.stack(torch._foreach_norm([t.double() for t in group], norm_type))
+            wide = [t.to(torch.complex128) if t.is_complex() else t.double() for t in group]
+            return torch.stack(torch._foreach_norm(wide, norm_type)).real
         if group[0].dtype in (torch.float16, torch.bfloat16):
             return torch.stack(torch._foreach_norm(group, norm_type, dtype=torch.float32))
         return torch.stack(torch._foreach_norm(group, norm_type))
