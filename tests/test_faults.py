@@ -312,6 +312,20 @@ def test_reused_callback_starts_the_second_fit_afresh() -> None:
     assert guard.clipper is not None and guard.clipper.skipped_steps == 0
 
 
+def test_a_reused_dead_unit_monitor_does_not_swap_the_next_model() -> None:
+    torch.manual_seed(0)
+    monitor = DeadUnitMonitor(every_n_steps=2, window=1, rescue="threshold")
+    dead = TinyMLP()
+    with torch.no_grad():
+        dead.net[0].bias.fill_(-100.0)  # every unit of net.1 is dead
+    _fit(dead, [monitor], steps=2)
+    assert isinstance(dead.net[1], nn.LeakyReLU)  # fit 1 rescued its model
+    healthy = TinyMLP()
+    _fit(healthy, [monitor], steps=1)
+    assert isinstance(healthy.net[1], nn.ReLU)  # fit 2's model is not fit 1's
+    assert monitor.swapped == []
+
+
 def test_each_optimizer_and_each_fit_gets_a_fresh_policy_in_the_mixin() -> None:
     class Model(GradGuardMixin, TinyMLP):
         gradguard_clip = AutoClip(percentile=50, window=100)
@@ -491,3 +505,13 @@ def test_complex_norms_keep_the_imaginary_part_in_float64() -> None:
     z = torch.tensor([3 + 4j, 0j], dtype=torch.complex64)  # |z| = 5, as torch's vector_norm
     expected = float(torch.linalg.vector_norm(z.to(torch.complex128)))
     assert tensor_norms([z, torch.ones(1)], exact=True).tolist() == [expected, 1.0]
+
+
+def test_every_test_the_reliability_page_names_exists() -> None:
+    import re
+
+    page = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"(tests/test_\w+\.py)::(\w+)", page))
+    assert len(named) >= 15
+    for path, name in named:
+        assert f"def {name}(" in (ROOT / path).read_text(encoding="utf-8"), (path, name)

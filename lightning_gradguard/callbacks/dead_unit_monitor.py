@@ -153,6 +153,15 @@ class DeadUnitMonitor(Callback):
 
     # ------------------------------------------------------------------ lifecycle
 
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            # A second fit with the same callback starts afresh: the first run's swaps are
+            # not re-applied to another model. A resumed fit gets them from
+            # load_state_dict, which Lightning calls after setup.
+            self.swapped, self.events, self.last_stats = [], [], {}
+            self._reported_dying = set()
+            self._windows = MeasuringWindows(self.every_n_steps, self.window)
+
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         wrapped = "DDP" in type(trainer.strategy).__name__
         pending = [

@@ -300,6 +300,11 @@ class UnitRecycler(Callback):
         self.recycled_total = int(state_dict.get("recycled_total", 0))
         self._windows.started_at = int(state_dict.get("window_started_at", -1))
 
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":  # per run: a resumed fit gets them back from load_state_dict
+            self.events, self.recycled_total = [], 0
+            self._windows = MeasuringWindows(self.every_n_steps, self.window)
+
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         _refuse_sharded(pl_module, "UnitRecycler")
         if self.pairs is None:
@@ -436,6 +441,8 @@ class LayerReinit(Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
 
+        if stage == "fit":  # per run: a resumed fit gets them back from load_state_dict
+            self.events, self.reinit_counts = [], {}
         callbacks = flat_callbacks(trainer)
         monitors = [
             cb for cb in callbacks[: callbacks.index(self)] if isinstance(cb, GradNormMonitor)
