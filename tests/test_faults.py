@@ -475,6 +475,13 @@ def test_bad_arguments_raise_at_construction_naming_the_argument(build: Any, fra
         build()
 
 
+def test_depth_is_accepted_with_group_by_depth_in_either_scope() -> None:
+    for scope in ("global", "layer"):
+        clipper = AdaptiveGradClip("norm", scope=scope, group_by="depth", depth=1)
+        _, _, trainer = _fit(TinyMLP(), [clipper], steps=1)
+        assert trainer.global_step == 1
+
+
 def test_a_second_clipper_is_named_in_a_warning() -> None:
     class Mixed(GradGuardMixin, TinyMLP):
         gradguard_clip = "norm"

@@ -330,10 +330,14 @@ class AdaptiveGradClip(Callback):
         self._own_skips += 1
         state.consecutive_skips += 1
         nonfinite = state.nonfinite_flag is not None and bool(state.nonfinite_flag)
+        layers: list[str] = []
         if nonfinite:  # a bad step: worth one more pass to name the layers
-            # Every rank skips together, so every rank reaches this reduction: a layer is
-            # named when it is non-finite on any rank (rank zero, which warns, included).
-            bad = self._agree_across_ranks(~grad_norms(state.layers).groups.isfinite())
+            bad = ~grad_norms(state.layers).groups.isfinite()
+            if not self._uses_scaler:
+                # Every rank skips together, so every rank reaches this reduction: a layer is
+                # named when it is non-finite on any rank (rank zero, which warns, included).
+                # (With a GradScaler each rank's scaler decides alone: no collective here.)
+                bad = self._agree_across_ranks(bad)
             layers = [n for n, flag in zip(state.layers.names, bad.tolist()) if flag]
             reason = f"non-finite gradients (inf/NaN) in: {', '.join(layers[:5])}"
         else:
@@ -342,7 +346,8 @@ class AdaptiveGradClip(Callback):
         rank_zero_warn(f"AdaptiveGradClip: skipped optimizer step ({reason}).")
         if self._trainer is not None:
             kind = "nonfinite" if nonfinite else "spike"
-            record_event(self._trainer, kind, "", f"skipped optimizer step ({reason})")
+            where = ", ".join(layers[:5])
+            record_event(self._trainer, kind, where, f"skipped optimizer step ({reason})")
         return True
 
     def _stop_if_too_many(self, state: _ClipState, reason: str) -> None:
@@ -361,11 +366,12 @@ class AdaptiveGradClip(Callback):
         state = self._states.get(index)
         if state is None:
             params = [p for group in optimizer.param_groups for p in group["params"]]
-            group_by = self.group_by if self.scope == "layer" else (lambda name: "all")
+            layer_scope = self.scope == "layer"
+            group_by = self.group_by if layer_scope else (lambda name: "all")
             grouping = NormGrouping.from_named_parameters(
                 pl_module.named_parameters(),
                 group_by,
-                self.depth,
+                self.depth if layer_scope else None,
                 self.include,
                 self.exclude,
                 only=params,

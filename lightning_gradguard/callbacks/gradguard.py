@@ -37,9 +37,9 @@ def _check_clip(clip: Any) -> None:
     """``clip`` must be a shorthand, a policy object or None; a typo names ``clip``."""
     if clip is None or isinstance(clip, ClipPolicy):
         return
-    if isinstance(clip, str) and clip in POLICIES and clip != "none":
+    if isinstance(clip, str) and clip in POLICIES:
         return
-    choices = sorted(name for name in POLICIES if name != "none")
+    choices = sorted(POLICIES)
     close = difflib.get_close_matches(str(clip), choices, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ValueError(
