@@ -522,3 +522,13 @@ def test_every_test_the_reliability_page_names_exists() -> None:
     assert len(named) >= 15
     for path, name in named:
         assert f"def {name}(" in (ROOT / path).read_text(encoding="utf-8"), (path, name)
+
+
+def test_sparse_gradient_norm_is_the_norm_of_the_dense_gradient() -> None:
+    from lightning_gradguard.functional.norms import tensor_norms
+
+    embedding = nn.Embedding(10, 3, sparse=True)
+    embedding(torch.tensor([1, 1, 2])).sum().backward()  # index 1 twice: duplicates summed
+    dense = embedding.weight.grad.to_dense().double()
+    got = tensor_norms([embedding.weight.grad, torch.ones(2)]).tolist()
+    assert got == pytest.approx([float(torch.linalg.vector_norm(dense)), math.sqrt(2)])

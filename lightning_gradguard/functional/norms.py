@@ -430,13 +430,13 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, exact: bool 
             return torch.stack(torch._foreach_norm(group, norm_type, dtype=torch.float32))
         return torch.stack(torch._foreach_norm(group, norm_type))
 
-    # The common case, checked in one pass: one device, one dtype, no empty shard, dense.
+    # The common case, checked in one pass: one device, one dtype, no empty shard.
     dtype, device = tensors[0].dtype, tensors[0].device
-    if all(
-        t.dtype is dtype and t.numel() and t.device == device and t.layout is torch.strided
-        for t in tensors
-    ):
-        return norms_of(list(tensors)).to(torch.float64)
+    if all(t.dtype is dtype and t.numel() and t.device == device for t in tensors):
+        try:
+            return norms_of(list(tensors)).to(torch.float64)
+        except NotImplementedError:  # a sparse tensor has no norm kernel: the slow path
+            pass
     tensors = [_dense_part(t) for t in tensors]
     first = tensors[0].device
     out = torch.empty(len(tensors), dtype=torch.float64, device=first)
