@@ -64,10 +64,14 @@ class AdaptiveGradClip(Callback):
     global norm is more than ``spike_sigma`` standard deviations above the mean
     of the last ``spike_window`` norms), the optimizer update does not happen at
     all: parameters and optimizer state stay bit-identical. The decision is
-    reduced across ranks, so every rank skips together. It costs one read of a
-    flag per step. After ``max_consecutive_skips`` skipped steps in a row
-    training stops with an error. With fp16 AMP, the GradScaler already skips
-    non-finite steps: those are counted, not acted on twice.
+    reduced across ranks, so every rank skips together, and every rank folds the
+    same (largest) norm into its policy. It costs one read of a flag per step.
+    After ``max_consecutive_skips`` skipped steps in a row training stops with an
+    error. With fp16 AMP, the GradScaler already skips non-finite steps: those
+    are counted (toward ``max_consecutive_skips`` too), not acted on twice.
+
+    ``policy`` is a template: every optimizer of every fit clips with a fresh
+    copy of it, so a callback reused for another ``fit`` starts afresh.
 
     Logged keys: ``clip/threshold``, ``clip/coef``, ``clip/active``,
     ``clip/skipped_steps``, ``grad_norm/total_clipped``. With ``scope="layer"``
@@ -261,7 +265,8 @@ class AdaptiveGradClip(Callback):
                 "own. Keep one (GradGuard already contains an AdaptiveGradClip)."
             )
         module_policy = getattr(pl_module, "gradguard_clip", None)
-        if module_policy is not None and clippers and clippers[0] is self:
+        clipping = [c for c in clippers if c.policy.name != "none"]  # not skip-only ones
+        if module_policy is not None and clipping and clipping[0] is self:
             rank_zero_warn(
                 f"AdaptiveGradClip(policy={self.policy!r}) and the LightningModule's "
                 f"GradGuardMixin (gradguard_clip={module_policy!r}) both clip: the mixin clips "
