@@ -26,8 +26,10 @@ _LAZY = {
     "HealthReport": "lightning_gradguard.callbacks.health_report",
     "InitAtStart": "lightning_gradguard.callbacks.reinit",
     "LayerReinit": "lightning_gradguard.callbacks.reinit",
+    "RunRecord": "lightning_gradguard.record",
     "UnitRecycler": "lightning_gradguard.callbacks.reinit",
     "diagnose": "lightning_gradguard.doctor",
+    "run_record": "lightning_gradguard.record",
 }
 
 if TYPE_CHECKING:
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from lightning_gradguard.callbacks.reinit import InitAtStart, LayerReinit, UnitRecycler
     from lightning_gradguard.doctor import Diagnosis, diagnose
     from lightning_gradguard.mixin import GradGuardMixin
+    from lightning_gradguard.record import RunRecord, run_record
 
 
 def __getattr__(name: str) -> Any:
@@ -57,7 +60,9 @@ __all__ = [
     "HealthReport",
     "InitAtStart",
     "LayerReinit",
+    "RunRecord",
     "UnitRecycler",
     "__version__",
     "diagnose",
+    "run_record",
 ]

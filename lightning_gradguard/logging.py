@@ -9,12 +9,13 @@ metric per call; this costs one copy.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_gradguard.record import Event, EventKind, run_record
 
 
 def to_host(values: Mapping[str, Tensor]) -> dict[str, list[float]]:
@@ -48,104 +49,38 @@ def to_host(values: Mapping[str, Tensor]) -> dict[str, list[float]]:
 def log_to_loggers(trainer: Any, metrics: Mapping[str, float], step: int | None = None) -> None:
     """Give ``metrics`` to every logger of ``trainer`` at ``step`` (default: ``global_step``).
 
-    Works with no logger at all. Lightning's loggers write on rank zero only. The
-    values are also kept in :func:`metric_history`, which the pictures are drawn from.
+    Works with no logger at all. Lightning's loggers write on rank zero only. What
+    the pictures are drawn from is written to the run record's structured history
+    by each callback (:class:`~lightning_gradguard.record.MetricHistory`), not
+    parsed back from these keys.
     """
     if not metrics:
         return
     if step is None:
         step = int(trainer.global_step)
-    metric_history(trainer).append((step, dict(metrics)))
     for logger in trainer.loggers:
         logger.log_metrics(dict(metrics), step=step)
 
 
-HISTORY_SIZE = 20_000
-"""How many ``log_to_loggers`` calls a trainer's metric history keeps (the newest)."""
-
-
-def metric_history(trainer: Any) -> deque[tuple[int, dict[str, float]]]:
-    """Every metric dict the callbacks logged, with its step (bounded; for the pictures)."""
-    history = getattr(trainer, "_gradguard_history", None)
-    if history is None:
-        history = deque(maxlen=HISTORY_SIZE)
-        trainer._gradguard_history = history
-    return history
-
-
-# --------------------------------------------------------------------------- events
-
-EVENT_COLUMNS = ("step", "kind", "layer", "detail")
-"""Columns of the ``gradguard/events`` table."""
-
-ALERT_KINDS = {"nonfinite": "ERROR", "exploding": "WARN", "dying": "WARN"}
-"""Event kinds that also raise a W&B alert, with the alert level."""
-
-
-class EventLog:
-    """What the callbacks did (skips, swaps, re-inits, warnings), kept per Trainer.
-
-    Events are plain dicts (``step``, ``kind``, ``layer``, ``detail``). Kinds in
-    :data:`ALERT_KINDS` also send a W&B alert when a ``WandbLogger`` is attached,
-    at most ``max_alerts_per_hour`` per kind, so a bad hour sends a few, not
-    thousands.
+def record_event(
+    trainer: Any,
+    kind: EventKind,
+    layer: str,
+    detail: str,
+    step: int | None = None,
+    values: Mapping[str, float] | None = None,
+) -> Event:
+    """Shorthand for ``run_record(trainer).add(...)`` with one layer (``""``: none).
 
     Example:
-        >>> log = EventLog()
-        >>> _ = log.add(10, "swap", "net.3", "ReLU -> LeakyReLU")
-        >>> log.events
-        [{'step': 10, 'kind': 'swap', 'layer': 'net.3', 'detail': 'ReLU -> LeakyReLU'}]
+        >>> import pytorch_lightning as pl
+        >>> trainer = pl.Trainer(logger=False, enable_checkpointing=False)
+        >>> record_event(trainer, "swap", "net.3", "ReLU -> LeakyReLU", step=10).layers
+        ('net.3',)
     """
-
-    def __init__(self, max_alerts_per_hour: int = 5) -> None:
-        self.events: list[dict[str, Any]] = []
-        self.max_alerts_per_hour = max_alerts_per_hour
-        self._alert_times: dict[str, list[float]] = {}
-
-    def add(self, step: int, kind: str, layer: str, detail: str) -> dict[str, Any]:
-        """Record an event and return it."""
-        event = {"step": int(step), "kind": kind, "layer": layer, "detail": detail}
-        self.events.append(event)
-        return event
-
-    def alert_allowed(self, kind: str, now: float) -> bool:
-        """Whether one more alert of ``kind`` fits in the hourly budget (and count it)."""
-        recent = [t for t in self._alert_times.get(kind, []) if now - t < 3600.0]
-        if len(recent) >= self.max_alerts_per_hour:
-            self._alert_times[kind] = recent
-            return False
-        self._alert_times[kind] = [*recent, now]
-        return True
-
-
-def event_log(trainer: Any) -> EventLog:
-    """The trainer's :class:`EventLog` (created on first use)."""
-    log = getattr(trainer, "_gradguard_event_log", None)
-    if log is None:
-        log = EventLog()
-        trainer._gradguard_event_log = log
-    return log
-
-
-def record_event(trainer: Any, kind: str, layer: str, detail: str, step: int | None = None) -> None:
-    """Record an event for the trainer; alert kinds also reach W&B as a rate-limited alert."""
-    import time
-
-    log = event_log(trainer)
-    event = log.add(int(trainer.global_step) if step is None else step, kind, layer, detail)
-    level = ALERT_KINDS.get(kind)
-    if level is None or not getattr(trainer, "is_global_zero", True):
-        return
-    runs = wandb_runs(trainer)
-    if runs and log.alert_allowed(kind, time.monotonic()):
-        import wandb
-
-        for run in runs:
-            run.alert(
-                title=f"gradguard: {kind}",
-                text=f"step {event['step']}: {layer} {detail}".strip(),
-                level=getattr(wandb.AlertLevel, level),  # type: ignore[attr-defined]
-            )
+    when = int(trainer.global_step) if step is None else int(step)
+    layers = [layer] if layer else []
+    return run_record(trainer).add(kind, when, layers=layers, values=values, detail=detail)
 
 
 # --------------------------------------------------------------------------- logger kinds

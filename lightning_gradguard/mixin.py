@@ -28,7 +28,7 @@ import copy
 import weakref
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_gradguard._compat import rank_zero_warn
 from lightning_gradguard.functional.policies import ClipPolicy, clip_with_policy_, make_policy
@@ -76,6 +76,20 @@ class GradGuardMixin:
             policies[optimizer_index] = entry
         return entry[1]
 
+    def _gradguard_bound_policy(
+        self, optimizer_index: int, optimizer: Any = None
+    ) -> ClipPolicy | None:
+        """The policy, bound to this module's parameters as they are when it first clips."""
+        policy = self.gradguard_policy_for(optimizer_index, optimizer)
+        if (
+            policy is not None
+            and isinstance(self, nn.Module)
+            and not policy.__dict__.get("_gradguard_bound", False)
+        ):
+            policy.bind(self)  # AGC reads each weight's output units from the unit map
+            policy.__dict__["_gradguard_bound"] = True
+        return policy
+
     def _gradguard_trainer(self) -> Any:
         return getattr(self, "_trainer", None)  # None outside a fit, without raising
 
@@ -93,7 +107,7 @@ class GradGuardMixin:
     ) -> None:
         """Clip with ``gradguard_clip``; falls back to Lightning's behaviour when it is None."""
         raw = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps the optimizer
-        policy = self.gradguard_policy_for(self._gradguard_index(optimizer), raw)
+        policy = self._gradguard_bound_policy(self._gradguard_index(optimizer), raw)
         if policy is None:
             super().configure_gradient_clipping(  # type: ignore[misc]
                 optimizer, gradient_clip_val, gradient_clip_algorithm
@@ -123,7 +137,7 @@ class GradGuardMixin:
         """
         index = self._gradguard_index(optimizer)
         raw = getattr(optimizer, "optimizer", optimizer)
-        policy = self.gradguard_policy_for(index, raw)
+        policy = self._gradguard_bound_policy(index, raw)
         if policy is None:
             raise ValueError(
                 "clip_gradients_unscaled needs a policy: set gradguard_clip on the module, "

@@ -25,7 +25,7 @@ from wandb_reader import RunData, find_run_files, load_run
 from workers import wandb_run as w
 
 from lightning_gradguard import AdaptiveGradClip, DeadUnitMonitor, GradNormMonitor, HealthReport
-from lightning_gradguard.logging import event_log
+from lightning_gradguard.record import run_record
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo"
@@ -128,7 +128,7 @@ def test_events_table_and_alerts(ddp_run: tuple[Path, RunData, list[dict]]) -> N
     skip_rows = [row for row in table.rows if row[3].startswith("skipped")]
     assert len(skip_rows) == 1, skip_rows
     step, kind, layer, detail = skip_rows[0]
-    assert (step, kind) == (w.FAULT_STEP, "nonfinite")
+    assert (step, kind) == (w.FAULT_STEP, "skip")
     # rank 0's own gradients were finite, but the layer is named from the reduced flags
     assert layer == "net.4" and "net.4" in detail
     assert ("swap", "net.3") in {(row[1], row[2]) for row in table.rows}
@@ -148,7 +148,9 @@ def test_pictures_written_once_by_rank_zero(ddp_run: tuple[Path, RunData, list[d
     out, run, (rank0, rank1) = ddp_run
     assert rank1["saved_pngs"] == []
     pictures = out / "pictures"
-    assert sorted(p.name for p in pictures.iterdir()) == sorted(f"{n}.png" for n in PICTURES)
+    assert sorted(p.name for p in pictures.iterdir()) == sorted(
+        [f"{n}.png" for n in PICTURES] + ["events.csv", "summary.json"]
+    )
     for name in PICTURES:
         assert (pictures / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
         logged = run.value(f"gradguard/{name}")
@@ -210,7 +212,5 @@ def test_wandb_disabled_still_writes_pictures(
     assert set(report.pictures) == set(PICTURES)
     assert find_run_files(tmp_path / "wandb_save") == []
     assert clipper.skipped_steps == 1
-    assert [e["step"] for e in event_log(trainer).events if e["detail"].startswith("skipped")] == [
-        2
-    ]
+    assert [e.step for e in run_record(trainer).events_of("skip")] == [2]
     assert report.summary(trainer)["gradguard/skipped_steps"] == 1

@@ -204,8 +204,10 @@ def test_checkpoint_holds_every_part_and_resume_equals_an_uninterrupted_run(
     path = tmp_path / "last.ckpt"
     run(8, save=True)
     checkpoint = torch.load(path, weights_only=True)
-    (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("GradGuard")]
-    assert set(state) == {"GradNormMonitor", "AdaptiveGradClip", "DeadUnitMonitor", "HealthReport"}
+    state = checkpoint["callbacks"]["GradGuard"]  # each part under its own key
+    parts = GradGuard(clip="zclip", dead_unit_args={"every_n_steps": 3, "window": 2})
+    assert set(state) == {part.state_key for part in parts.gradguard_parts}
+    assert "RunRecord" in checkpoint["callbacks"]
     resumed = run(16, ckpt=path)
     for a, b in zip(full, resumed):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

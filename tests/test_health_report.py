@@ -139,17 +139,17 @@ def test_pictures_are_logged_and_saved(wandb_run: tuple[Any, Path, _Troubled]) -
 
 
 def test_alerts_are_rate_limited() -> None:
-    from lightning_gradguard.logging import EventLog
+    from lightning_gradguard.callbacks.health_report import AlertLimiter
 
-    log = EventLog(max_alerts_per_hour=2)
-    assert [log.alert_allowed("nonfinite", t) for t in (0.0, 1.0, 2.0, 3.0)] == [
+    limiter = AlertLimiter(max_per_hour=2)
+    assert [limiter.allowed("nonfinite", t) for t in (0.0, 1.0, 2.0, 3.0)] == [
         True,
         True,
         False,
         False,
     ]
-    assert log.alert_allowed("dying", 4.0)  # per kind
-    assert log.alert_allowed("nonfinite", 3601.0)  # the hour has passed
+    assert limiter.allowed("dying", 4.0)  # per kind
+    assert limiter.allowed("nonfinite", 3601.0)  # the hour has passed
 
 
 def test_tensorboard_gets_scalars_histograms_images_and_events(tmp_path: Path) -> None:

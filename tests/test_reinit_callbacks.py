@@ -429,7 +429,8 @@ def test_unit_recycler_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -
     assert saved["global_step"] == 8
     (key,) = [k for k in saved["callbacks"] if k.startswith("UnitRecycler")]
     state = saved["callbacks"][key]
-    assert [(e["step"], e["layer"]) for e in state["events"]] == [(2, "net.0"), (2, "net.2")]
+    events = saved["callbacks"]["RunRecord"]["events"]  # the run record holds the events
+    assert [(e["step"], e["layers"]) for e in events] == [(2, ["net.0"]), (2, ["net.2"])]
     first_window = [_window_dead(straight, range(0, 2), relu).sum() for relu in ("net.1", "net.3")]
     assert state["recycled_total"] == int(sum(first_window))
     fresh = UnitRecycler(every_n_steps=4, window=2, tau=0.0, seed=SEED)
@@ -588,7 +589,7 @@ def test_layer_reinit_on_a_schedule_without_a_monitor() -> None:
     ]
     assert reinit.reinit_counts == {}  # max_reinits_per_layer limits the vanishing rule only
     state = reinit.state_dict()
-    assert state == {"events": reinit.events, "reinit_counts": {}}
+    assert state == {"reinit_counts": {}, "scheduled_at": 2}
 
 
 def test_layer_reinit_needs_a_monitor_or_a_schedule_and_real_layers() -> None:

@@ -33,7 +33,8 @@ from lightning_gradguard.functional.norms import (
 )
 from lightning_gradguard.functional.policies import ClipPolicy, make_policy
 from lightning_gradguard.functional.spikes import SpikeWindow
-from lightning_gradguard.logging import log_to_loggers, record_event, to_host
+from lightning_gradguard.logging import log_to_loggers, to_host
+from lightning_gradguard.record import run_record
 
 SCOPES = ("global", "layer")
 _ABSENT = object()  # an optimizer without an instance-level ``step`` (the class's runs)
@@ -218,6 +219,7 @@ class AdaptiveGradClip(Callback):
             self._loaded = {}
             self._own_skips = 0
         self._trainer = trainer
+        run_record(trainer)  # in place before a checkpoint is restored
         strategy = type(trainer.strategy).__name__
         if "DeepSpeed" in strategy:
             raise RuntimeError(
@@ -347,16 +349,31 @@ class AdaptiveGradClip(Callback):
             reason = f"non-finite gradients (inf/NaN) in: {', '.join(layers[:5])}"
         else:
             reason = f"a gradient-norm spike above {self.spike_sigma:g} sigma of the recent norms"
-        self._stop_if_too_many(state, reason)
+        record = run_record(self._trainer) if self._trainer is not None else None
+        step = int(self._trainer.global_step) if self._trainer is not None else 0
+        if record is not None:
+            record.add(
+                "skip",
+                step,
+                layers=layers,
+                values={"nonfinite": float(nonfinite), "consecutive": state.consecutive_skips},
+                detail=f"skipped optimizer step ({reason})",
+            )
+        self._stop_if_too_many(state, reason, layers)
         rank_zero_warn(f"AdaptiveGradClip: skipped optimizer step ({reason}).")
-        if self._trainer is not None:
-            kind = "nonfinite" if nonfinite else "spike"
-            where = ", ".join(layers[:5])
-            record_event(self._trainer, kind, where, f"skipped optimizer step ({reason})")
         return True
 
-    def _stop_if_too_many(self, state: _ClipState, reason: str) -> None:
+    def _stop_if_too_many(self, state: _ClipState, reason: str, layers: list[str]) -> None:
         if state.consecutive_skips >= self.max_consecutive_skips:
+            record = run_record(self._trainer) if self._trainer is not None else None
+            if record is not None:  # in the record before the error: the report writes it
+                record.add(
+                    "stop",
+                    int(self._trainer.global_step),
+                    layers=layers,
+                    values={"consecutive_skips": state.consecutive_skips},
+                    detail=f"stopped after {state.consecutive_skips} skipped steps in a row",
+                )
             raise RuntimeError(
                 f"AdaptiveGradClip skipped {state.consecutive_skips} optimizer steps in a row "
                 f"({reason}); training is stopped rather than looping on a broken state. Lower the "
@@ -384,6 +401,7 @@ class AdaptiveGradClip(Callback):
             # Every optimizer of every fit starts from the configured policy, never from
             # another optimizer's or an earlier fit's statistics.
             policy = copy.deepcopy(self.policy)
+            policy.bind(pl_module)  # AGC reads each weight's output units from the unit map
             spikes = (
                 SpikeWindow(self.spike_window, self.spike_min_samples, self.spike_sigma)
                 if self.skip_spikes
@@ -488,7 +506,7 @@ class AdaptiveGradClip(Callback):
                 # The GradScaler skips this step without calling optimizer.step (so without
                 # our wrapper): count it here, toward max_consecutive_skips as well.
                 state.consecutive_skips += 1
-                self._stop_if_too_many(state, "the fp16 GradScaler found inf/NaN gradients")
+                self._stop_if_too_many(state, "the fp16 GradScaler found inf/NaN gradients", [])
             if not flags[0]:
                 decision.apply_(flags[2:])
         else:
@@ -502,7 +520,7 @@ class AdaptiveGradClip(Callback):
             # On every rank: without norms from the policy this is a collective under FSDP2.
             clipped = self._clipped_norm(state, norm, coef, prepared)
             if trainer.is_global_zero:
-                self._log(trainer, state, index, threshold, coef, clipped)
+                self._log(trainer, state, index, threshold, coef, clipped, total)
 
     @staticmethod
     def _agree_on_step(
@@ -546,6 +564,7 @@ class AdaptiveGradClip(Callback):
         threshold: Tensor,
         coef: Tensor,
         clipped: Tensor,
+        total: Tensor,
     ) -> None:
         suffix = "" if index == 0 else f"_opt{index}"
         values: dict[str, Tensor] = {
@@ -553,6 +572,7 @@ class AdaptiveGradClip(Callback):
             "coef": coef.min() if coef.dim() else coef,
             "active": (coef < 1).double().mean() if coef.dim() else (coef < 1).double(),
             "clipped": clipped,
+            "raw": total,
         }
         if state.scaler_skips is not None:
             values["scaler_skips"] = state.scaler_skips
@@ -569,4 +589,9 @@ class AdaptiveGradClip(Callback):
             metrics[f"clip/coef{suffix}"] = host["coef"]
             metrics[f"clip/active{suffix}"] = host["active"]
         metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
-        log_to_loggers(trainer, metrics, step=int(trainer.global_step))
+        step = int(trainer.global_step)
+        series = {name: host[name] for name in ("threshold", "raw", "clipped")}
+        if self.policy.uses_norms:
+            series.update(coef=host["coef"], active=host["active"])
+        run_record(trainer).history.add(f"clip{suffix}", step, series)
+        log_to_loggers(trainer, metrics, step=step)

@@ -23,7 +23,8 @@ from lightning_gradguard.functional.activity import (
 )
 from lightning_gradguard.functional.norms import clean_parameter_name
 from lightning_gradguard.functional.surgery import swap_activations
-from lightning_gradguard.logging import log_to_loggers, record_event
+from lightning_gradguard.logging import log_to_loggers
+from lightning_gradguard.record import RunRecord, run_record
 
 RESCUE_MODES = ("never", "start", "threshold")
 
@@ -61,7 +62,8 @@ class DeadUnitMonitor(Callback):
     Swapped layer names are part of the callback's state and re-applied on resume
     before the first step: LeakyReLU has no parameters, so the model's own
     ``state_dict`` cannot remember the swap. A ``torch.compile``-d model recompiles
-    after a swap (once).
+    after a swap (once). Swaps and dying layers are events of the run record
+    (:func:`~lightning_gradguard.record.run_record`); ``events`` lists the swaps.
 
     Args:
         every_n_steps: start a measuring window every this many optimizer steps.
@@ -127,7 +129,7 @@ class DeadUnitMonitor(Callback):
         self._types = _activation_types(self.activations)
         self.layout = layout
         self.swapped: list[str] = []
-        self.events: list[dict[str, Any]] = []
+        self._record: RunRecord | None = None
         self.last_stats: dict[str, dict[str, float]] = {}
         self._tracker: ActivityTracker | None = None
         self._windows = MeasuringWindows(every_n_steps, window)
@@ -138,18 +140,23 @@ class DeadUnitMonitor(Callback):
         return self._generate_state_key(rescue=self.rescue, activations=self.activations)
 
     def state_dict(self) -> dict[str, Any]:
-        """Swapped layers and events: Python primitives only."""
+        """Swapped layers and the measuring window: Python primitives only."""
         return {
             "swapped": list(self.swapped),
-            "events": [dict(e) for e in self.events],
             "window_started_at": self._windows.started_at,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore; the swaps are re-applied to the model before the first step."""
         self.swapped = list(state_dict.get("swapped", []))
-        self.events = [dict(e) for e in state_dict.get("events", [])]
         self._windows.started_at = int(state_dict.get("window_started_at", -1))
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """The swaps of the current run (step, kind, layer, detail), from the run record."""
+        if self._record is None:
+            return []
+        return [event.row() for event in self._record.events_of("swap")]
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -158,11 +165,14 @@ class DeadUnitMonitor(Callback):
             # A second fit with the same callback starts afresh: the first run's swaps are
             # not re-applied to another model. A resumed fit gets them from
             # load_state_dict, which Lightning calls after setup.
-            self.swapped, self.events, self.last_stats = [], [], {}
+            self.swapped, self.last_stats = [], {}
             self._reported_dying = set()
             self._windows = MeasuringWindows(self.every_n_steps, self.window)
+        self._record = run_record(trainer)  # in place before a checkpoint is restored
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._record = run_record(trainer)
+        self._record.thresholds["dead_units"] = self.dead_threshold
         wrapped = "DDP" in type(trainer.strategy).__name__
         pending = [
             name for name in self.swapped if isinstance(pl_module.get_submodule(name), nn.ReLU)
@@ -227,16 +237,28 @@ class DeadUnitMonitor(Callback):
             for name, s in stats.items()
         }
         metrics: dict[str, float] = {}
+        step = int(trainer.global_step)
+        record = run_record(trainer)
+        dead: dict[str, float] = {}
+        dormant: dict[str, float] = {}
         for name, values in self.last_stats.items():
             layer = clean_parameter_name(name + ".x")[:-2]
-            metrics[f"dead_units/{layer}"] = values["dead"]
-            metrics[f"dormant_units/{layer}"] = values["dormant"]
+            metrics[f"dead_units/{layer}"] = dead[layer] = values["dead"]
+            metrics[f"dormant_units/{layer}"] = dormant[layer] = values["dormant"]
+        record.history.add("dead_units", step, dead)
+        record.history.add("dormant_units", step, dormant)
         if trainer.is_global_zero:
-            log_to_loggers(trainer, metrics, step=int(trainer.global_step))
+            log_to_loggers(trainer, metrics, step=step)
         for name, values in self.last_stats.items():
             if values["dead"] > self.dead_threshold and name not in self._reported_dying:
                 self._reported_dying.add(name)
-                record_event(trainer, "dying", name, f"{values['dead']:.0%} of units dead")
+                record.add(
+                    "dying",
+                    step,
+                    layers=[name],
+                    values={"dead": values["dead"]},
+                    detail=f"{values['dead']:.0%} of units dead",
+                )
         if self.rescue == "threshold":
             dying = [
                 name
@@ -258,6 +280,7 @@ class DeadUnitMonitor(Callback):
 
     def _record_swaps(self, trainer: Any, names: list[str], reason: str) -> None:
         step = int(trainer.global_step)
+        record = run_record(trainer)
         for name in names:
             if name not in self.swapped:
                 self.swapped.append(name)
@@ -265,8 +288,8 @@ class DeadUnitMonitor(Callback):
             detail = f"ReLU -> LeakyReLU({self.negative_slope:g}), {reason}"
             if dead is not None:
                 detail += f", {dead:.0%} dead"
-            self.events.append({"step": step, "kind": "swap", "layer": name, "detail": detail})
-            record_event(trainer, "swap", name, detail, step=step)
+            values = {} if dead is None else {"dead": dead}
+            record.add("swap", step, layers=[name], values=values, detail=detail)
         rank_zero_warn(
             f"DeadUnitMonitor: swapped ReLU for LeakyReLU({self.negative_slope:g}) in "
             f"{', '.join(names)} at step {step} ({reason})."

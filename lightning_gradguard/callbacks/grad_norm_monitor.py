@@ -33,7 +33,8 @@ from lightning_gradguard.functional.norms import (
     parse_norm_type,
     validate_group_by,
 )
-from lightning_gradguard.logging import log_to_loggers, record_event, to_host
+from lightning_gradguard.logging import log_to_loggers, to_host
+from lightning_gradguard.record import run_record
 
 REMEDIES_VANISHING = (
     "Classic remedies: He (Kaiming) initialization for ReLU layers or Glorot (Xavier) for "
@@ -290,6 +291,7 @@ class GradNormMonitor(Callback):
     # ------------------------------------------------------------------ lifecycle
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        run_record(trainer)  # in place before a checkpoint is restored
         if self.log_every_n_steps is None:
             self._interval = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
         else:
@@ -299,6 +301,7 @@ class GradNormMonitor(Callback):
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._views = {}
+        run_record(trainer).thresholds["grad_norm"] = self.vanishing_threshold
         self._clipping_configured = self._detect_clipping(trainer, pl_module)
         self._remove_hooks()
         for index, optimizer in enumerate(trainer.optimizers):
@@ -375,6 +378,35 @@ class GradNormMonitor(Callback):
             self._views[index] = view
             self._restore(index, view)
         return index, view
+
+    def vanishing_layers(self) -> list[str]:
+        """Layers whose gradients vanished (for ``patience`` steps in a row), every optimizer.
+
+        It reads the detection flags from the device: one host read, so call it on
+        a few steps, not every step. Empty with ``detect=False``.
+        """
+        names: list[str] = []
+        for view in self._views.values():
+            flags = view.health.vanishing.tolist()
+            names += [n for n, flag in zip(view.grouping.names, flags) if flag and n not in names]
+        return names
+
+    @torch.no_grad()
+    def restart_vanishing(self, layers: Sequence[str]) -> None:
+        """Forget the vanishing streak of ``layers`` (after a remedy such as a re-init).
+
+        Example:
+            >>> monitor = GradNormMonitor()
+            >>> monitor.restart_vanishing(["net.0"])  # no layer seen yet: nothing to do
+            >>> monitor.vanishing_layers()
+            []
+        """
+        for view in self._views.values():
+            for name in layers:
+                if name in view.grouping.names:
+                    g = view.grouping.names.index(name)
+                    view.health.vanishing[g] = False
+                    view.health.vanish_streak[g] = 0
 
     def norms_for(self, optimizer: Any) -> tuple[NormGrouping, GroupedNorms] | None:
         """The grouping and norms computed for ``optimizer`` at the current step.
@@ -472,6 +504,10 @@ class GradNormMonitor(Callback):
         if self.detect:
             metrics[f"grad_norm/nonfinite_steps{view.suffix}"] = host["health/nonfinite_steps"][0]
             self._warn(trainer, view, host)
+        # Every layer goes to the history (the pictures), also the ones left out of the logs.
+        run_record(trainer).history.add(
+            "grad_norm", view.step_for_log, dict(zip(names, host["grad_norm/<layers>"]))
+        )
         log_to_loggers(trainer, metrics, step=view.step_for_log)
 
     # Norms are accumulated in float32 for speed; below TINY_NORM (vanishing gradients)
@@ -533,8 +569,13 @@ class GradNormMonitor(Callback):
                 f"(L{self.norm_type:g} norm below {self.vanishing_threshold:g} for {self.patience} "
                 f"consecutive steps). {REMEDIES_VANISHING}"
             )
-            for layer in vanishing:
-                record_event(trainer, "vanishing", layer, f"norm < {self.vanishing_threshold:g}")
+            run_record(trainer).add(
+                "vanishing",
+                view.step_for_log,
+                layers=vanishing,
+                values={"threshold": self.vanishing_threshold},
+                detail=f"norm < {self.vanishing_threshold:g}",
+            )
         explosions = int(host["health/explosions"][0])
         if explosions > view.warned_explosions:
             view.warned_explosions = explosions
@@ -545,8 +586,11 @@ class GradNormMonitor(Callback):
                 f"{REMEDIES_EXPLODING}"
             )
             level = host["health/level"][0]
-            record_event(
-                trainer, "exploding", "total", f"norm > {self.explosion_factor:g}x {level:.3g}"
+            run_record(trainer).add(
+                "exploding",
+                view.step_for_log,
+                values={"level": level, "norm": host[f"grad_norm/total{view.suffix}"][0]},
+                detail=f"norm > {self.explosion_factor:g}x {level:.3g}",
             )
         nonfinite = int(host["health/nonfinite_steps"][0])
         if nonfinite and not view.warned_nonfinite:
@@ -557,4 +601,10 @@ class GradNormMonitor(Callback):
                 f"GradNormMonitor: non-finite gradients (inf/NaN) in {nonfinite} step(s); at the "
                 f"first one they appeared in: {shown}. {REMEDIES_EXPLODING}"
             )
-            record_event(trainer, "nonfinite", shown, f"{nonfinite} step(s) with inf/NaN gradients")
+            run_record(trainer).add(
+                "nonfinite",
+                view.step_for_log,
+                layers=first,
+                values={"steps": nonfinite},
+                detail=f"{nonfinite} step(s) with inf/NaN gradients",
+            )

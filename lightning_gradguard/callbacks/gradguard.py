@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import difflib
-import functools
 from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
 
-from lightning_gradguard._compat import Callback
+from lightning_gradguard._compat import Callback, rank_zero_warn
 from lightning_gradguard.callbacks.adaptive_grad_clip import AdaptiveGradClip
 from lightning_gradguard.callbacks.dead_unit_monitor import RESCUE_MODES, DeadUnitMonitor
 from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
@@ -98,7 +97,15 @@ class GradGuard(Callback):
     arguments (``monitor_args``, ``clip_args``, ``dead_unit_args``,
     ``report_args``); the parts are available as attributes (``norm_monitor``,
     ``clipper``, ``unit_monitor``, ``health_report``; ``None`` when off) and, in
-    order, in ``gradguard_parts``. Their states are saved in the bundle's checkpoint entry.
+    order, in ``gradguard_parts``.
+
+    The parts talk to each other through the run record
+    (:func:`~lightning_gradguard.record.run_record`), which is checkpointed beside
+    the bundle. The bundle's checkpoint entry (key ``"GradGuard"``) holds each
+    part's state under that part's own ``state_key``: resuming with other settings
+    for one part (another ``clip``) restores every other part (the dead-unit swaps,
+    the monitor's detection state) and starts that part afresh, with a warning that
+    names it.
 
     Args:
         monitor: log per-layer norms and detect vanishing/exploding gradients.
@@ -233,20 +240,71 @@ class GradGuard(Callback):
         names = ", ".join(type(part).__name__ for part in self.gradguard_parts)
         return f"GradGuard({names})"
 
-    @functools.cached_property  # Lightning reads it at every hook call: compute it once
+    @property
     def state_key(self) -> str:
-        return self._generate_state_key(parts=[p.state_key for p in self.gradguard_parts])
+        """``"GradGuard"``: the settings are in each part's own key, inside the entry."""
+        return "GradGuard"
 
     def state_dict(self) -> dict[str, Any]:
-        """The parts' states, by class name (tensors and Python primitives only)."""
-        return {type(part).__name__: part.state_dict() for part in self.gradguard_parts}
+        """Each part's state under the part's ``state_key`` (tensors and Python primitives)."""
+        return {part.state_key: part.state_dict() for part in self.gradguard_parts}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Give each part its saved state; parts absent from the checkpoint start fresh."""
+        """Give each part the state saved under its own key.
+
+        A part whose settings changed (its key differs) starts afresh with a warning
+        that names it; the other parts are restored.
+        """
+        saved = dict(state_dict)
         for part in self.gradguard_parts:
-            saved = state_dict.get(type(part).__name__)
-            if saved is not None:
-                part.load_state_dict(saved)
+            state = saved.pop(part.state_key, None)
+            if state is not None:
+                part.load_state_dict(state)
+                continue
+            name = type(part).__name__
+            other = [key for key in saved if key.partition("{")[0] == name]
+            for key in other:
+                del saved[key]
+            if other:
+                rank_zero_warn(
+                    f"GradGuard: the checkpoint's {name} state was saved with other settings "
+                    f"({other[0]}; now {part.state_key}), so {name} starts afresh. The other "
+                    "parts are restored."
+                )
+        if saved:
+            rank_zero_warn(
+                f"GradGuard: the checkpoint holds state of parts this GradGuard does not have "
+                f"({', '.join(sorted(saved))}); it is not restored."
+            )
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Also read a checkpoint of earlier versions: one entry for all parts, by class name.
+
+        Its key named every part's settings; a part whose settings match is restored,
+        another starts afresh with a warning that names it.
+        """
+        callbacks = checkpoint.get("callbacks") or {}
+        if self.state_key not in callbacks:
+            for key, state in callbacks.items():
+                if isinstance(key, str) and key.startswith("GradGuard{"):
+                    self._load_legacy(key, state)
+                    break
+        for method in self._hooked["on_load_checkpoint"]:
+            method(trainer, pl_module, checkpoint)
+
+    def _load_legacy(self, key: str, state: dict[str, Any]) -> None:
+        for part in self.gradguard_parts:
+            name = type(part).__name__
+            if name not in state:
+                continue
+            if repr(part.state_key) in key:
+                part.load_state_dict(state[name])
+            else:
+                rank_zero_warn(
+                    f"GradGuard: the checkpoint (an earlier version's layout) holds {name} "
+                    f"state saved with other settings than {part.state_key}, so {name} starts "
+                    "afresh. The other parts are restored."
+                )
 
 
 def _forward(name: str) -> Callable[..., None]:
@@ -260,4 +318,5 @@ def _forward(name: str) -> Callable[..., None]:
 
 
 for _name in _HOOKS:
-    setattr(GradGuard, _name, _forward(_name))
+    if _name not in vars(GradGuard):  # hooks the bundle defines itself forward explicitly
+        setattr(GradGuard, _name, _forward(_name))

@@ -8,9 +8,12 @@ Example:
 
 from __future__ import annotations
 
+import csv
 import inspect
+import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +22,10 @@ from torch import Tensor
 
 from lightning_gradguard._compat import Callback, rank_zero_warn
 from lightning_gradguard.callbacks._parts import flat_callbacks
+from lightning_gradguard.callbacks.adaptive_grad_clip import AdaptiveGradClip
 from lightning_gradguard.functional.norms import NormGrouping, local_tensors
-from lightning_gradguard.logging import (
-    EVENT_COLUMNS,
-    event_log,
-    metric_history,
-    tensorboard_writers,
-    to_host,
-    wandb_runs,
-)
+from lightning_gradguard.logging import tensorboard_writers, to_host, wandb_runs
+from lightning_gradguard.record import EVENT_COLUMNS, Event, RunRecord, run_record
 
 METRIC_PREFIXES = (
     "grad_norm",
@@ -42,14 +40,46 @@ METRIC_PREFIXES = (
 )
 """Key prefixes that get their own W&B sections against ``trainer/global_step``."""
 
-_NOT_LAYERS = {
-    "total",
-    "total_clipped",
-    "nonfinite_steps",
-    "layers_min",
-    "layers_median",
-    "layers_max",
+ALERT_LEVELS = {
+    "nonfinite": "ERROR",
+    "stop": "ERROR",
+    "exploding": "WARN",
+    "dying": "WARN",
+    "rollback": "WARN",
 }
+"""Event kinds that raise a W&B alert, with the alert level (a skipped step with
+non-finite gradients raises an ``ERROR`` alert too)."""
+
+
+class AlertLimiter:
+    """At most ``max_per_hour`` alerts per kind in any hour (a bad hour sends a few, not thousands).
+
+    Example:
+        >>> limiter = AlertLimiter(max_per_hour=2)
+        >>> [limiter.allowed("nonfinite", t) for t in (0.0, 1.0, 2.0, 3601.0)]
+        [True, True, False, True]
+    """
+
+    def __init__(self, max_per_hour: int = 5) -> None:
+        self.max_per_hour = max_per_hour
+        self._times: dict[str, list[float]] = {}
+
+    def allowed(self, kind: str, now: float) -> bool:
+        """Whether one more alert of ``kind`` fits in the hourly budget (and count it)."""
+        recent = [t for t in self._times.get(kind, []) if now - t < 3600.0]
+        if len(recent) >= self.max_per_hour:
+            self._times[kind] = recent
+            return False
+        self._times[kind] = [*recent, now]
+        return True
+
+
+def _alert(event: Event) -> tuple[str, str] | None:
+    """The alert's kind (its title and rate-limit bucket) and level for ``event``, if any."""
+    if event.kind == "skip":  # a step skipped for non-finite gradients is a non-finite alert
+        return ("nonfinite", "ERROR") if event.values.get("nonfinite") else None
+    level = ALERT_LEVELS.get(event.kind)
+    return None if level is None else (event.kind, level)
 
 
 def finite_histogram(values: Tensor, bins: int) -> Tensor:
@@ -106,9 +136,11 @@ def _public_config(callback: Any) -> dict[str, Any]:
 class HealthReport(Callback):
     """Pictures, gradient histograms, the events table and a run summary.
 
-    It draws from what the other lightning_gradguard callbacks logged (their
-    metric history) and did (their events), so it adds no pass over the
-    gradients, except for the opt-in histograms.
+    It draws from the run record (:func:`~lightning_gradguard.record.run_record`),
+    where the other lightning_gradguard callbacks write what they measured (the
+    metric history) and did (the events), so it adds no pass over the gradients,
+    except for the opt-in histograms. The record is part of the checkpoint: after
+    a resume, pictures, events and summary cover the whole run.
 
     - Pictures every ``picture_every_n_steps`` steps and at the end of fit: a
       gradient-flow heatmap (layers × steps, log-scale norm, vanishing cells
@@ -128,9 +160,16 @@ class HealthReport(Callback):
     - With a ``WandbLogger``: the callbacks' settings in the run config, metric
       sections (``define_metric``) against ``trainer/global_step``, and totals in
       the run summary (skipped steps, swapped layers, recycled units, worst layers).
+    - Files in ``out_dir`` for any logger: the pictures, ``events.csv`` (the
+      events table) and ``summary.json`` (the run summary).
+
+    At the end of fit, and also when fit stops on an exception (``on_exception``,
+    including the clipper's limit of skipped steps in a row), the pictures, the
+    events table and the summary so far are written before the error propagates;
+    the summary then says what stopped the run (``gradguard/stopped_by``).
 
     Everything goes through the Trainer's loggers on rank zero; with no logger the
-    PNG files are still written.
+    files are still written.
 
     Args:
         picture_every_n_steps: draw and log the pictures every this many steps
@@ -138,8 +177,8 @@ class HealthReport(Callback):
         histogram_every_n_steps: log gradient histograms every this many steps
             (``None``, the default: never).
         histogram_bins: bins per histogram.
-        out_dir: folder of the PNG files (default: the first logger's folder +
-            ``/gradguard``, else ``./gradguard``).
+        out_dir: folder of the files (default: ``gradguard`` in the first logger's
+            folder, else in ``trainer.default_root_dir``).
         alerts: send W&B alerts.
         max_alerts_per_hour: the rate limit per alert kind.
     """
@@ -188,17 +227,23 @@ class HealthReport(Callback):
         self.alerts = alerts
         self.max_alerts_per_hour = max_alerts_per_hour
         self.pictures: dict[str, Path] = {}
+        self.files: dict[str, Path] = {}
         self._grouping: NormGrouping | None = None
         self._last_picture_step = -1
+        self._limiter = AlertLimiter(max_alerts_per_hour if alerts else 0)
+        self._alerted_up_to = 0  # the record's sequence number of the last event seen
         self._warned_no_matplotlib = False
         self._warned_write = False
 
     # ------------------------------------------------------------------ set-up
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        event_log(trainer).max_alerts_per_hour = self.max_alerts_per_hour if self.alerts else 0
+        run_record(trainer)  # in place before a checkpoint is restored
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._limiter = AlertLimiter(self.max_alerts_per_hour if self.alerts else 0)
+        # Events restored from a checkpoint were alerted in the run that recorded them.
+        _, self._alerted_up_to = run_record(trainer).events_since(0)
         runs = wandb_runs(trainer)
         if not runs:
             return
@@ -206,6 +251,7 @@ class HealthReport(Callback):
             f"gradguard/{type(cb).__name__}": _public_config(cb)
             for cb in flat_callbacks(trainer)
             if type(cb).__module__.startswith("lightning_gradguard")
+            and not isinstance(cb, RunRecord)  # the record has no guarding settings
         }
         for run in runs:
             run.config.update(config, allow_val_change=True)
@@ -220,7 +266,33 @@ class HealthReport(Callback):
             root = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
             if root:
                 return Path(root) / "gradguard"
-        return Path(os.getcwd()) / "gradguard"
+        return Path(trainer.default_root_dir) / "gradguard"
+
+    # ------------------------------------------------------------------ alerts
+
+    def _send_alerts(self, trainer: Any) -> None:
+        """A W&B alert for each new event of an alert kind, within the hourly budget."""
+        record = run_record(trainer)
+        events, self._alerted_up_to = record.events_since(self._alerted_up_to)
+        if not events or not trainer.is_global_zero:
+            return
+        runs = wandb_runs(trainer)
+        if not runs:
+            return
+        import wandb
+
+        for event in events:
+            alert = _alert(event)
+            if alert is None or not self._limiter.allowed(alert[0], time.monotonic()):
+                continue
+            kind, level = alert
+            row = event.row()
+            for run in runs:
+                run.alert(
+                    title=f"gradguard: {kind}",
+                    text=f"step {event.step}: {row['layer']} {event.detail}".strip(),
+                    level=getattr(wandb.AlertLevel, level),  # type: ignore[attr-defined]
+                )
 
     # ------------------------------------------------------------------ histograms
 
@@ -290,6 +362,7 @@ class HealthReport(Callback):
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._send_alerts(trainer)
         every = self.picture_every_n_steps
         step = int(trainer.global_step)
         if every is None or step == 0 or step % every or step == self._last_picture_step:
@@ -299,6 +372,7 @@ class HealthReport(Callback):
             self._draw_and_log(trainer, step)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._send_alerts(trainer)
         if not trainer.is_global_zero:
             return
         step = int(trainer.global_step)
@@ -306,31 +380,44 @@ class HealthReport(Callback):
         # their last metrics at the end of fit. Logged only once per step.
         self._draw_and_log(trainer, step, log=step != self._last_picture_step)
         self._log_events(trainer, step)
-        self._log_summary(trainer)
+        summary = self._log_summary(trainer)
+        self._write_files(trainer, summary)
 
-    def _series(self, trainer: Any, prefix: str) -> tuple[list[int], list[str], Any]:
-        """Steps, layer names and values of ``<prefix>/<layer>`` keys from the history.
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """Write the pictures, the events table and the summary so far; the error then goes on.
 
-        The values are a ``numpy.ma`` masked array: a layer not logged at a step (a
-        large model logs only its extreme layers) is masked, drawn as "not logged";
-        NaN stays for values that really were non-finite.
+        Nothing here may replace the error that stopped the run: a failure is a warning.
+        """
+        try:
+            self._send_alerts(trainer)
+            if not trainer.is_global_zero:
+                return
+            step = int(trainer.global_step)
+            self._draw_and_log(trainer, step)
+            self._log_events(trainer, step)
+            stopped_by = f"{type(exception).__name__}: {exception}"
+            summary = self._log_summary(trainer, stopped_by=stopped_by[:500])
+            self._write_files(trainer, summary)
+        except Exception as error:  # the run's own error matters more than the report
+            rank_zero_warn(
+                f"HealthReport could not write the report of the failed run to "
+                f"{self._folder(trainer)}: {type(error).__name__}: {error}"
+            )
+
+    def _series(self, trainer: Any, name: str) -> tuple[list[int], list[str], Any]:
+        """Steps, column names and values of one series of the run record's history.
+
+        The values are a ``numpy.ma`` masked array: a value not logged at a step is
+        masked, drawn as "not logged"; NaN stays for values that really were
+        non-finite.
         """
         import numpy as np
 
-        rows: dict[int, dict[str, float]] = {}
-        layers: list[str] = []
-        for step, metrics in metric_history(trainer):
-            for key, value in metrics.items():
-                head, _, layer = key.partition("/")
-                if head != prefix or not layer or layer in _NOT_LAYERS or layer.startswith("total"):
-                    continue
-                if layer not in layers:
-                    layers.append(layer)
-                rows.setdefault(step, {})[layer] = value
-        steps = sorted(rows)
-        values = np.array([[rows[s].get(layer, math.nan) for layer in layers] for s in steps])
-        missing = np.array([[layer not in rows[s] for layer in layers] for s in steps], dtype=bool)
-        return steps, layers, np.ma.masked_array(values, mask=missing.reshape(values.shape))
+        series = run_record(trainer).history.get(name)
+        if series is None:
+            return [], [], np.ma.masked_array(np.zeros((0, 0)))
+        values = series.values.numpy()
+        return series.steps, series.names, np.ma.masked_array(values, mask=~series.logged.numpy())
 
     def _draw_and_log(self, trainer: Any, step: int, log: bool = True) -> None:
         plots = _plots_or_none()
@@ -343,18 +430,12 @@ class HealthReport(Callback):
                     "pip install 'lightning_gradguard[plots]' to get them."
                 )
             return
+        record = run_record(trainer)
         folder = self._folder(trainer)
         drawn: dict[str, Path] = {}
         steps, layers, norms = self._series(trainer, "grad_norm")
         if steps and layers:
-            threshold = next(
-                (
-                    getattr(cb, "vanishing_threshold", None)
-                    for cb in flat_callbacks(trainer)
-                    if hasattr(cb, "vanishing_threshold")
-                ),
-                1e-7,
-            )
+            threshold = record.thresholds.get("grad_norm", 1e-7)
             figure = plots.gradient_flow_heatmap(
                 steps, layers, norms, vanishing_threshold=threshold
             )
@@ -362,29 +443,27 @@ class HealthReport(Callback):
         steps, layers, fractions = self._series(trainer, "dead_units")
         if steps and layers:
             events = [
-                (e["step"], e["layer"])
-                for e in event_log(trainer).events
-                if e["kind"] in ("swap", "recycle")
+                (event.step, layer)
+                for event in record.events_of("swap", "recycle")
+                for layer in event.layers
             ]
-            threshold = next(
-                (
-                    getattr(cb, "dead_threshold", None)
-                    for cb in flat_callbacks(trainer)
-                    if hasattr(cb, "dead_threshold")
-                ),
-                None,
-            )
             figure = plots.dead_units_chart(
-                steps, layers, fractions, threshold=threshold, events=events
+                steps,
+                layers,
+                fractions,
+                threshold=record.thresholds.get("dead_units"),
+                events=events,
             )
             self._save(plots, figure, folder / "dead_units.png", drawn, "dead_units")
-        clip_steps, raw, threshold_values, clipped = self._clip_series(trainer)
-        if clip_steps:
-            skipped = [
-                e["step"] for e in event_log(trainer).events if e["detail"].startswith("skipped")
-            ]
+        clip = record.history.get("clip")
+        if clip is not None:
+            skipped = [event.step for event in record.events_of("skip")]
             figure = plots.clip_chart(
-                clip_steps, raw, threshold_values, clipped, skipped_steps=skipped
+                clip.steps,
+                clip.column("raw"),
+                clip.column("threshold"),
+                clip.column("clipped"),
+                skipped_steps=skipped,
             )
             self._save(plots, figure, folder / "clipping.png", drawn, "clipping")
         self.pictures.update(drawn)
@@ -403,20 +482,6 @@ class HealthReport(Callback):
                     f"({type(error).__name__}: {error}); training goes on without them. "
                     "Set HealthReport(out_dir=...) to a writable folder."
                 )
-
-    def _clip_series(self, trainer: Any) -> tuple[list[int], list[float], list[float], list[float]]:
-        rows: dict[int, dict[str, float]] = {}
-        for step, metrics in metric_history(trainer):
-            for key in ("grad_norm/total", "clip/threshold", "grad_norm/total_clipped"):
-                if key in metrics:
-                    rows.setdefault(step, {})[key] = metrics[key]
-        steps = sorted(
-            s for s, r in rows.items() if "clip/threshold" in r and "grad_norm/total" in r
-        )
-        raw = [rows[s]["grad_norm/total"] for s in steps]
-        threshold = [rows[s]["clip/threshold"] for s in steps]
-        clipped = [rows[s].get("grad_norm/total_clipped", math.nan) for s in steps]
-        return steps, raw, threshold, clipped
 
     def _log_images(self, trainer: Any, drawn: dict[str, Path], step: int) -> None:
         if not drawn:
@@ -441,7 +506,7 @@ class HealthReport(Callback):
     # ------------------------------------------------------------------ end of fit
 
     def _log_events(self, trainer: Any, step: int) -> None:
-        events = event_log(trainer).events
+        events = [event.row() for event in run_record(trainer).events]
         for run in wandb_runs(trainer):
             import wandb
 
@@ -457,22 +522,26 @@ class HealthReport(Callback):
             writer.add_text("gradguard/events", "\n".join(lines), step)
 
     def summary(self, trainer: Any) -> dict[str, Any]:
-        """Totals of the run: skipped steps, swapped layers, recycled units, worst layers."""
-        events = event_log(trainer).events
+        """Totals of the whole run (resumed parts included), from the run record.
+
+        Skipped steps, swapped / re-initialized layers, recycled units, exact event
+        counts per kind, and the weakest and strongest layers at the last logged step.
+        """
+        record = run_record(trainer)
+        clippers = [cb for cb in flat_callbacks(trainer) if isinstance(cb, AdaptiveGradClip)]
         totals: dict[str, Any] = {
-            "gradguard/events": len(events),
-            "gradguard/skipped_steps": sum(1 for e in events if e["detail"].startswith("skipped")),
-            "gradguard/swapped_layers": sorted({e["layer"] for e in events if e["kind"] == "swap"}),
-            "gradguard/reinitialized_layers": sorted(
-                {e["layer"] for e in events if e["kind"] == "reinit"}
+            "gradguard/events": sum(record.counts.values()),
+            "gradguard/event_counts": record.counts,
+            # The clipper also counts the steps the fp16 GradScaler skipped (no events).
+            "gradguard/skipped_steps": (
+                sum(clipper.skipped_steps for clipper in clippers)
+                if clippers
+                else record.count("skip")
             ),
-            "gradguard/recycled_units": 0,
+            "gradguard/swapped_layers": sorted(record.layers("swap")),
+            "gradguard/reinitialized_layers": sorted(record.layers("reinit")),
+            "gradguard/recycled_units": int(record.total("recycle", "units")),
         }
-        for callback in flat_callbacks(trainer):
-            if hasattr(callback, "skipped_steps") and type(callback).__name__ == "AdaptiveGradClip":
-                totals["gradguard/skipped_steps"] = int(callback.skipped_steps)
-            if hasattr(callback, "recycled_total"):
-                totals["gradguard/recycled_units"] += int(callback.recycled_total)
         steps, layers, norms = self._series(trainer, "grad_norm")
         if steps and layers:
             last = norms[-1].filled(math.nan)
@@ -481,8 +550,32 @@ class HealthReport(Callback):
             totals["gradguard/strongest_layers"] = [n for _, n in ranked[-3:][::-1]]
         return totals
 
-    def _log_summary(self, trainer: Any) -> None:
+    def _log_summary(self, trainer: Any, stopped_by: str | None = None) -> dict[str, Any]:
         totals = self.summary(trainer)
+        if stopped_by is not None:
+            totals["gradguard/stopped_by"] = stopped_by
         for run in wandb_runs(trainer):
             for key, value in totals.items():
                 run.summary[key] = value
+        return totals
+
+    def _write_files(self, trainer: Any, summary: dict[str, Any]) -> None:
+        """``events.csv`` and ``summary.json`` in the output folder (a failure is a warning)."""
+        folder = self._folder(trainer)
+        events_path, summary_path = folder / "events.csv", folder / "summary.json"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with events_path.open("w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow([*EVENT_COLUMNS, "values"])
+                for event in run_record(trainer).events:
+                    row = event.row()
+                    writer.writerow([*(row[c] for c in EVENT_COLUMNS), json.dumps(event.values)])
+            summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        except OSError as error:
+            rank_zero_warn(
+                f"HealthReport could not write the events table and summary to {folder} "
+                f"(out_dir): {type(error).__name__}: {error}. Training goes on."
+            )
+            return
+        self.files.update(events=events_path, summary=summary_path)

@@ -25,19 +25,24 @@ from torch import Tensor, nn
 
 from lightning_gradguard._compat import Callback, rank_zero_warn
 from lightning_gradguard.callbacks._parts import flat_callbacks
+from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
 from lightning_gradguard.functional.activity import ActivityTracker, MeasuringWindows
 from lightning_gradguard.functional.init import (
+    FAN_KINDS,
     SCHEMES,
     WEIGHT_LAYERS,
     UnitPair,
+    _check_init_args,
     consumer_nonlinearities,
     infer_unit_pairs,
     init_,
-    init_weight_,
+    init_layer_,
     lsuv_,
     recycle_units_,
 )
-from lightning_gradguard.logging import log_to_loggers, record_event
+from lightning_gradguard.functional.units import map_layers
+from lightning_gradguard.logging import log_to_loggers
+from lightning_gradguard.record import RunRecord, run_record
 
 
 def _generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -58,6 +63,15 @@ def _refuse_sharded(pl_module: nn.Module, owner: str) -> None:
             "re-initialized rows and their optimizer state live on other ranks. Use DDP, or "
             "initialize before sharding (e.g. init_ in configure_model)."
         )
+
+
+def _weight_layer_names(pl_module: nn.Module) -> set[str]:
+    """Modules whose weight a fan-based scheme re-initializes (Linear, Conv, HF Conv1D)."""
+    return {
+        layer.name
+        for layer in map_layers(pl_module)
+        if layer.kind in FAN_KINDS and layer.spec.weight == "weight"
+    }
 
 
 def _check_scheme(scheme: str) -> None:
@@ -182,8 +196,14 @@ class InitAtStart(Callback):
             "tol": tol,
             "max_iters": max_iters,
         }
-        if scheme != "lsuv":  # validate now: init_ on an empty module checks the arguments
-            init_(nn.Module(), scheme, **self.init_kwargs)
+        if scheme != "lsuv":  # validate now (the patterns are checked against the model later)
+            _check_init_args(
+                scheme,
+                nonlinearity,
+                self.init_kwargs["residual_projections"],
+                n_layers,
+                std,
+            )
         self.report: Any = None
 
     @staticmethod
@@ -234,7 +254,8 @@ class UnitRecycler(Callback):
     never recycled: it is nobody's producer.
 
     Logged: ``recycled_units/<layer>`` (units recycled in that window, by
-    producer layer). Events (step, kind, layer, detail) are kept in ``events``.
+    producer layer). Every recycling is a ``recycle`` event of the run record
+    (values: ``units``); ``events`` lists them (step, kind, layer, detail).
 
     Args:
         every_n_steps: start a measuring window every this many optimizer steps.
@@ -278,8 +299,8 @@ class UnitRecycler(Callback):
         self.pairs = None if pairs is None else [list(p) for p in pairs]
         self.scheme = scheme
         self.seed = _check_seed(seed, "UnitRecycler")
-        self.events: list[dict[str, Any]] = []
         self.recycled_total = 0
+        self._record: RunRecord | None = None
         self._pairs: list[UnitPair] = []
         self._tracker: ActivityTracker | None = None
         self._windows = MeasuringWindows(every_n_steps, window)
@@ -290,20 +311,26 @@ class UnitRecycler(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "events": [dict(e) for e in self.events],
             "recycled_total": self.recycled_total,
             "window_started_at": self._windows.started_at,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.events = [dict(e) for e in state_dict.get("events", [])]
         self.recycled_total = int(state_dict.get("recycled_total", 0))
         self._windows.started_at = int(state_dict.get("window_started_at", -1))
 
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """The recyclings of the current run (step, kind, layer, detail), from the run record."""
+        if self._record is None:
+            return []
+        return [event.row() for event in self._record.events_of("recycle")]
+
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":  # per run: a resumed fit gets them back from load_state_dict
-            self.events, self.recycled_total = [], 0
+            self.recycled_total = 0
             self._windows = MeasuringWindows(self.every_n_steps, self.window)
+        self._record = run_record(trainer)  # in place before a checkpoint is restored
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         _refuse_sharded(pl_module, "UnitRecycler")
@@ -362,15 +389,13 @@ class UnitRecycler(Callback):
             metrics[f"recycled_units/{pair.producer}"] = float(count)
             if count:
                 self.recycled_total += count
-                self.events.append(
-                    {
-                        "step": step,
-                        "kind": "recycle",
-                        "layer": pair.producer,
-                        "detail": f"{count} of {mask.numel()} units dormant (tau={self.tau:g})",
-                    }
+                run_record(trainer).add(
+                    "recycle",
+                    step,
+                    layers=[pair.producer],
+                    values={"units": count},
+                    detail=f"{count} of {mask.numel()} units dormant (tau={self.tau:g})",
                 )
-                record_event(trainer, "recycle", pair.producer, self.events[-1]["detail"], step)
         if trainer.is_global_zero:
             log_to_loggers(trainer, metrics, step=step)
 
@@ -384,6 +409,8 @@ class LayerReinit(Callback):
     steps. A re-initialized layer gets a fresh weight (``scheme``, gain of its
     consuming activation), zero bias, and its optimizer state cleared (moments
     zeroed, Adam's ``step`` back to 0); the monitor's streak for it restarts.
+    Every re-initialization is a ``reinit`` event of the run record; ``events``
+    lists them (step, kind, layer, detail).
 
     Args:
         check_every_n_steps: how often the monitor's vanishing flags are read (one
@@ -421,28 +448,36 @@ class LayerReinit(Callback):
         self.scheme = scheme
         self.max_reinits_per_layer = max_reinits_per_layer
         self.seed = _check_seed(seed, "LayerReinit")
-        self.events: list[dict[str, Any]] = []
         self.reinit_counts: dict[str, int] = {}
-        self._monitor: Any = None
+        self._monitor: GradNormMonitor | None = None
+        self._scheduled_at = -1  # the last step the schedule ran (once per step)
+        self._record: RunRecord | None = None
 
     @functools.cached_property  # Lightning reads it at every hook call: compute it once
     def state_key(self) -> str:
         return self._generate_state_key(layers=self.layers, at_steps=self.at_steps)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"events": [dict(e) for e in self.events], "reinit_counts": dict(self.reinit_counts)}
+        return {"reinit_counts": dict(self.reinit_counts), "scheduled_at": self._scheduled_at}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.events = [dict(e) for e in state_dict.get("events", [])]
         self.reinit_counts = {
             str(k): int(v) for k, v in state_dict.get("reinit_counts", {}).items()
         }
+        self._scheduled_at = int(state_dict.get("scheduled_at", -1))
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """The re-initializations of this run (step, kind, layer, detail), from the run record."""
+        if self._record is None:
+            return []
+        return [event.row() for event in self._record.events_of("reinit")]
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
-
+        self._record = run_record(trainer)  # in place before a checkpoint is restored
         if stage == "fit":  # per run: a resumed fit gets them back from load_state_dict
-            self.events, self.reinit_counts = [], {}
+            self._scheduled_at = -1
+            self.reinit_counts = {}
         callbacks = flat_callbacks(trainer)
         monitors = [
             cb for cb in callbacks[: callbacks.index(self)] if isinstance(cb, GradNormMonitor)
@@ -461,11 +496,12 @@ class LayerReinit(Callback):
                 "or give an explicit schedule with at_steps=[...] and layers=[...]."
             )
         if self.layers is not None:
-            modules = dict(pl_module.named_modules())
-            bad = [n for n in self.layers if not isinstance(modules.get(n), WEIGHT_LAYERS)]
+            weight_layers = _weight_layer_names(pl_module)
+            bad = [n for n in self.layers if n not in weight_layers]
             if bad:
                 raise ValueError(
-                    f"layers={self.layers!r}: {bad} are not Linear/Conv modules of the model."
+                    f"layers={self.layers!r}: {bad} are not Linear/Conv modules of the model "
+                    "(Linear, Conv, ConvTranspose or Hugging Face Conv1D)."
                 )
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -476,46 +512,40 @@ class LayerReinit(Callback):
     ) -> None:
         step = int(trainer.global_step)
         scheduled = self.at_steps is not None and step in self.at_steps and bool(self.layers)
-        done = any(e["step"] == step and e["detail"] == "schedule" for e in self.events)
-        if scheduled and not done and self.layers:
+        if scheduled and step != self._scheduled_at and self.layers:
+            self._scheduled_at = step
             self._reinit(trainer, pl_module, list(self.layers), step, "schedule")
         if self._monitor is None or step % self.check_every_n_steps:
             return
-        for view in list(self._monitor._views.values()):
-            flags = view.health.vanishing.tolist()  # one host read per check
-            names = [n for n, flag in zip(view.grouping.names, flags) if flag]
-            modules = dict(pl_module.named_modules())
-            chosen = [
-                n
-                for n in names
-                if isinstance(modules.get(n), WEIGHT_LAYERS)
-                and (self.layers is None or n in self.layers)
-                and self.reinit_counts.get(n, 0) < self.max_reinits_per_layer
-            ]
-            if not chosen:
-                continue
+        names = self._monitor.vanishing_layers()  # one host read per check
+        weight_layers = _weight_layer_names(pl_module)
+        chosen = [
+            n
+            for n in names
+            if n in weight_layers
+            and (self.layers is None or n in self.layers)
+            and self.reinit_counts.get(n, 0) < self.max_reinits_per_layer
+        ]
+        if chosen:
             self._reinit(trainer, pl_module, chosen, step, "vanishing gradients")
-            with torch.no_grad():
-                for name in chosen:
-                    g = view.grouping.names.index(name)
-                    view.health.vanishing[g] = False
-                    view.health.vanish_streak[g] = 0
+            self._monitor.restart_vanishing(chosen)
 
     @torch.no_grad()
     def _reinit(
         self, trainer: Any, pl_module: Any, names: list[str], step: int, reason: str
     ) -> None:
         gains = consumer_nonlinearities(pl_module)
+        layer_map = map_layers(pl_module)
         for offset, name in enumerate(names):
-            module = pl_module.get_submodule(name)
-            weight = module.weight
+            layer = layer_map[name]  # fans and units from the map (HF Conv1D is [in, out])
+            weight = layer.weight
             nl, slope = gains.get(name) or ("relu", 0.0)
             generator = _generator(self.seed, step * 131 + offset, weight.device)
-            init_weight_(weight, self.scheme, nl, slope, generator=generator)
+            init_layer_(layer, self.scheme, nl, slope, generator=generator)
             params = [weight]
-            if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
-                params.append(module.bias)
+            if layer.bias is not None:
+                layer.bias.zero_()
+                params.append(layer.bias)
             for parameter in params:
                 optimizer = _optimizer_of(trainer, parameter)
                 if optimizer is not None and parameter in optimizer.state:
@@ -524,6 +554,5 @@ class LayerReinit(Callback):
                             value.zero_()  # moments, and Adam's step back to 0
             if reason != "schedule":  # the limit is for the vanishing rule only
                 self.reinit_counts[name] = self.reinit_counts.get(name, 0) + 1
-            self.events.append({"step": step, "kind": "reinit", "layer": name, "detail": reason})
-            record_event(trainer, "reinit", name, reason, step=step)
+            run_record(trainer).add("reinit", step, layers=[name], detail=reason)
         rank_zero_warn(f"LayerReinit: re-initialized {', '.join(names)} at step {step} ({reason}).")

@@ -20,7 +20,6 @@ import re
 import sys
 import time
 import warnings
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from torch.utils.data import DataLoader
 from lightning_gradguard.callbacks.gradguard import GradGuard
 from lightning_gradguard.demo.data import digits
 from lightning_gradguard.demo.scenarios import SCENARIOS, DigitsClassifier, Run, Scenario
-from lightning_gradguard.logging import event_log, metric_history
+from lightning_gradguard.record import run_record
 
 BATCH_SIZE = 64
 LOG_EVERY_N_STEPS = 10
@@ -102,27 +101,34 @@ def dead_fraction(net: nn.Module, x: torch.Tensor) -> float:
 
 def _actions(trainer: Any) -> str:
     """What GradGuard said and did, in a few words: events by kind (first step), clipping."""
-    events = event_log(trainer).events
+    record = run_record(trainer)
     words = {
-        "vanishing": "vanishing gradients in {n} layers",
+        "vanishing": "vanishing gradients in {layers} layers",
         "exploding": "{n} explosion warning(s)",
         "nonfinite": "non-finite gradients",
-        "spike": "{n} spike(s) skipped",
-        "swap": "ReLU→LeakyReLU in {n} layer(s)",
-        "dying": "{n} dying layer(s)",
+        "skip": "{n} step(s) skipped",
+        "stop": "training stopped",
+        "swap": "ReLU→LeakyReLU in {layers} layer(s)",
+        "dying": "{layers} dying layer(s)",
     }
-    counts = Counter(e["kind"] for e in events)
-    first = {kind: min(e["step"] for e in events if e["kind"] == kind) for kind in counts}
+    first = {
+        kind: min(e.step for e in record.events_of(kind))
+        for kind in record.counts
+        if record.events_of(kind)
+    }
     parts = [
-        words.get(kind, kind + " ({n})").format(n=counts[kind]) + f" (step {first[kind]})"
-        for kind in sorted(counts, key=lambda k: first[k])
+        words.get(kind, kind + " ({n})").format(
+            n=record.count(kind), layers=len(record.layers(kind))
+        )
+        + f" (step {first[kind]})"
+        for kind in sorted(first, key=lambda k: first[k])
     ]
-    logged = [m for _, m in metric_history(trainer) if "clip/active" in m]
-    clipped = sum(m["clip/active"] > 0 for m in logged)
-    if clipped:
-        norms = [m["grad_norm/total"] for _, m in metric_history(trainer) if "grad_norm/total" in m]
-        largest = max(norms, default=math.nan)
-        parts.append(f"clipped {clipped} of {len(logged)} logged steps (norm up to {largest:.3g})")
+    clip = record.history.get("clip")
+    active = [] if clip is None else clip.column("active")
+    clipped = sum(value > 0 for value in active)
+    if clip is not None and clipped:
+        largest = max((v for v in clip.column("raw") if math.isfinite(v)), default=math.nan)
+        parts.append(f"clipped {clipped} of {len(active)} logged steps (norm up to {largest:.3g})")
     return "; ".join(parts) or "-"
 
 

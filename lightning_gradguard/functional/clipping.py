@@ -25,14 +25,16 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightning_gradguard.functional.norms import local_tensors
+from lightning_gradguard.functional.norms import _all_reduce, local_tensors
+from lightning_gradguard.functional.units import UnitLayout, map_layers, unit_norms
 
 CLIP_EPS = 1e-6
 """Added to the norm in ``threshold / (norm + eps)``, as torch's ``clip_grad_norm_`` does."""
@@ -220,6 +222,11 @@ def _unitwise_norms(stacked: Tensor) -> Tensor:
     return torch.linalg.vector_norm(stacked, dim=dims, keepdim=True, dtype=_norm_dtype(stacked))
 
 
+def layout_norms(stacked: Tensor, layout: UnitLayout) -> Tensor:
+    """Unit norms of a stack ``(n, *layout.view_shape)``, flat in (tensor, unit) order."""
+    return unit_norms(stacked, tuple(d + 1 for d in layout.reduce_dims))
+
+
 def _unit_norms_of(tensor: Tensor) -> Tensor:
     """The unit norms of one tensor, flat: one per row (output unit), or one for a vector."""
     if tensor.dim() <= 1:
@@ -294,15 +301,100 @@ class AGCPlan:
         return self.scale.split([math.prod(shape) for shape in self.shapes])
 
 
+AGCTarget = nn.Module | Sequence[nn.Module] | Sequence[Tensor]
+"""What AGC clips: a model, its modules (units read through the unit map), or a list of
+parameters (units in dim 0, unless ``layouts`` says otherwise)."""
+
+
+def _agc_inputs(
+    parameters: AGCTarget, layouts: Mapping[Tensor, UnitLayout] | None
+) -> tuple[list[Tensor], Mapping[Tensor, UnitLayout]]:
+    """The parameters to clip and the layout of each weight whose units are not rows."""
+    if isinstance(parameters, nn.Module):
+        parameters = [parameters]
+    items = list(parameters)
+    if items and all(isinstance(m, nn.Module) for m in items):
+        modules: list[nn.Module] = items  # type: ignore[assignment]
+        found: dict[Tensor, UnitLayout] = {}
+        unknown: list[str] = []
+        params: dict[Tensor, None] = {}
+        for module in modules:
+            layer_map = map_layers(module)
+            found.update(layer_map.layouts())
+            for name, held in layer_map.unknown.items():
+                holder = module.get_submodule(name)
+                if any(getattr(holder, attr).dim() >= 2 for attr in held):
+                    unknown.append(f"{name or type(module).__name__} ({', '.join(held)})")
+            params.update(dict.fromkeys(module.parameters()))
+        if unknown:
+            warnings.warn(
+                f"agc_: the unit map does not know {unknown}; their matrices are clipped with "
+                "units in dim 0 (rows, the layout of Linear/Conv). Register the layer type with "
+                "lightning_gradguard.functional.register_layer if that is wrong.",
+                stacklevel=3,
+            )
+        return list(params), {**found, **(layouts or {})}
+    tensors = [t for t in items if isinstance(t, Tensor)]
+    if len(tensors) != len(items):
+        raise TypeError(
+            "parameters must be a model, a list of modules or a list of tensors, got "
+            f"{sorted({type(t).__name__ for t in items})}."
+        )
+    return tensors, layouts or {}
+
+
+def _not_rows(layout: UnitLayout | None, tensor: Tensor) -> UnitLayout | None:
+    """``layout`` when it differs from units-in-dim-0 for a matrix, else ``None``."""
+    if layout is None or tensor.dim() < 2:
+        return None
+    if layout.unit_dims == (0,) and layout.view_shape == tuple(tensor.shape):
+        return None
+    return layout
+
+
+def _sharded_layout_squares(weight: Tensor, local: Tensor, layout: UnitLayout) -> Tensor:
+    """Squared unit norms of a sharded weight (or gradient) whose units are columns.
+
+    Only the layout ``[in, out, ...]`` (units in dim 1, no groups) is supported sharded:
+    the local shard's squared column sums, to be summed over the ranks holding other rows.
+    """
+    placements = getattr(weight, "placements", ())
+    sharded = [p.dim for p in placements if p.is_shard()]
+    if layout.unit_dims != (1,) or layout.view_shape != tuple(weight.shape) or 1 in sharded:
+        raise ValueError(
+            f"agc_: a sharded weight of shape {tuple(weight.shape)} whose units are not rows "
+            f"(view {layout.view_shape}, unit dims {layout.unit_dims}) is supported only as "
+            "[in, out, ...] sharded along dim 0 (FSDP2's default)."
+        )
+    dims = tuple(d for d in range(local.dim()) if d != 1)
+    dtype = torch.float32 if local.dtype in (torch.float16, torch.bfloat16) else None
+    return local.to(dtype or local.dtype).square().sum(dim=dims)
+
+
 @torch.no_grad()
 def agc_plan(
-    parameters: Sequence[Tensor], clipping: float = 0.01, eps: float = 1e-3, grad_eps: float = 1e-6
+    parameters: AGCTarget,
+    clipping: float = 0.01,
+    eps: float = 1e-3,
+    grad_eps: float = 1e-6,
+    layouts: Mapping[Tensor, UnitLayout] | None = None,
 ) -> AGCPlan:
     """Unit-wise adaptive gradient clipping, decided but not applied: see :func:`agc_`.
 
     One pass over the weights and one over the gradients (their unit norms). The
     returned plan gives the gradients' total norm at no further cost, and can
     scale only the batches that need it.
+
+    Args:
+        parameters: a model or its modules (each weight's output units come from the
+            unit map, :func:`~lightning_gradguard.functional.map_layers`), or a list of
+            parameters, read with units in dim 0 (``[out, in, ...]``: Linear, Conv)
+            except those given in ``layouts``.
+        clipping: λ, the largest allowed ratio ‖G‖ / max(‖W‖, eps) per unit.
+        eps: floor of the weight norm.
+        grad_eps: floor of the gradient norm in the division.
+        layouts: for a list of parameters, the layout of weights whose units are not
+            rows (``map_layers(model).layouts()``).
 
     Example:
         >>> w = torch.nn.Parameter(torch.ones(2, 2))
@@ -319,10 +411,12 @@ def agc_plan(
     """
     _check_positive(clipping, "clipping", "agc_")
     _check_positive(eps, "eps", "agc_")
-    pairs = [(p.detach(), p.grad) for p in parameters if p.grad is not None]
+    items, known = _agc_inputs(parameters, layouts)
+    pairs = [(p.detach(), p.grad) for p in items if p.grad is not None]
     if not pairs:
         empty = torch.zeros(0)
         return AGCPlan(grads=[], shapes=[], unit_norms=empty, scale=empty, local=True)
+    special = [_not_rows(known.get(p), p) for p in items if p.grad is not None]
     weights, weight_keys = local_tensors([w for w, _ in pairs])
     grads, _ = local_tensors([g for _, g in pairs])
     device = grads[0].device
@@ -348,10 +442,47 @@ def agc_plan(
         g_norm = grouped_norms([pairs[i][1] for i in sharded_vectors], index, len(index)).groups
         add([grads[i] for i in sharded_vectors], (len(index),), w_norm, g_norm)
     done = set(sharded_vectors)
+    sharded_layouts = [
+        (i, lay) for i, lay in enumerate(special) if lay is not None and weight_keys[i]
+    ]
+    if sharded_layouts:  # columns split across ranks: one reduction for all of them
+        squares = [
+            _sharded_layout_squares(pairs[i][0], weights[i], lay) for i, lay in sharded_layouts
+        ]
+        squares += [
+            _sharded_layout_squares(pairs[i][1], grads[i], lay) for i, lay in sharded_layouts
+        ]
+        flat = torch.cat([t.float() for t in squares])
+        _all_reduce(flat, weight_keys[sharded_layouts[0][0]], 2.0)
+        pieces = flat.sqrt().split([t.numel() for t in squares])
+        half = len(sharded_layouts)
+        for j, (i, lay) in enumerate(sharded_layouts):
+            add([grads[i]], (1, *lay.scale_shape), pieces[j], pieces[half + j])
+            done.add(i)
     by_shape: dict[tuple[Any, ...], list[int]] = {}
     for i, g in enumerate(grads):
-        if i not in done:
+        if i in done:
+            continue
+        layout = special[i]
+        if layout is not None:  # units not in dim 0 (HF Conv1D, ConvTranspose): own batches
+            by_shape.setdefault((tuple(g.shape), g.dtype, g.device, layout), []).append(i)
+        else:
             by_shape.setdefault((tuple(g.shape), g.dtype, g.device), []).append(i)
+    for key, indices in by_shape.items():
+        layout = key[3] if len(key) > 3 else None
+        if layout is None:
+            continue
+        members = [layout.view(grads[i]) for i in indices]
+        shape = (len(indices), *layout.scale_shape)
+        if len(indices) > 1 and grads[indices[0]].numel() <= STACK_LIMIT:
+            w_norm = layout_norms(torch.stack([layout.view(weights[i]) for i in indices]), layout)
+            g_norm = layout_norms(torch.stack(members), layout)
+            add(members, shape, w_norm, g_norm)
+            continue
+        for i, member in zip(indices, members):
+            w_norm, g_norm = layout.norms(weights[i]), layout.norms(grads[i])
+            add([member], (1, *layout.scale_shape), w_norm, g_norm)
+    by_shape = {k: v for k, v in by_shape.items() if len(k) == 3}
     for indices in by_shape.values():
         if len(indices) > 1 and grads[indices[0]].numel() <= STACK_LIMIT:
             w_stacked = _unitwise_norms(torch.stack([weights[i] for i in indices]))
@@ -377,15 +508,27 @@ def agc_plan(
 
 @torch.no_grad()
 def agc_(
-    parameters: Sequence[Tensor], clipping: float = 0.01, eps: float = 1e-3, grad_eps: float = 1e-6
+    parameters: AGCTarget,
+    clipping: float = 0.01,
+    eps: float = 1e-3,
+    grad_eps: float = 1e-6,
+    layouts: Mapping[Tensor, UnitLayout] | None = None,
 ) -> None:
     """Unit-wise adaptive gradient clipping (Brock et al., 2021, NFNets), in place.
 
-    For every output unit (row of a weight, output channel of a conv kernel), if
+    For every output unit (row of a Linear weight, output channel of a conv or
+    transposed-conv kernel, column of a Hugging Face ``Conv1D``), if
     ``‖G‖ > clipping · max(‖W‖, eps)`` the unit's gradient is rescaled to that
     size. Vectors and scalars (biases, gains) use the whole-tensor norm. ``eps``
     lets a zero-initialized weight still move. The classifier layer is usually
-    left out: pass only the parameters to clip.
+    left out: pass only the modules or parameters to clip.
+
+    Pass the model (or its modules): a bare weight cannot tell a Conv1D ``[in, out]``
+    from a Linear ``[out, in]``, the module can (see
+    :func:`~lightning_gradguard.functional.map_layers`). A list of parameters is read
+    with units in dim 0, the layout of Linear and Conv, except for the weights given
+    in ``layouts``. Matrices of layers the map does not know are read as rows too,
+    with a warning naming them.
 
     Small tensors of the same shape are processed together (one stacked pass per
     shape), so a model of many equal layers costs a few kernels, not a loop.
@@ -399,5 +542,8 @@ def agc_(
         >>> w.grad  # row 0 may reach 0.01·1.0, row 1 (zero weights) 0.01·1e-3
         tensor([[1.0000e-02, 0.0000e+00],
                 [0.0000e+00, 1.0000e-05]])
+        >>> model = torch.nn.Linear(3, 2)
+        >>> model(torch.randn(4, 3)).sum().backward()
+        >>> agc_(model, clipping=0.01)  # the model: units read through the unit map
     """
-    agc_plan(parameters, clipping, eps, grad_eps).apply_()
+    agc_plan(parameters, clipping, eps, grad_eps, layouts).apply_()

@@ -13,12 +13,15 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from lightning_gradguard.functional.units import Layer, LayerMap, UnitLayout, map_layers
 
 SCHEMES = (
     "kaiming_normal",
@@ -39,6 +42,9 @@ NORM_LAYERS: tuple[type[nn.Module], ...] = (
     nn.GroupNorm,
 )
 PASS_THROUGH: tuple[type[nn.Module], ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
+
+FAN_KINDS = ("linear", "conv", "conv1d")
+"""Kinds of the unit map that fan-based schemes initialize (weights with inputs and units)."""
 
 _GAIN_NAMES: dict[type[nn.Module], str] = {
     nn.ReLU: "relu",
@@ -69,7 +75,10 @@ def _activation_of(module: nn.Module) -> tuple[str, float] | None:
 
 
 def consumer_nonlinearities(model: nn.Module) -> dict[str, tuple[str, float] | None]:
-    """For each weight layer inside an ``nn.Sequential``, the activation that consumes it.
+    """For each weight layer of the unit map, the activation that consumes it, if known.
+
+    Weight layers are the Linear, Conv, ConvTranspose, Hugging Face ``Conv1D`` and
+    attention-projection layers of :func:`~lightning_gradguard.functional.map_layers`.
 
     Norm and dropout layers in between are skipped. A layer followed by another
     weight layer, or last in its Sequential, gets ``("linear", 0.0)``. A layer
@@ -81,33 +90,40 @@ def consumer_nonlinearities(model: nn.Module) -> dict[str, tuple[str, float] | N
         >>> consumer_nonlinearities(m)
         {'0': ('relu', 0.0), '3': ('linear', 0.0)}
     """
+    layer_map = map_layers(model)
+    fan_modules = {id(layer.module): layer.name for layer in layer_map if layer.kind in FAN_KINDS}
+    norm_modules = {id(layer.module) for layer in layer_map if layer.kind == "norm"}
     found: dict[str, tuple[str, float] | None] = {}
-    for parent_name, parent in model.named_modules():
+    for parent in model.modules():
         if not isinstance(parent, nn.Sequential):
             continue
         children = list(parent.named_children())
-        for i, (child_name, child) in enumerate(children):
-            if not isinstance(child, WEIGHT_LAYERS):
+        for i, (_, child) in enumerate(children):
+            if id(child) not in fan_modules:
                 continue
-            full = f"{parent_name}.{child_name}" if parent_name else child_name
             result: tuple[str, float] | None = ("linear", 0.0)
             for _, after in children[i + 1 :]:
-                if isinstance(after, NORM_LAYERS + PASS_THROUGH):
+                if id(after) in norm_modules or isinstance(after, NORM_LAYERS + PASS_THROUGH):
                     continue
-                if isinstance(after, WEIGHT_LAYERS):
+                if id(after) in fan_modules:
                     break
                 result = _activation_of(after)
                 break
-            found[full] = result
-    for name, module in model.named_modules():
-        if isinstance(module, WEIGHT_LAYERS) and name not in found:
-            found[name] = None
+            found[fan_modules[id(child)]] = result
+    for name in fan_modules.values():
+        found.setdefault(name, None)
     return found
 
 
 def _validate_scheme(scheme: str) -> None:
     if scheme not in SCHEMES:
         raise ValueError(f"scheme={scheme!r} is not an init scheme: use one of {list(SCHEMES)}.")
+
+
+def _write_rows_(weight: Tensor, layout: UnitLayout, rows: Tensor) -> None:
+    """Write ``rows`` (``[units, rest]``) into ``weight`` through its unit layout."""
+    viewed = layout.view(weight).permute((*layout.unit_dims, *layout.reduce_dims))
+    viewed.copy_(rows.reshape(viewed.shape))
 
 
 def init_weight_(
@@ -117,71 +133,132 @@ def init_weight_(
     negative_slope: float = 0.0,
     std: float = 0.02,
     generator: torch.Generator | None = None,
+    fans: tuple[int, int] | None = None,
+    layout: UnitLayout | None = None,
 ) -> None:
-    """Initialize one weight tensor in place with a named scheme (see :data:`SCHEMES`)."""
+    """Initialize one weight tensor in place with a named scheme (see :data:`SCHEMES`).
+
+    Kaiming: std ``gain / sqrt(fan_in)``; Glorot: ``gain · sqrt(2 / (fan_in + fan_out))``
+    (uniform draws have the same std); orthogonal: orthonormal units, scaled by the gain;
+    ``"normal"``: std ``std``. The draws are torch's own (``nn.init``) for the same fans.
+
+    Args:
+        weight: the tensor.
+        scheme: one of :data:`SCHEMES`.
+        nonlinearity: the gain's nonlinearity (``nn.init.calculate_gain``).
+        negative_slope: LeakyReLU's slope.
+        std: the std of ``"normal"``.
+        generator: random generator, for identical draws on every rank.
+        fans: ``(fan_in, fan_out)``. Without it the weight is read as ``[out, in, ...]``
+            (Linear, Conv), as ``nn.init`` does: wrong for Hugging Face ``Conv1D`` and
+            transposed convs. Take them from the unit map (:func:`init_layer_` does).
+        layout: the weight's unit layout, for ``"orthogonal"`` (default: units in dim 0).
+
+    Example:
+        >>> w = torch.empty(256, 64)  # a Conv1D weight [in=256, out=64]
+        >>> init_weight_(w, "kaiming_normal", "linear", fans=(256, 64))
+        >>> round(float(w.std()) * 16, 1)  # std 1/sqrt(256)
+        1.0
+    """
     _validate_scheme(scheme)
     with torch.no_grad():
         if scheme == "normal":
             weight.normal_(0.0, std, generator=generator)
-        elif scheme in ("kaiming_normal", "kaiming_uniform"):
-            fn = nn.init.kaiming_normal_ if scheme == "kaiming_normal" else nn.init.kaiming_uniform_
-            if nonlinearity in ("relu", "leaky_relu"):
-                fn(weight, a=negative_slope, nonlinearity=nonlinearity, generator=generator)  # type: ignore[arg-type]
-            else:  # tanh, sigmoid, selu, linear: Kaiming's std is gain / sqrt(fan_in)
-                fan_in = nn.init._calculate_correct_fan(weight, "fan_in")
-                gain = nn.init.calculate_gain(nonlinearity)  # type: ignore[arg-type]
-                bound_std = gain / math.sqrt(fan_in)
-                if scheme == "kaiming_normal":
-                    weight.normal_(0.0, bound_std, generator=generator)
-                else:
-                    bound = math.sqrt(3.0) * bound_std
-                    weight.uniform_(-bound, bound, generator=generator)
-        else:
-            param = negative_slope if nonlinearity == "leaky_relu" else None
-            gain = nn.init.calculate_gain(nonlinearity, param)  # type: ignore[arg-type]
-            if scheme == "xavier_normal":
-                nn.init.xavier_normal_(weight, gain=gain, generator=generator)
-            elif scheme == "xavier_uniform":
-                nn.init.xavier_uniform_(weight, gain=gain, generator=generator)
-            else:
+            return
+        if fans is None:
+            fans = nn.init._calculate_fan_in_and_fan_out(weight)
+        fan_in, fan_out = fans
+        param = negative_slope if nonlinearity == "leaky_relu" else None
+        gain = nn.init.calculate_gain(nonlinearity, param)  # type: ignore[arg-type]
+        if scheme in ("kaiming_normal", "kaiming_uniform"):
+            scale = gain / math.sqrt(fan_in)
+        elif scheme in ("xavier_normal", "xavier_uniform"):
+            scale = gain * math.sqrt(2.0 / float(fan_in + fan_out))
+        else:  # orthogonal: orthonormal units ([units, rest] rows), as nn.init.orthogonal_
+            if layout is None or (layout.unit_dims == (0,) and weight.dim() >= 2):
                 nn.init.orthogonal_(weight, gain=gain, generator=generator)
+            else:
+                rows = torch.empty(
+                    layout.units,
+                    weight.numel() // layout.units,
+                    dtype=weight.dtype,
+                    device=weight.device,
+                )
+                nn.init.orthogonal_(rows, gain=gain, generator=generator)
+                _write_rows_(weight, layout, rows)
+            return
+        if scheme.endswith("normal"):
+            weight.normal_(0.0, scale, generator=generator)
+        else:
+            bound = math.sqrt(3.0) * scale
+            weight.uniform_(-bound, bound, generator=generator)
 
 
-def init_(
-    model: nn.Module,
-    scheme: str = "kaiming_normal",
-    nonlinearity: str | None = None,
+def init_layer_(
+    layer: Layer,
+    scheme: str,
+    nonlinearity: str = "relu",
+    negative_slope: float = 0.0,
     std: float = 0.02,
-    residual_projections: Sequence[str] = (),
-    n_layers: int | None = None,
-    bias: float = 0.0,
     generator: torch.Generator | None = None,
-) -> dict[str, str]:
-    """Initialize every Linear and Conv layer of ``model`` with a named scheme, in place.
+) -> None:
+    """Initialize one layer of the unit map (:func:`~lightning_gradguard.functional.map_layers`).
 
-    Args:
-        model: the module tree.
-        scheme: one of :data:`SCHEMES`. ``"normal"`` is GPT-2's fixed-std scheme.
-        nonlinearity: the gain to use where it cannot be inferred. The gain of a
-            layer inside an ``nn.Sequential`` follows the activation that consumes
-            it (ReLU, LeakyReLU with its slope, Tanh, Sigmoid, SELU; none: linear).
-            When ``None`` and not inferable, ``"relu"`` for Kaiming, ``"linear"``
-            otherwise. Passing a value forces it everywhere.
-        std: the standard deviation of ``scheme="normal"`` (GPT-2: 0.02).
-        residual_projections: glob patterns of layer names (e.g. ``"*.c_proj"``)
-            whose std is scaled by ``1/sqrt(2 * n_layers)`` with ``scheme="normal"``,
-            as GPT-2 does for the projections that write into the residual stream.
-        n_layers: number of residual blocks, required with ``residual_projections``.
-        bias: value every bias is set to.
-        generator: random generator, for identical draws on every rank.
+    Its fans (receptive field and ``groups`` included, Conv1D and transposed convs the
+    right way round) and unit layout come from the map. An embedding is a lookup
+    table: one-hot inputs (``fan_in`` 1), linear gain, and its ``padding_idx`` row
+    stays zero, as ``nn.Embedding`` keeps it. The bias is left to the caller.
 
-    Returns:
-        Each initialized layer's name and the nonlinearity its gain used.
-
-    Raises:
-        ValueError: on an unknown scheme or nonlinearity, or residual projections
-            without ``n_layers``.
+    Example:
+        >>> from lightning_gradguard.functional.units import map_layers
+        >>> layer = map_layers(nn.Sequential(nn.Embedding(1000, 8)))["0"]
+        >>> init_layer_(layer, "kaiming_normal")  # one-hot input: torch's N(0, 1)
+        >>> round(float(layer.weight.detach().std()), 1)
+        1.0
     """
+    if layer.spec.lookup:
+        nonlinearity, negative_slope = "linear", 0.0
+    init_weight_(
+        layer.weight,
+        scheme,
+        nonlinearity,
+        negative_slope,
+        std,
+        generator,
+        fans=(layer.fan_in, layer.fan_out),
+        layout=layer.layout,
+    )
+    padding_idx = getattr(layer.module, "padding_idx", None)
+    if layer.spec.lookup and isinstance(padding_idx, int):
+        with torch.no_grad():
+            layer.weight[padding_idx].zero_()
+
+
+class InitReport(dict[str, str]):
+    """What :func:`init_` did: each initialized layer's name and the gain it used.
+
+    A ``dict`` (layer name → nonlinearity), with two more attributes.
+
+    Attributes:
+        skipped: layers and modules left as they were, with the reason (norm affines,
+            kinds without an init rule, modules the unit map does not know).
+        tied: modules whose weight was initialized once under another name
+            (``{"lm_head": "transformer.wte"}``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skipped: dict[str, str] = {}
+        self.tied: dict[str, str] = {}
+
+
+def _check_init_args(
+    scheme: str,
+    nonlinearity: str | None,
+    residual_projections: Sequence[str],
+    n_layers: int | None,
+    std: float = 0.02,
+) -> None:
     _validate_scheme(scheme)
     if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < math.inf:
         raise ValueError(f"std={std!r} must be a positive finite number (GPT-2 uses 0.02).")
@@ -200,27 +277,144 @@ def init_(
             f"n_layers={n_layers!r}: residual_projections need the number of residual blocks "
             "(the std is divided by sqrt(2 * n_layers))."
         )
+
+
+def _layer_keys(layer_map: LayerMap) -> dict[int, str]:
+    """How reports name each layer: its module, or its parameter where a module has several."""
+    counts: dict[str, int] = {}
+    for layer in layer_map:
+        counts[layer.name] = counts.get(layer.name, 0) + 1
+    return {
+        id(layer): layer.name if counts[layer.name] == 1 else layer.parameter_name
+        for layer in layer_map
+    }
+
+
+def _skip_unknown(layer_map: LayerMap, report: dict[str, str], owner: str) -> None:
+    """Name the modules whose parameters the unit map does not know (report + warning)."""
+    for name, held in layer_map.unknown.items():
+        report[name or "<root>"] = (
+            f"the unit map does not know this layer (parameters {list(held)}): register it "
+            "with register_layer"
+        )
+    if layer_map.unknown:
+        warnings.warn(
+            f"{owner}: left {sorted(n or '<root>' for n in layer_map.unknown)} as they were: "
+            "the unit map does not know these layers (register them with "
+            "lightning_gradguard.functional.register_layer).",
+            stacklevel=3,
+        )
+
+
+def init_(
+    model: nn.Module,
+    scheme: str = "kaiming_normal",
+    nonlinearity: str | None = None,
+    std: float = 0.02,
+    residual_projections: Sequence[str] = (),
+    n_layers: int | None = None,
+    bias: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> InitReport:
+    """Initialize every weight layer of ``model`` with a named scheme, in place.
+
+    The layers come from the unit map
+    (:func:`~lightning_gradguard.functional.map_layers`): Linear, Conv,
+    ConvTranspose, Hugging Face ``Conv1D`` and ``MultiheadAttention``'s input
+    projection get the scheme with their own fans; embeddings are initialized as
+    lookup tables (see :func:`init_layer_`), once, even when tied to an output head
+    (GPT-2's ``lm_head``); norm affines keep their values. Whatever is left alone
+    is named in :attr:`InitReport.skipped`, with a warning for layers the map does
+    not know.
+
+    Args:
+        model: the module tree.
+        scheme: one of :data:`SCHEMES`. ``"normal"`` is GPT-2's fixed-std scheme.
+        nonlinearity: the gain to use where it cannot be inferred. The gain of a
+            layer inside an ``nn.Sequential`` follows the activation that consumes
+            it (ReLU, LeakyReLU with its slope, Tanh, Sigmoid, SELU; none: linear).
+            When ``None`` and not inferable, ``"relu"`` for Kaiming, ``"linear"``
+            otherwise. Passing a value forces it everywhere but on embeddings.
+        std: the standard deviation of ``scheme="normal"`` (GPT-2: 0.02).
+        residual_projections: glob patterns of layer names (e.g. ``"*.c_proj"``)
+            whose std is scaled by ``1/sqrt(2 * n_layers)`` with ``scheme="normal"``,
+            as GPT-2 does for the projections that write into the residual stream.
+        n_layers: number of residual blocks, required with ``residual_projections``.
+        bias: value every bias is set to.
+        generator: random generator, for identical draws on every rank.
+
+    Returns:
+        An :class:`InitReport`: each initialized layer's name and the nonlinearity
+        its gain used, and what was skipped or tied.
+
+    Raises:
+        ValueError: on an unknown scheme or nonlinearity, residual projections
+            without ``n_layers``, or a ``residual_projections`` pattern that matches
+            no layer of the model.
+
+    Example:
+        >>> class TinyLM(nn.Module):  # an output head tied to the token embedding
+        ...     def __init__(self) -> None:
+        ...         super().__init__()
+        ...         self.wte = nn.Embedding(100, 16)
+        ...         self.proj = nn.Linear(16, 16)
+        ...         self.ln = nn.LayerNorm(16)
+        ...         self.lm_head = nn.Linear(16, 100, bias=False)
+        ...         self.lm_head.weight = self.wte.weight
+        >>> report = init_(TinyLM(), "normal", std=0.02)
+        >>> dict(report), report.tied
+        ({'wte': 'linear', 'proj': 'linear'}, {'lm_head': 'wte'})
+        >>> report.skipped
+        {'ln': 'norm affine: kept as it is'}
+    """
+    _check_init_args(scheme, nonlinearity, residual_projections, n_layers, std)
+    layer_map = map_layers(model)
+    fan_layers = [layer for layer in layer_map if layer.kind in FAN_KINDS]
+    names = [layer.name for layer in fan_layers]
+    unmatched = [
+        p for p in residual_projections if not any(fnmatch.fnmatchcase(n, p) for n in names)
+    ]
+    if unmatched:
+        raise ValueError(
+            f"residual_projections={list(residual_projections)!r}: {unmatched} match no "
+            f"Linear/Conv/Conv1D layer of the model (layers: {names[:8]}"
+            f"{', ...' if len(names) > 8 else ''})."
+        )
     inferred = consumer_nonlinearities(model)
     fallback = "relu" if scheme.startswith("kaiming") else "linear"
-    used: dict[str, str] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, WEIGHT_LAYERS):
+    report = InitReport()
+    report.tied.update(layer_map.tied)
+    keys = _layer_keys(layer_map)
+    for layer in layer_map:
+        name = keys[id(layer)]
+        if layer.kind == "norm":
+            report.skipped[name] = "norm affine: kept as it is"
             continue
-        if nonlinearity is not None:
+        if layer.kind not in (*FAN_KINDS, "embedding"):
+            report.skipped[name] = f"kind {layer.kind!r} has no init rule"
+            continue
+        if layer.kind == "embedding":
+            nl, slope = "linear", 0.0
+        elif nonlinearity is not None:
             nl, slope = nonlinearity, 0.01 if nonlinearity == "leaky_relu" else 0.0
         else:
-            nl, slope = inferred.get(name) or (fallback, 0.0)
+            nl, slope = inferred.get(layer.name) or (fallback, 0.0)
         layer_std = std
-        if residual_projections and any(fnmatch.fnmatchcase(name, p) for p in residual_projections):
+        if any(fnmatch.fnmatchcase(layer.name, p) for p in residual_projections):
             assert n_layers is not None
             layer_std = std / math.sqrt(2 * n_layers)
-        init_weight_(_weight(module), scheme, nl, slope, layer_std, generator)
-        layer_bias = _bias(module)
-        if layer_bias is not None:
+        init_layer_(layer, scheme, nl, slope, layer_std, generator)
+        if layer.bias is not None:
             with torch.no_grad():
-                layer_bias.fill_(bias)
-        used[name] = nl
-    return used
+                layer.bias.fill_(bias)
+        report[name] = nl
+    custom = [n for n, why in report.skipped.items() if why.startswith("kind")]
+    if custom:
+        warnings.warn(
+            f"init_: left {custom} as they were: their kinds have no init rule.", stacklevel=2
+        )
+    _skip_unknown(layer_map, report.skipped, "init_")
+    return report
 
 
 # --------------------------------------------------------------------------- LSUV
@@ -235,12 +429,15 @@ class LSUVReport:
         iterations: rescaling iterations per layer.
         not_converged: layers still outside the tolerance after ``max_iters``.
         unreached: layers the batch's forward pass never went through.
+        skipped: layers left as they were, with the reason (embeddings, norm
+            affines, attention input projections, layers the unit map does not know).
     """
 
     output_std: dict[str, float] = field(default_factory=dict)
     iterations: dict[str, int] = field(default_factory=dict)
     not_converged: list[str] = field(default_factory=list)
     unreached: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -255,15 +452,19 @@ def lsuv_(
 ) -> LSUVReport:
     """Layer-sequential unit-variance initialization (Mishkin & Matas, 2015), in place.
 
-    Orthonormal pre-initialization of every Linear/Conv weight (biases zeroed),
-    then, layer by layer in the order the forward pass reaches them, the weight
-    is rescaled until the layer's output std on ``batch`` is within ``tol`` of
-    ``target_std`` (at most ``max_iters`` forward passes per layer).
+    Orthonormal pre-initialization of every Linear/Conv/Conv1D weight (units
+    read through the unit map, biases zeroed), then, layer by layer in the order
+    the forward pass reaches them, the weight is rescaled until the layer's output
+    std on ``batch`` is within ``tol`` of ``target_std`` (at most ``max_iters``
+    forward passes per layer). Embeddings (also when tied to an output head),
+    norm affines and weights whose module output is not theirs alone
+    (``MultiheadAttention``'s input projection) are left as they are and named in
+    :attr:`LSUVReport.skipped`.
 
     Args:
         model: any module; layers in any nesting are found by forward hooks.
-        batch: the input of ``model(batch)`` (a tensor, or a tuple/list unpacked
-            as positional arguments).
+        batch: the input of ``model(batch)`` (a tensor, a tuple/list unpacked as
+            positional arguments, or a dict unpacked as keyword arguments).
         target_std: the output std to reach.
         tol: accepted distance from ``target_std``.
         max_iters: rescaling passes per layer.
@@ -271,7 +472,7 @@ def lsuv_(
         generator: random generator for the orthonormal draws.
 
     Returns:
-        An :class:`LSUVReport`, naming layers it could not reach or fit.
+        An :class:`LSUVReport`, naming layers it could not reach, fit or treat.
     """
     if not (isinstance(target_std, (int, float)) and target_std > 0):
         raise ValueError(f"target_std={target_std!r} must be a positive number.")
@@ -279,54 +480,90 @@ def lsuv_(
         raise ValueError(f"tol={tol!r} must be a positive number.")
     if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
         raise ValueError(f"max_iters={max_iters!r} must be a positive integer.")
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, WEIGHT_LAYERS)]
+    layer_map = map_layers(model)
+    report = LSUVReport()
+    layers: list[Layer] = []
+    keys = _layer_keys(layer_map)
+    for layer in layer_map:
+        name = keys[id(layer)]
+        if layer.kind not in FAN_KINDS:
+            report.skipped[name] = {
+                "embedding": "lookup table: not rescaled",
+                "norm": "norm affine: kept as it is",
+            }.get(layer.kind, f"kind {layer.kind!r} has no LSUV rule")
+        elif layer.spec.weight != "weight":
+            report.skipped[name] = (
+                f"{type(layer.module).__name__}.{layer.spec.weight}: the module's output is "
+                "not this weight's alone"
+            )
+        else:
+            layers.append(layer)
+    for holder, owner in layer_map.tied.items():
+        report.skipped[holder] = f"its weight is {owner}'s, treated there"
+    _skip_unknown(layer_map, report.skipped, "lsuv_")
     if orthonormal:
-        for _, module in layers:
-            nn.init.orthogonal_(_weight(module), generator=generator)
-            layer_bias = _bias(module)
-            if layer_bias is not None:
-                layer_bias.zero_()
-    args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+        for layer in layers:
+            init_weight_(
+                layer.weight, "orthogonal", "linear", generator=generator, layout=layer.layout
+            )
+            if layer.bias is not None:
+                layer.bias.zero_()
+
+    # A compiled model is run eagerly here: LSUV's hooks come and go, which would make
+    # the compiled graph recompile on every change.
+    model = getattr(model, "_orig_mod", model)
+
+    def call() -> Any:
+        if isinstance(batch, dict):
+            return model._call_impl(**batch)
+        return model._call_impl(*(tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)))
+
     order: list[str] = []
     handles = []
-    for name, module in layers:
+    for layer in layers:
 
-        def record(mod: nn.Module, inputs: Any, output: Any, name: str = name) -> None:
+        def record(mod: nn.Module, inputs: Any, output: Any, name: str = layer.name) -> None:
             if name not in order:
                 order.append(name)
 
-        handles.append(module.register_forward_hook(record))
+        handles.append(layer.module.register_forward_hook(record))
     was_training = model.training
     model.eval()
     try:
-        model(*args)
+        call()
     finally:
         for handle in handles:
             handle.remove()
-    report = LSUVReport(unreached=[n for n, _ in layers if n not in order])
-    modules = dict(layers)
+    report.unreached = [layer.name for layer in layers if layer.name not in order]
+    modules = {layer.name: layer for layer in layers}
     for name in order:
-        module = modules[name]
-        captured: dict[str, Tensor] = {}
+        layer = modules[name]
+        captured: dict[str, Any] = {}
 
         def capture(
-            mod: nn.Module, inputs: Any, output: Any, captured: dict[str, Tensor] = captured
+            mod: nn.Module, inputs: Any, output: Any, captured: dict[str, Any] = captured
         ) -> None:
             captured["out"] = output
 
-        handle = module.register_forward_hook(capture)
+        handle = layer.module.register_forward_hook(capture)
         try:
             iterations = 0
             std = math.nan
             while iterations < max_iters:
-                model(*args)
-                std = float(captured["out"].float().std())
+                call()
+                out = captured["out"]
+                if not isinstance(out, Tensor):
+                    report.skipped[name] = f"its output is a {type(out).__name__}, not a tensor"
+                    break
+                std = float(out.float().std())
                 if not math.isfinite(std) or abs(std - target_std) < tol or std == 0.0:
                     break
-                _weight(module).mul_(target_std / std)
+                layer.weight.mul_(target_std / std)
                 iterations += 1
         finally:
             handle.remove()
+        if name in report.skipped:
+            continue
         report.output_std[name] = std
         report.iterations[name] = iterations
         if not (math.isfinite(std) and abs(std - target_std) < tol):

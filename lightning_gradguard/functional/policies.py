@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import difflib
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_gradguard.functional.clipping import (
     CLIP_EPS,
@@ -30,11 +31,13 @@ from lightning_gradguard.functional.clipping import (
     _check_count,
     _check_fraction,
     _check_positive,
+    _not_rows,
     agc_plan,
     clip_by_value_,
     clip_coefficients,
     scale_,
 )
+from lightning_gradguard.functional.units import UnitLayout, map_layers
 
 
 @dataclass
@@ -93,6 +96,13 @@ class ClipPolicy:
     def threshold(self, norm: Tensor) -> Tensor:  # pragma: no cover - abstract
         """Return the threshold for ``norm`` and update the state. Device ops only."""
         raise NotImplementedError
+
+    def bind(self, model: nn.Module) -> None:
+        """Read what the policy needs to know of the model (once, before the first step).
+
+        Most policies need nothing. :class:`AGC` reads each weight's output units from
+        the unit map (:func:`~lightning_gradguard.functional.map_layers`).
+        """
 
     def prepare(self, parameters: Sequence[Tensor]) -> Any:
         """Work on the gradients that does not need the norm, done before it is known.
@@ -278,13 +288,43 @@ class AGC(ClipPolicy):
     def __init__(self, clipping: float = 0.01, eps: float = 1e-3) -> None:
         self.clipping = _check_positive(clipping, "clipping", "AGC")
         self.eps = _check_positive(eps, "eps", "AGC")
+        self._layouts: dict[int, UnitLayout] = {}  # by id(weight): no tensor in the state
 
     def threshold(self, norm: Tensor) -> Tensor:
         return torch.full_like(norm, self.clipping)
 
+    def bind(self, model: nn.Module) -> None:
+        """Read the output units of every weight of ``model`` from the unit map.
+
+        Without it (a bare parameter list) units are rows, dim 0: right for Linear and
+        Conv, wrong for Hugging Face ``Conv1D`` (``[in, out]``) and transposed convs.
+        Matrices of layers the map does not know are read as rows, with a warning
+        naming them.
+        """
+        layer_map = map_layers(model)
+        self._layouts = {
+            id(w): layout
+            for w, layout in layer_map.layouts().items()
+            if _not_rows(layout, w) is not None
+        }
+        unknown = [
+            f"{name} ({', '.join(held)})"
+            for name, held in layer_map.unknown.items()
+            if any(getattr(model.get_submodule(name), attr).dim() >= 2 for attr in held)
+        ]
+        if unknown:
+            warnings.warn(
+                f"AGC: the unit map does not know {unknown}; their matrices are clipped with "
+                "units in dim 0 (rows, the layout of Linear/Conv). Register the layer type with "
+                "lightning_gradguard.functional.register_layer if that is wrong.",
+                stacklevel=2,
+            )
+
     def prepare(self, parameters: Sequence[Tensor]) -> AGCPlan:
         """The unit norms of weights and gradients, and the scales (see :func:`agc_plan`)."""
-        return agc_plan(parameters, self.clipping, self.eps)
+        layouts = self._layouts
+        known = {p: layouts[id(p)] for p in parameters if id(p) in layouts} if layouts else None
+        return agc_plan(parameters, self.clipping, self.eps, layouts=known)
 
     def decide(
         self,
@@ -564,7 +604,9 @@ def make_policy(policy: str | ClipPolicy) -> ClipPolicy:
 
 @torch.no_grad()
 def clip_with_policy_(
-    policy: ClipPolicy, parameters: Sequence[Tensor], grad_scale: Tensor | None = None
+    policy: ClipPolicy,
+    parameters: nn.Module | Sequence[Tensor],
+    grad_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Clip the gradients of ``parameters`` globally with ``policy``, in place.
 
@@ -576,7 +618,10 @@ def clip_with_policy_(
 
     Args:
         policy: the clipping policy (its state is updated).
-        parameters: the parameters whose ``.grad`` is clipped.
+        parameters: the model (the policy is bound to it first: AGC then reads each
+            weight's output units from the unit map), or the parameters whose ``.grad``
+            is clipped (AGC reads units as rows, dim 0, unless the policy was bound with
+            :meth:`ClipPolicy.bind`).
         grad_scale: the loss scale the gradients carry, or ``None``.
 
     Returns:
@@ -597,6 +642,9 @@ def clip_with_policy_(
             "lives as long as the run (its state is the history), e.g. "
             "policy = make_policy('zclip') once, then clip_with_policy_(policy, ...) every step."
         )
+    if isinstance(parameters, nn.Module):
+        policy.bind(parameters)
+        parameters = list(parameters.parameters())
     params = [p for p in parameters if p.grad is not None]
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:

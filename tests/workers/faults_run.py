@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_gradguard import AdaptiveGradClip, GradGuard
 from lightning_gradguard.functional import ZClip
-from lightning_gradguard.logging import event_log
+from lightning_gradguard.record import run_record
 
 SCENARIOS = ("spike", "nan")
 
@@ -134,8 +134,8 @@ def run(scenario: str, out_dir: Path) -> dict[str, Any]:
             )
         ],
         events=[
-            {"kind": e["kind"], "layer": e["layer"], "step": e["step"]}
-            for e in event_log(trainer).events
+            {"kind": e.kind, "layer": ", ".join(e.layers), "step": e.step}
+            for e in run_record(trainer).events
         ],
         warnings=[str(w.message) for w in caught if "gradguard" in str(w.filename)],
     )

@@ -45,7 +45,7 @@ from lightning_gradguard import (
     HealthReport,
     plots,
 )
-from lightning_gradguard.logging import event_log
+from lightning_gradguard.record import run_record
 
 STEPS = 8  # one epoch: 256 samples, 2 ranks, 16 per batch
 BATCH_PER_RANK = 16
@@ -143,7 +143,7 @@ def main(out_dir: Path) -> None:
         "wandb_run_in_process": wandb.run is not None,
         "saved_pngs": saved,
         "grad_bounds": {str(step): v for step, v in module.grad_bounds.items()},
-        "events": event_log(trainer).events,
+        "events": [e.row() for e in run_record(trainer).events],
         "skipped_steps": clipper.skipped_steps,
         "params_end": h.flat(list(module.parameters())),
     }
