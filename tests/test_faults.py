@@ -97,6 +97,8 @@ def test_unwritable_out_dir_is_one_warning_and_training_goes_on(tmp_path: Path) 
     failures = [w for w in ours if "cannot write pictures" in w]
     assert len(failures) == 1, ours  # pictures at steps 2, 4, 6 and the end: one warning
     assert "HealthReport" in failures[0] and f"out_dir={str(not_a_folder)!r}" in failures[0]
+    _, again, _ = _fit(TinyMLP(), [guard], steps=2)  # a reused guard says it for its new run
+    assert len([w for w in again if "cannot write pictures" in w]) == 1
 
 
 _NO_MATPLOTLIB = """

@@ -238,6 +238,9 @@ class HealthReport(Callback):
     # ------------------------------------------------------------------ set-up
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":  # a reused report draws and warns for its new run
+            self._last_picture_step = -1
+            self._warned_no_matplotlib = self._warned_write = False
         run_record(trainer)  # in place before a checkpoint is restored
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
