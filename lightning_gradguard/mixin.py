@@ -25,12 +25,18 @@ Example:
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Any
 
 from torch import Tensor, nn
 
 from lightning_gradguard._compat import rank_zero_warn
 from lightning_gradguard.functional.policies import ClipPolicy, clip_with_policy_, make_policy
+
+
+def _no_owner() -> None:
+    """The owner of a policy made without an optimizer (outside a fit)."""
+    return None
 
 
 class GradGuardMixin:
@@ -40,28 +46,48 @@ class GradGuardMixin:
         gradguard_clip: a :class:`~lightning_gradguard.functional.ClipPolicy`, a
             shorthand (``"norm"``, ``"value"``, ``"agc"``, ``"autoclip"``, ``"zclip"``,
             ``"ema_ratio"``, ``"guard"``) or ``None`` (Lightning's default behaviour).
-            Each optimizer gets its own copy of the policy's state.
+            It is a template, never updated itself: each optimizer gets a fresh copy,
+            and so does every new optimizer object (a second ``fit`` creates new
+            optimizers, so it starts with fresh statistics).
     """
 
     gradguard_clip: str | ClipPolicy | None = None
 
-    def gradguard_policy_for(self, optimizer_index: int) -> ClipPolicy | None:
-        """The policy object (with its state) used for optimizer ``optimizer_index``."""
+    def gradguard_policy_for(
+        self, optimizer_index: int, optimizer: Any = None
+    ) -> ClipPolicy | None:
+        """The policy object (with its state) used for optimizer ``optimizer_index``.
+
+        Args:
+            optimizer_index: the optimizer's position in ``trainer.optimizers``.
+            optimizer: the optimizer itself; when it is not the one the policy was made
+                for (a new fit), the policy starts afresh.
+        """
         if self.gradguard_clip is None:
             return None
-        policies: dict[int, ClipPolicy] = self.__dict__.setdefault("_gradguard_policies", {})
-        if optimizer_index not in policies:
-            template = make_policy(self.gradguard_clip)
-            policies[optimizer_index] = template if not policies else copy.deepcopy(template)
-        return policies[optimizer_index]
+        policies: dict[int, tuple[Any, ClipPolicy]] = self.__dict__.setdefault(
+            "_gradguard_policies", {}
+        )
+        entry = policies.get(optimizer_index)
+        stale = entry is None or (optimizer is not None and entry[0]() is not optimizer)
+        if entry is None or stale:
+            owner = weakref.ref(optimizer) if optimizer is not None else _no_owner
+            entry = (owner, copy.deepcopy(make_policy(self.gradguard_clip)))
+            policies[optimizer_index] = entry
+        return entry[1]
 
-    def _gradguard_bound_policy(self, optimizer_index: int) -> ClipPolicy | None:
+    def _gradguard_bound_policy(
+        self, optimizer_index: int, optimizer: Any = None
+    ) -> ClipPolicy | None:
         """The policy, bound to this module's parameters as they are when it first clips."""
-        policy = self.gradguard_policy_for(optimizer_index)
-        bound: set[int] = self.__dict__.setdefault("_gradguard_bound", set())
-        if policy is not None and optimizer_index not in bound and isinstance(self, nn.Module):
+        policy = self.gradguard_policy_for(optimizer_index, optimizer)
+        if (
+            policy is not None
+            and isinstance(self, nn.Module)
+            and not policy.__dict__.get("_gradguard_bound", False)
+        ):
             policy.bind(self)  # AGC reads each weight's output units from the unit map
-            bound.add(optimizer_index)
+            policy.__dict__["_gradguard_bound"] = True
         return policy
 
     def _gradguard_trainer(self) -> Any:
@@ -80,7 +106,8 @@ class GradGuardMixin:
         gradient_clip_algorithm: str | None = None,
     ) -> None:
         """Clip with ``gradguard_clip``; falls back to Lightning's behaviour when it is None."""
-        policy = self._gradguard_bound_policy(self._gradguard_index(optimizer))
+        raw = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps the optimizer
+        policy = self._gradguard_bound_policy(self._gradguard_index(optimizer), raw)
         if policy is None:
             super().configure_gradient_clipping(  # type: ignore[misc]
                 optimizer, gradient_clip_val, gradient_clip_algorithm
@@ -109,7 +136,8 @@ class GradGuardMixin:
             ValueError: when ``gradguard_clip`` is None.
         """
         index = self._gradguard_index(optimizer)
-        policy = self._gradguard_bound_policy(index)
+        raw = getattr(optimizer, "optimizer", optimizer)
+        policy = self._gradguard_bound_policy(index, raw)
         if policy is None:
             raise ValueError(
                 "clip_gradients_unscaled needs a policy: set gradguard_clip on the module, "
@@ -119,6 +147,5 @@ class GradGuardMixin:
         plugin = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
         scaler = getattr(plugin, "scaler", None)
         scale = getattr(scaler, "_scale", None) if scaler is not None else None
-        raw = getattr(optimizer, "optimizer", optimizer)
         params = [p for group in raw.param_groups for p in group["params"]]
         return clip_with_policy_(policy, params, grad_scale=scale)

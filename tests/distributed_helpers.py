@@ -300,6 +300,11 @@ GUARD_ARGS: dict[str, Any] = {
 }
 AGC_EPS = 1e-3
 FAULT_STEP = 4  # rank 1 puts a NaN into one gradient (after DDP's all-reduce) at this step
+# tests/workers/faults_run.py: rank 1 alone multiplies its gradients by FAULT_SPIKE_FACTOR at
+# FAULT_SPIKE_STEP (a finite spike only it sees), or puts a NaN into one at FAULT_NAN_STEP.
+FAULT_SPIKE_STEP = 5
+FAULT_SPIKE_FACTOR = 1000.0
+FAULT_NAN_STEP = 3
 ADAM_LR = 0.01
 
 

@@ -235,7 +235,10 @@ def test_parts_can_be_switched_off_and_configured() -> None:
     ("kwargs", "message"),
     [
         ({"clp": "norm"}, r"unexpected argument 'clp': did you mean 'clip'\?"),
-        ({"clip": "zclp"}, r"policy='zclp' is not a clipping policy \(did you mean 'zclip'\?\)"),
+        (
+            {"clip": "zclp"},
+            r"GradGuard\(clip='zclp'\) is not a clipping policy \(did you mean 'zclip'\?\)",
+        ),
         ({"rescue": "treshold"}, r"rescue='treshold'.*Did you mean 'threshold'\?"),
         (
             {"clip_args": {"polcy": "norm"}},

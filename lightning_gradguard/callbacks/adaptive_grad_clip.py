@@ -37,6 +37,7 @@ from lightning_gradguard.logging import log_to_loggers, to_host
 from lightning_gradguard.record import run_record
 
 SCOPES = ("global", "layer")
+_ABSENT = object()  # an optimizer without an instance-level ``step`` (the class's runs)
 
 
 @dataclass
@@ -64,10 +65,14 @@ class AdaptiveGradClip(Callback):
     global norm is more than ``spike_sigma`` standard deviations above the mean
     of the last ``spike_window`` norms), the optimizer update does not happen at
     all: parameters and optimizer state stay bit-identical. The decision is
-    reduced across ranks, so every rank skips together. It costs one read of a
-    flag per step. After ``max_consecutive_skips`` skipped steps in a row
-    training stops with an error. With fp16 AMP, the GradScaler already skips
-    non-finite steps: those are counted, not acted on twice.
+    reduced across ranks, so every rank skips together, and every rank folds the
+    same (largest) norm into its policy. It costs one read of a flag per step.
+    After ``max_consecutive_skips`` skipped steps in a row training stops with an
+    error. With fp16 AMP, the GradScaler already skips non-finite steps: those
+    are counted (toward ``max_consecutive_skips`` too), not acted on twice.
+
+    ``policy`` is a template: every optimizer of every fit clips with a fresh
+    copy of it, so a callback reused for another ``fit`` starts afresh.
 
     Logged keys: ``clip/threshold``, ``clip/coef``, ``clip/active``,
     ``clip/skipped_steps``, ``grad_norm/total_clipped``. With ``scope="layer"``
@@ -160,7 +165,8 @@ class AdaptiveGradClip(Callback):
         self.max_consecutive_skips = max_consecutive_skips
         self.log_every_n_steps = log_every_n_steps
         self._own_skips = 0  # steps this callback skipped (host count)
-        self._wrapped: set[int] = set()
+        # id(optimizer) -> (optimizer, its instance-level ``step`` before ours, our wrapper)
+        self._wrapped: dict[int, tuple[Any, Any, Any]] = {}
         self._trainer: Any = None
         self._states: dict[int, _ClipState] = {}
         self._loaded: dict[str, Any] = {}
@@ -231,6 +237,13 @@ class AdaptiveGradClip(Callback):
     # ------------------------------------------------------------------ lifecycle
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            # A second fit with the same callback (sweeps, notebooks) starts afresh: no
+            # policy statistics, skip counts or saved state of the first. A resumed fit
+            # gets its state from load_state_dict, which Lightning calls after setup.
+            self._states = {}
+            self._loaded = {}
+            self._own_skips = 0
         self._trainer = trainer
         run_record(trainer)  # in place before a checkpoint is restored
         strategy = type(trainer.strategy).__name__
@@ -256,6 +269,7 @@ class AdaptiveGradClip(Callback):
         from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
 
         callbacks = flat_callbacks(trainer)
+        self._warn_about_other_clippers(callbacks, pl_module)
         for position, callback in enumerate(callbacks):
             if isinstance(callback, GradNormMonitor):
                 if position < callbacks.index(self):
@@ -267,6 +281,26 @@ class AdaptiveGradClip(Callback):
                         "gradients and share one pass over them."
                     )
                 break
+
+    def _warn_about_other_clippers(self, callbacks: list[Any], pl_module: Any) -> None:
+        """Two owners of clipping clip twice: say so, once, naming both."""
+        clippers = [cb for cb in callbacks if getattr(cb, "clips_gradients", False)]
+        if len(clippers) > 1 and clippers[0] is self:
+            rank_zero_warn(
+                f"{len(clippers)} gradient clippers are attached ("
+                + ", ".join(f"{type(c).__name__}(policy={c.policy!r})" for c in clippers)
+                + "): each clips the gradients the previous one left, and each skips on its "
+                "own. Keep one (GradGuard already contains an AdaptiveGradClip)."
+            )
+        module_policy = getattr(pl_module, "gradguard_clip", None)
+        clipping = [c for c in clippers if c.policy.name != "none"]  # not skip-only ones
+        if module_policy is not None and clipping and clipping[0] is self:
+            rank_zero_warn(
+                f"AdaptiveGradClip(policy={self.policy!r}) and the LightningModule's "
+                f"GradGuardMixin (gradguard_clip={module_policy!r}) both clip: the mixin clips "
+                "in configure_gradient_clipping after AdaptiveGradClip, so both apply. Set "
+                "gradguard_clip = None on the module, or remove the callback."
+            )
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._states = {}
@@ -282,19 +316,28 @@ class AdaptiveGradClip(Callback):
             self._wrap_step(optimizer, index)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        for optimizer in getattr(trainer, "optimizers", []):
-            if "step" in vars(optimizer):  # drop the instance wrappers: the class's step returns
+        # Put back exactly what was there (torch's LR-scheduler wrapper, another library's),
+        # and only where our wrapper is still the outermost one.
+        for optimizer, previous, wrapper in self._wrapped.values():
+            if vars(optimizer).get("step") is not wrapper:
+                continue
+            if previous is _ABSENT:
                 del optimizer.step
-        self._wrapped = set()
+            else:
+                optimizer.step = previous
+        self._wrapped = {}
 
     # ------------------------------------------------------------------ skipping
 
     def _wrap_step(self, optimizer: Any, index: int) -> None:
         if id(optimizer) in self._wrapped:  # this callback wraps each optimizer once
             return
-        self._wrapped.add(id(optimizer))
         original = optimizer.step  # the class's step, or another clipper's wrapper: they chain
 
+        # functools.wraps keeps the wrapped step's attributes, among them torch's
+        # ``_wrapped_by_lr_sched`` marker: without it every LR scheduler step warns that
+        # "optimizer.step() has been overridden after learning rate scheduler initialization".
+        @functools.wraps(original)
         def step(closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
             loss = None
             if closure is not None:
@@ -306,6 +349,7 @@ class AdaptiveGradClip(Callback):
                 return original(**kwargs)
             return original(closure=lambda: loss, **kwargs)
 
+        self._wrapped[id(optimizer)] = (optimizer, vars(optimizer).get("step", _ABSENT), step)
         optimizer.step = step
 
     def _should_skip(self, index: int) -> bool:
@@ -321,10 +365,14 @@ class AdaptiveGradClip(Callback):
         nonfinite = state.nonfinite_flag is not None and bool(state.nonfinite_flag)
         layers: list[str] = []
         if nonfinite:  # a bad step: worth one more pass to name the layers
-            finite = grad_norms(state.layers).groups.isfinite().tolist()
-            layers = [n for n, ok in zip(state.layers.names, finite) if not ok]
-            where = ", ".join(layers[:5]) or "another rank (this rank is finite)"
-            reason = f"non-finite gradients (inf/NaN) in: {where}"
+            bad = ~grad_norms(state.layers).groups.isfinite()
+            if not self._uses_scaler:
+                # Every rank skips together, so every rank reaches this reduction: a layer is
+                # named when it is non-finite on any rank (rank zero, which warns, included).
+                # (With a GradScaler each rank's scaler decides alone: no collective here.)
+                bad = self._agree_across_ranks(bad)
+            layers = [n for n, flag in zip(state.layers.names, bad.tolist()) if flag]
+            reason = f"non-finite gradients (inf/NaN) in: {', '.join(layers[:5])}"
         else:
             reason = f"a gradient-norm spike above {self.spike_sigma:g} sigma of the recent norms"
         record = run_record(self._trainer) if self._trainer is not None else None
@@ -337,11 +385,17 @@ class AdaptiveGradClip(Callback):
                 values={"nonfinite": float(nonfinite), "consecutive": state.consecutive_skips},
                 detail=f"skipped optimizer step ({reason})",
             )
+        self._stop_if_too_many(state, reason, layers)
+        rank_zero_warn(f"AdaptiveGradClip: skipped optimizer step ({reason}).")
+        return True
+
+    def _stop_if_too_many(self, state: _ClipState, reason: str, layers: list[str]) -> None:
         if state.consecutive_skips >= self.max_consecutive_skips:
+            record = run_record(self._trainer) if self._trainer is not None else None
             if record is not None:  # in the record before the error: the report writes it
                 record.add(
                     "stop",
-                    step,
+                    int(self._trainer.global_step),
                     layers=layers,
                     values={"consecutive_skips": state.consecutive_skips},
                     detail=f"stopped after {state.consecutive_skips} skipped steps in a row",
@@ -352,8 +406,6 @@ class AdaptiveGradClip(Callback):
                 "learning rate, check the data and the loss for inf/NaN, or resume from an earlier "
                 "checkpoint. Raise max_consecutive_skips to tolerate longer bursts."
             )
-        rank_zero_warn(f"AdaptiveGradClip: skipped optimizer step ({reason}).")
-        return True
 
     # ------------------------------------------------------------------ the step
 
@@ -362,16 +414,19 @@ class AdaptiveGradClip(Callback):
         state = self._states.get(index)
         if state is None:
             params = [p for group in optimizer.param_groups for p in group["params"]]
-            group_by = self.group_by if self.scope == "layer" else (lambda name: "all")
+            layer_scope = self.scope == "layer"
+            group_by = self.group_by if layer_scope else (lambda name: "all")
             grouping = NormGrouping.from_named_parameters(
                 pl_module.named_parameters(),
                 group_by,
-                self.depth,
+                self.depth if layer_scope else None,
                 self.include,
                 self.exclude,
                 only=params,
             )
-            policy = self.policy if index == 0 else copy.deepcopy(self.policy)
+            # Every optimizer of every fit starts from the configured policy, never from
+            # another optimizer's or an earlier fit's statistics.
+            policy = copy.deepcopy(self.policy)
             policy.bind(pl_module)  # AGC reads each weight's output units from the unit map
             spikes = (
                 SpikeWindow(self.spike_window, self.spike_min_samples, self.spike_sigma)
@@ -387,6 +442,18 @@ class AdaptiveGradClip(Callback):
                 only=params,
             )
             state = _ClipState(grouping=grouping, policy=policy, spikes=spikes, layers=layers)
+            if grouping.left_out:
+                rank_zero_warn(
+                    f"AdaptiveGradClip: optimizer {index}: not clipped (no norm exists for "
+                    f"them): {grouping.describe_left_out()}. The other parameters are."
+                )
+            if not grouping.parameters:
+                rank_zero_warn(
+                    f"AdaptiveGradClip: no parameter of optimizer {index} matches "
+                    f"include={self.include!r} / exclude={self.exclude!r}: nothing is clipped "
+                    "or checked for it. Check the patterns against the names in "
+                    "model.named_parameters()."
+                )
             saved = self._loaded.pop(f"optimizer_{index}", None)
             if saved is not None:
                 state.steps_seen = int(saved["steps_seen"])
@@ -418,6 +485,8 @@ class AdaptiveGradClip(Callback):
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         index, state = self._state(trainer, pl_module, optimizer)
+        if not state.grouping.parameters:
+            return  # nothing matched include/exclude (warned once when the state was made)
         params = list(state.grouping.parameters)
         present = [p for p in params if p.grad is not None]
         grads = [p.grad for p in present if p.grad is not None]
@@ -445,16 +514,20 @@ class AdaptiveGradClip(Callback):
         typical = self.policy_level(state) if sources else None
         extra = [s.spike_flag(optimizer, total, typical) for s in sources]
         if deciding:
-            # Decide together *before* the policy sees the norm (one collective for both
-            # flags): when only some ranks' gradients are non-finite (a fault after the
-            # all-reduce), the others must not fold this step into their statistics either,
-            # or the ranks' thresholds drift apart from here on.
-            agreed = self._agree_across_ranks(
-                torch.cat([torch.stack([skip, nonfinite]), *[f.to(skip.device) for f in extra]])
+            # Decide together *before* the policy sees the norm, in one collective for the
+            # flags (the clipper's and those of the parts that joined its read) and the
+            # norms: when only some ranks' gradients are non-finite or spike (a fault after
+            # the all-reduce), every rank must skip, and every rank must fold the same
+            # number into its statistics (the largest finite one), or the ranks'
+            # thresholds, and then their parameters, drift apart from here on.
+            extra_flags = torch.cat(
+                [skip.new_zeros(0), *[f.to(skip.device).reshape(-1) for f in extra]]
             )
-            skip, nonfinite, extra_agreed = agreed[0], agreed[1], agreed[2:]
-            if self.skip_nonfinite and not self._uses_scaler:
-                norm = torch.where(nonfinite, torch.full_like(norm, math.nan), norm)
+            skip, nonfinite, extra_agreed, total, norm = self._agree_on_step(
+                skip, nonfinite, extra_flags, total, norm
+            )
+            # A non-finite step is never folded into the policy (with or without a scaler).
+            norm = torch.where(nonfinite, torch.full_like(norm, math.nan), norm)
         decision = state.policy.decide(present, grads, norm, index_tensor, prepared)
         if deciding:
             # Skipping pays one host read per step anyway: the same read also says which
@@ -473,6 +546,11 @@ class AdaptiveGradClip(Callback):
             for source, flag in zip(sources, extra):
                 source.receive_flags([bool(f) for f in flags[offset : offset + flag.numel()]])
                 offset += flag.numel()
+            if self._uses_scaler and flags[1]:
+                # The GradScaler skips this step without calling optimizer.step (so without
+                # our wrapper): count it here, toward max_consecutive_skips as well.
+                state.consecutive_skips += 1
+                self._stop_if_too_many(state, "the fp16 GradScaler found inf/NaN gradients", [])
             if not flags[0]:
                 decision.apply_(flags[offset:])
         else:
@@ -487,6 +565,29 @@ class AdaptiveGradClip(Callback):
             clipped = self._clipped_norm(state, norm, coef, prepared)
             if trainer.is_global_zero:
                 self._log(trainer, state, index, threshold, coef, clipped, total)
+
+    @staticmethod
+    def _agree_on_step(
+        skip: Tensor, nonfinite: Tensor, extra: Tensor, total: Tensor, norm: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The step's flags (any rank) and norms (the largest finite one), on every rank.
+
+        ``extra`` holds the flags of the parts that joined the clipper's one read
+        (``SpikeRecovery``); it travels in the same collective.
+        """
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return skip, nonfinite, extra.bool(), total, norm
+        finite_or_zero = [torch.nan_to_num(t.double(), nan=0.0, posinf=0.0) for t in (total, norm)]
+        packed = torch.cat(
+            [skip.double().view(1), nonfinite.double().view(1), extra.double().reshape(-1)]
+            + [t.reshape(-1) for t in finite_or_zero]
+        )
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+        k = extra.numel()
+        agreed_extra = packed[2 : 2 + k] > 0
+        agreed_total = packed[2 + k].to(total.dtype).reshape(total.shape)
+        agreed_norm = packed[3 + k :].to(norm.dtype).reshape(norm.shape)
+        return packed[0] > 0, packed[1] > 0, agreed_extra, agreed_total, agreed_norm
 
     @staticmethod
     def _agree_across_ranks(flag: Tensor) -> Tensor:
@@ -528,7 +629,10 @@ class AdaptiveGradClip(Callback):
         host = {k: v[0] for k, v in to_host(values).items()}
         metrics = {
             f"clip/threshold{suffix}": host["threshold"],
-            f"clip/skipped_steps{suffix}": float(self._own_skips + host.get("scaler_skips", 0.0)),
+            # The step being logged is skipped (or not) only after this hook: count it now.
+            f"clip/skipped_steps{suffix}": float(
+                self._own_skips + bool(state.skip_flag) + host.get("scaler_skips", 0.0)
+            ),
             f"grad_norm/total_clipped{suffix}": host["clipped"],
         }
         if self.policy.uses_norms:

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -149,9 +150,12 @@ class DeadUnitMonitor(Callback):
         if (
             isinstance(dormant_tau, bool)
             or not isinstance(dormant_tau, (int, float))
-            or dormant_tau < 0
+            or not 0 <= dormant_tau < math.inf
         ):
-            raise ValueError(f"dormant_tau={dormant_tau!r} must be a non-negative number.")
+            raise ValueError(
+                f"DeadUnitMonitor(dormant_tau={dormant_tau!r}): dormant_tau must be a "
+                "non-negative finite number."
+            )
         if layout not in ("auto", "channels_first", "channels_last"):
             raise ValueError(
                 f"layout={layout!r} is not a unit layout: use 'auto', 'channels_first' or "
@@ -210,6 +214,13 @@ class DeadUnitMonitor(Callback):
     # ------------------------------------------------------------------ lifecycle
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            # A second fit with the same callback starts afresh: the first run's swaps are
+            # not re-applied to another model. A resumed fit gets them from
+            # load_state_dict, which Lightning calls after setup.
+            self.swapped, self.last_stats = [], {}
+            self._reported_dying = set()
+            self._windows = MeasuringWindows(self.every_n_steps, self.window)
         self._record = run_record(trainer)  # in place before a checkpoint is restored
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:

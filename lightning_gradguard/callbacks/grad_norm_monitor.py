@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lightning_gradguard._compat import Callback, rank_zero_warn
@@ -56,8 +57,25 @@ def _positive_int(value: Any, argument: str, allow_none: bool = False) -> None:
 
 
 def _positive_float(value: Any, argument: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{argument}={value!r} must be a positive number.")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{argument}={value!r} must be a positive finite number.")
+
+
+def _agree_on_nonfinite(norms: GroupedNorms) -> GroupedNorms:
+    """Make a layer non-finite on every rank when it is non-finite on one (DDP).
+
+    DDP all-reduces the gradients before the monitor sees them, so the ranks agree,
+    except after a fault that happens on one rank after the reduction. Then that
+    rank's NaN must not be hidden from rank zero, which logs and warns: one
+    collective of one flag per layer, on the device.
+    """
+    bad = (~torch.isfinite(norms.groups)).to(torch.int32)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    flagged = bad.bool()
+    nan = torch.full_like(norms.groups, math.nan)
+    groups = torch.where(flagged, nan, norms.groups)
+    total = torch.where(flagged.any(), torch.full_like(norms.total, math.nan), norms.total)
+    return GroupedNorms(groups, total, norms.norm_type, norms.measured)
 
 
 @dataclass
@@ -75,6 +93,7 @@ class _OptimizerView:
     snapshot: ParameterSnapshot | None = None
     snapshot_norms: Tensor | None = None
     sharded: bool = False
+    replicated: bool = False  # DDP: every rank holds the full (all-reduced) gradients
     step_for_log: int = 0
     suffix: str = ""
 
@@ -342,12 +361,20 @@ class GradNormMonitor(Callback):
                 device=device,
             )
             _, keys = local_tensors(list(grouping.parameters))
+            sharded = any(key is not None for key in keys)
+            distributed = dist.is_available() and dist.is_initialized()
             view = _OptimizerView(
                 grouping=grouping,
                 health=health,
                 suffix=f"_opt{index}" if index else "",
-                sharded=any(key is not None for key in keys),
+                sharded=sharded,
+                replicated=not sharded and distributed and dist.get_world_size() > 1,
             )
+            if grouping.left_out:
+                rank_zero_warn(
+                    f"GradNormMonitor: optimizer {index}: not measured (no norm exists for "
+                    f"them): {grouping.describe_left_out()}. The other parameters are."
+                )
             self._views[index] = view
             self._restore(index, view)
         return index, view
@@ -400,6 +427,8 @@ class GradNormMonitor(Callback):
         if view.pending is not None:  # the previous step was skipped (e.g. by the AMP scaler)
             self._flush(trainer, view)
         norms = grad_norms(view.grouping, self.norm_type)
+        if view.replicated:
+            norms = _agree_on_nonfinite(norms)
         view.last_norms = norms
         if self.detect:
             view.health.update(norms)

@@ -14,7 +14,7 @@ from lightning_gradguard.callbacks.dead_unit_monitor import RESCUE_MODES, DeadUn
 from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
 from lightning_gradguard.callbacks.health_report import HealthReport
 from lightning_gradguard.callbacks.spike_recovery import SpikeRecovery
-from lightning_gradguard.functional.policies import ClipPolicy
+from lightning_gradguard.functional.policies import POLICIES, ClipPolicy
 
 # Every hook of Lightning's Callback base class (the two packages have the same ones).
 _HOOKS = tuple(
@@ -31,6 +31,47 @@ def _build(part: type[Callback], argument: str, options: dict[str, Any] | None) 
         return part(**(options or {}))
     except (TypeError, ValueError) as error:
         raise type(error)(f"GradGuard({argument}=...): {error}") from None
+
+
+def _check_clip(clip: Any) -> None:
+    """``clip`` must be a shorthand, a policy object or None; a typo names ``clip``."""
+    if clip is None or isinstance(clip, ClipPolicy):
+        return
+    if isinstance(clip, str) and clip in POLICIES:
+        return
+    choices = sorted(POLICIES)
+    close = difflib.get_close_matches(str(clip), choices, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(
+        f"GradGuard(clip={clip!r}) is not a clipping policy{hint}: use one of {choices}, a "
+        "policy object such as ZClip(z_thresh=3.0), or None for no clipping."
+    )
+
+
+def _refuse_conflicts(
+    argument: str,
+    options: dict[str, Any] | None,
+    top_level: dict[str, Any],
+    renamed: dict[str, str],
+) -> None:
+    """An option given both in ``<part>_args`` and as a GradGuard argument is an error.
+
+    ``renamed`` maps part arguments that GradGuard sets under another name (the
+    clipper's ``policy`` is GradGuard's ``clip``): those are never taken from the dict.
+    """
+    for key, name in renamed.items():
+        if options and key in options:
+            raise ValueError(
+                f"GradGuard({argument}={{{key!r}: ...}}): set the {key} with "
+                f"GradGuard({name}=...), not in {argument} (both were given, and only one "
+                "can win)."
+            )
+    for key, value in top_level.items():
+        if options and key in options and options[key] != value:
+            raise ValueError(
+                f"GradGuard({key}={value!r}) and {argument}={{{key!r}: {options[key]!r}}} "
+                f"disagree: give {key} once, as GradGuard({key}=...)."
+            )
 
 
 class GradGuard(Callback):
@@ -149,6 +190,14 @@ class GradGuard(Callback):
                 raise TypeError(
                     f"GradGuard({name}={options!r}) must be a dict of keyword arguments."
                 )
+        _check_clip(clip)
+        _refuse_conflicts(
+            "clip_args",
+            clip_args,
+            {"skip_nonfinite": skip_nonfinite, "skip_spikes": skip_spikes},
+            {"policy": "clip"},
+        )
+        _refuse_conflicts("dead_unit_args", dead_unit_args, {"rescue": rescue}, {})
         self.monitor = monitor
         self.clip = clip
         self.skip_nonfinite = skip_nonfinite

@@ -12,6 +12,7 @@ import csv
 import inspect
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,15 @@ def finite_histogram(values: Tensor, bins: int) -> Tensor:
     counts = torch.zeros(bins, dtype=values.dtype, device=values.device)
     counts.index_add_(0, index, finite.to(values.dtype))
     return torch.cat([low.view(1), high.view(1), counts])
+
+
+def _plots_or_none() -> Any:
+    """:mod:`lightning_gradguard.plots`, or None when matplotlib cannot be imported."""
+    try:
+        from lightning_gradguard import plots
+    except ImportError:
+        return None
+    return plots
 
 
 def _public_config(callback: Any) -> dict[str, Any]:
@@ -206,6 +216,12 @@ class HealthReport(Callback):
             raise ValueError(
                 f"max_alerts_per_hour={max_alerts_per_hour!r} must be an integer >= 0."
             )
+        if out_dir is not None and not isinstance(out_dir, (str, os.PathLike)):
+            raise TypeError(
+                f"HealthReport(out_dir={out_dir!r}): out_dir must be a folder path (str) or None."
+            )
+        if not isinstance(alerts, bool):
+            raise TypeError(f"HealthReport(alerts={alerts!r}): alerts must be True or False.")
         self.picture_every_n_steps = picture_every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
         self.histogram_bins = histogram_bins
@@ -218,10 +234,15 @@ class HealthReport(Callback):
         self._last_picture_step = -1
         self._limiter = AlertLimiter(max_alerts_per_hour if alerts else 0)
         self._alerted_up_to = 0  # the record's sequence number of the last event seen
+        self._warned_no_matplotlib = False
+        self._warned_write = False
 
     # ------------------------------------------------------------------ set-up
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":  # a reused report draws and warns for its new run
+            self._last_picture_step = -1
+            self._warned_no_matplotlib = self._warned_write = False
         run_record(trainer)  # in place before a checkpoint is restored
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -404,8 +425,16 @@ class HealthReport(Callback):
         return series.steps, series.names, np.ma.masked_array(values, mask=~series.logged.numpy())
 
     def _draw_and_log(self, trainer: Any, step: int, log: bool = True) -> None:
-        from lightning_gradguard import plots
-
+        plots = _plots_or_none()
+        if plots is None:
+            if not self._warned_no_matplotlib:
+                self._warned_no_matplotlib = True
+                rank_zero_warn(
+                    "HealthReport: matplotlib is not installed, so no pictures are drawn "
+                    "(the events, histograms and summary are still logged). "
+                    "pip install 'lightning_gradguard[plots]' to get them."
+                )
+            return
         record = run_record(trainer)
         folder = self._folder(trainer)
         drawn: dict[str, Path] = {}
@@ -415,7 +444,7 @@ class HealthReport(Callback):
             figure = plots.gradient_flow_heatmap(
                 steps, layers, norms, vanishing_threshold=threshold
             )
-            drawn["gradient_flow"] = plots.save_png(figure, folder / "gradient_flow.png")
+            self._save(plots, figure, folder / "gradient_flow.png", drawn, "gradient_flow")
         steps, layers, fractions = self._series(trainer, "dead_units")
         if steps and layers:
             events = [
@@ -430,7 +459,7 @@ class HealthReport(Callback):
                 threshold=record.thresholds.get("dead_units"),
                 events=events,
             )
-            drawn["dead_units"] = plots.save_png(figure, folder / "dead_units.png")
+            self._save(plots, figure, folder / "dead_units.png", drawn, "dead_units")
         clip = record.history.get("clip")
         if clip is not None:
             skipped = [event.step for event in record.events_of("skip")]
@@ -442,10 +471,23 @@ class HealthReport(Callback):
                 skipped_steps=skipped,
                 rollback_steps=[event.step for event in record.events_of("rollback")],
             )
-            drawn["clipping"] = plots.save_png(figure, folder / "clipping.png")
+            self._save(plots, figure, folder / "clipping.png", drawn, "clipping")
         self.pictures.update(drawn)
         if log:
             self._log_images(trainer, drawn, step)
+
+    def _save(self, plots: Any, figure: Any, path: Path, drawn: dict[str, Path], name: str) -> None:
+        """Write one picture; a failed write is a warning (once), never the end of the run."""
+        try:
+            drawn[name] = plots.save_png(figure, path)
+        except (OSError, ValueError) as error:  # unwritable, not a folder, disk full
+            if not self._warned_write:
+                self._warned_write = True
+                rank_zero_warn(
+                    f"HealthReport: cannot write pictures to out_dir={str(path.parent)!r} "
+                    f"({type(error).__name__}: {error}); training goes on without them. "
+                    "Set HealthReport(out_dir=...) to a writable folder."
+                )
 
     def _log_images(self, trainer: Any, drawn: dict[str, Path], step: int) -> None:
         if not drawn:

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -89,6 +90,39 @@ def _positive(value: Any, argument: str) -> None:
         raise ValueError(f"{argument}={value!r} must be a positive integer.")
 
 
+def _check_seed(seed: Any, owner: str) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise TypeError(f"{owner}(seed={seed!r}): seed must be a non-negative integer.")
+    return seed
+
+
+def _check_steps(at_steps: Any) -> list[int] | None:
+    """``at_steps`` as a sorted list of global steps (a string is refused, not split)."""
+    if at_steps is None:
+        return None
+    if isinstance(at_steps, (str, bytes)) or not isinstance(at_steps, (list, tuple)):
+        raise TypeError(
+            f"LayerReinit(at_steps={at_steps!r}): at_steps must be a list of global steps, "
+            "e.g. at_steps=[10, 500]."
+        )
+    if not all(not isinstance(s, bool) and isinstance(s, int) and s >= 0 for s in at_steps):
+        raise ValueError(
+            f"LayerReinit(at_steps={at_steps!r}): every step must be a non-negative integer."
+        )
+    return sorted(at_steps)
+
+
+def _check_names(names: Any, argument: str, owner: str) -> list[str] | None:
+    if names is None:
+        return None
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise TypeError(
+            f"{owner}({argument}={names!r}): {argument} must be a list of module names, "
+            "e.g. ['encoder.0', 'head']."
+        )
+    return list(names)
+
+
 def _optimizer_of(trainer: Any, parameter: Tensor) -> torch.optim.Optimizer | None:
     for optimizer in trainer.optimizers:
         if any(p is parameter for group in optimizer.param_groups for p in group["params"]):
@@ -156,7 +190,7 @@ class InitAtStart(Callback):
     ) -> None:
         _check_scheme(scheme)
         self.scheme = scheme
-        self.seed = seed
+        self.seed = _check_seed(seed, "InitAtStart")
         self.input_fn = input_fn
         self.init_kwargs: dict[str, Any] = {
             "nonlinearity": nonlinearity,
@@ -175,6 +209,7 @@ class InitAtStart(Callback):
                 nonlinearity,
                 self.init_kwargs["residual_projections"],
                 n_layers,
+                std,
             )
         self.report: Any = None
 
@@ -270,8 +305,10 @@ class UnitRecycler(Callback):
         _positive(window, "window")
         if window > every_n_steps:
             raise ValueError(f"window={window} must not exceed every_n_steps={every_n_steps}.")
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or tau < 0:
-            raise ValueError(f"tau={tau!r} must be a non-negative number.")
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau < math.inf:
+            raise ValueError(
+                f"UnitRecycler(tau={tau!r}): tau must be a non-negative finite number."
+            )
         _check_scheme(scheme)
         if scheme == "lsuv":
             raise ValueError("scheme='lsuv' needs data; recycled units use a named scheme.")
@@ -288,7 +325,7 @@ class UnitRecycler(Callback):
         self.tau = float(tau)
         self.pairs = None if pairs is None else [list(p) for p in pairs]
         self.scheme = scheme
-        self.seed = seed
+        self.seed = _check_seed(seed, "UnitRecycler")
         self.recycled_total = 0
         self._record: RunRecord | None = None
         self.unit_pairs: list[UnitPair] = []
@@ -321,6 +358,9 @@ class UnitRecycler(Callback):
         return [event.row() for event in self._record.events_of("recycle")]
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":  # per run: a resumed fit gets them back from load_state_dict
+            self.recycled_total = 0
+            self._windows = MeasuringWindows(self.every_n_steps, self.window)
         self._record = run_record(trainer)  # in place before a checkpoint is restored
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -488,14 +528,16 @@ class LayerReinit(Callback):
         _check_scheme(scheme)
         if scheme == "lsuv":
             raise ValueError("scheme='lsuv' needs data; LayerReinit uses a named scheme.")
-        if at_steps is not None and not layers:
+        steps = _check_steps(at_steps)
+        names = _check_names(layers, "layers", "LayerReinit")
+        if steps is not None and not names:
             raise ValueError("at_steps needs layers=[...]: the modules to re-initialize.")
         self.check_every_n_steps = check_every_n_steps
-        self.at_steps = None if at_steps is None else sorted(int(s) for s in at_steps)
-        self.layers = None if layers is None else list(layers)
+        self.at_steps = steps
+        self.layers = names
         self.scheme = scheme
         self.max_reinits_per_layer = max_reinits_per_layer
-        self.seed = seed
+        self.seed = _check_seed(seed, "LayerReinit")
         self.reinit_counts: dict[str, int] = {}
         self._monitor: GradNormMonitor | None = None
         self._scheduled_at = -1  # the last step the schedule ran (once per step)
@@ -523,8 +565,9 @@ class LayerReinit(Callback):
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._record = run_record(trainer)  # in place before a checkpoint is restored
-        if stage == "fit":  # a resumed fit gets it back from load_state_dict, after setup
+        if stage == "fit":  # per run: a resumed fit gets them back from load_state_dict
             self._scheduled_at = -1
+            self.reinit_counts = {}
         callbacks = flat_callbacks(trainer)
         monitors = [
             cb for cb in callbacks[: callbacks.index(self)] if isinstance(cb, GradNormMonitor)

@@ -22,7 +22,7 @@ def _sklearn() -> tuple[object, object, object]:
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError(
             "The demo trains on scikit-learn's bundled digits data: "
-            "pip install 'lightning_gradguard[examples]' (or pip install scikit-learn)."
+            "pip install 'lightning_gradguard[demo]' (or pip install scikit-learn)."
         ) from error
     return load_digits, train_test_split, StandardScaler
 

@@ -217,7 +217,11 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
         raise UsageError(f"{type(source).__name__} has no train_dataloader(): give --datamodule.")
     try:
         loader = source.train_dataloader()
-    except NotImplementedError:
+    except Exception as error:
+        # NotImplementedError, or Lightning's MisconfigurationException ("`train_dataloader`
+        # must be implemented"): no data is a usage error (exit 2), not a finding (exit 1).
+        if not isinstance(error, NotImplementedError) and "implemented" not in str(error):
+            raise
         raise UsageError(
             f"{type(source).__name__}.train_dataloader() is not implemented: give --datamodule."
         ) from None

@@ -493,6 +493,11 @@ def diagnose(
     if is_lightning_module(work) and callable(getattr(work, "configure_model", None)):
         work.configure_model()  # type: ignore[operator]  # layers built there exist now
     grouping, owners = _layers(work)
+    if grouping.left_out:
+        warnings.warn(
+            f"diagnose: not measured (no norm exists for them): {grouping.describe_left_out()}.",
+            stacklevel=2,
+        )
     if not any(p.requires_grad for p in grouping.parameters):
         raise ValueError(
             f"model={type(model).__name__} has no trainable parameter (none, or all with "

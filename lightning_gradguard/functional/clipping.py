@@ -102,6 +102,11 @@ def clip_by_norm_(
     Returns:
         The clip coefficient(s) applied (1 where nothing was clipped).
 
+    Raises:
+        ValueError: for a negative (or NaN) number as threshold, which would flip the
+            gradient's sign. A tensor threshold is checked on its device without a host
+            sync (``torch._assert_async``: a RuntimeError).
+
     Example:
         >>> g = [torch.tensor([3.0, 4.0])]
         >>> clip_by_norm_(g, torch.tensor(1.0), torch.tensor(5.0))
@@ -109,9 +114,45 @@ def clip_by_norm_(
         >>> g[0]
         tensor([0.6000, 0.8000])
     """
+    threshold = _check_threshold(threshold)
     coef = clip_coefficients(threshold, norm, eps)
     scale_(grads, coef, group_index)
     return coef
+
+
+def _check_threshold(threshold: Tensor | float) -> Tensor:
+    """Refuse a negative or NaN clipping threshold (a Python number or a tensor)."""
+    if not isinstance(threshold, Tensor):
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise TypeError(
+                f"clip_by_norm_(threshold={threshold!r}): threshold must be a number or a tensor."
+            )
+        if not threshold >= 0:
+            raise ValueError(
+                f"clip_by_norm_(threshold={threshold!r}): threshold must be >= 0 (a negative "
+                "threshold would flip the gradients' sign)."
+            )
+        return torch.tensor(float(threshold), dtype=torch.float64)
+    # A tensor threshold is checked where it lives, without reading it back to the host
+    # (on the CPU this raises RuntimeError at once; on an accelerator, at its next sync).
+    torch._assert_async(
+        (threshold >= 0).all(),
+        "clip_by_norm_(threshold=...): threshold must be >= 0 (a negative threshold would "
+        "flip the gradients' sign)",
+    )
+    return threshold
+
+
+_COMPLEX_TO_REAL = {
+    torch.complex32: torch.float16,
+    torch.complex64: torch.float32,
+    torch.complex128: torch.float64,
+}
+
+
+def _real_dtype(tensor: Tensor) -> torch.dtype:
+    """The dtype a real coefficient takes to scale ``tensor`` (complex: its parts' dtype)."""
+    return _COMPLEX_TO_REAL.get(tensor.dtype, tensor.dtype)
 
 
 @torch.no_grad()
@@ -131,11 +172,11 @@ def scale_(grads: Sequence[Tensor], coef: Tensor, group_index: Tensor | None = N
         return
     locals_, _ = local_tensors(grads)
     if coef.dim() == 0:
-        torch._foreach_mul_(locals_, coef.to(locals_[0].device, locals_[0].dtype))
+        torch._foreach_mul_(locals_, coef.to(locals_[0].device, _real_dtype(locals_[0])))
         return
     if group_index is None:
         raise ValueError("scale_: per-group coefficients need group_index.")
-    per_tensor = coef.index_select(0, group_index.to(coef.device)).to(locals_[0].dtype)
+    per_tensor = coef.index_select(0, group_index.to(coef.device)).to(_real_dtype(locals_[0]))
     torch._foreach_mul_(locals_, list(per_tensor.to(locals_[0].device).unbind(0)))
 
 
@@ -143,7 +184,8 @@ def scale_(grads: Sequence[Tensor], coef: Tensor, group_index: Tensor | None = N
 def clip_by_value_(grads: Sequence[Tensor], clip_value: float) -> None:
     """Clamp every gradient element to ``[-clip_value, clip_value]`` in place.
 
-    Unlike :func:`clip_by_norm_` this changes the gradient's direction.
+    Unlike :func:`clip_by_norm_` this changes the gradient's direction. Complex
+    gradients have their real and imaginary parts clamped.
 
     Example:
         >>> g = [torch.tensor([0.5, -3.0])]
@@ -155,6 +197,9 @@ def clip_by_value_(grads: Sequence[Tensor], clip_value: float) -> None:
     if not grads:
         return
     locals_, _ = local_tensors(grads)
+    # Complex gradients: the real and imaginary parts are clamped (clamp has no complex
+    # kernel; a view as real pairs changes the gradient in place).
+    locals_ = [torch.view_as_real(t) if t.is_complex() else t for t in locals_]
     torch._foreach_clamp_min_(locals_, -clip_value)
     torch._foreach_clamp_max_(locals_, clip_value)
 

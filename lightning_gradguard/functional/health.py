@@ -94,8 +94,11 @@ class GradientHealth:
         self.first_nonfinite = torch.where(seen_before, self.first_nonfinite, ~finite_groups)
         self.nonfinite_steps += step_nonfinite.long()
 
-        # Vanishing: a finite norm below the threshold for `patience` steps in a row.
+        # Vanishing: a finite norm below the threshold for `patience` steps in a row. A
+        # group with no gradient at all (frozen, still in the optimizer) was not measured.
         small = finite_groups & (groups < self.vanishing_threshold)
+        if norms.measured is not None:
+            small = small & norms.measured.to(small.device)
         self.vanish_streak = (self.vanish_streak + 1) * small
         self.vanishing |= self.vanish_streak >= self.patience
 

@@ -256,8 +256,11 @@ def _check_init_args(
     nonlinearity: str | None,
     residual_projections: Sequence[str],
     n_layers: int | None,
+    std: float = 0.02,
 ) -> None:
     _validate_scheme(scheme)
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < math.inf:
+        raise ValueError(f"std={std!r} must be a positive finite number (GPT-2 uses 0.02).")
     if nonlinearity is not None and nonlinearity not in {*_GAIN_NAMES.values(), "linear"}:
         raise ValueError(
             f"nonlinearity={nonlinearity!r} has no known gain: use one of "
@@ -363,7 +366,7 @@ def init_(
         >>> report.skipped
         {'ln': 'norm affine: kept as it is'}
     """
-    _check_init_args(scheme, nonlinearity, residual_projections, n_layers)
+    _check_init_args(scheme, nonlinearity, residual_projections, n_layers, std)
     layer_map = map_layers(model)
     fan_layers = [layer for layer in layer_map if layer.kind in FAN_KINDS]
     names = [layer.name for layer in fan_layers]

@@ -80,6 +80,8 @@ def parse_norm_type(norm_type: float | int | str, argument: str = "norm_type") -
         inf
     """
     try:
+        if isinstance(norm_type, bool):  # float(True) is 1.0: a flag is not a norm order
+            raise TypeError
         value = float(norm_type)
     except (TypeError, ValueError):
         raise ValueError(
@@ -120,6 +122,28 @@ def _group_of(name: str, group_by: GroupBy, depth: int) -> str | None:
     return module_path or ROOT_GROUP
 
 
+def unsupported_reason(parameter: Tensor) -> str | None:
+    """Why a parameter's norm cannot be taken (``None`` when it can).
+
+    Integer and bool tensors have no norm (``linalg.vector_norm`` refuses them) and
+    cannot receive a gradient; sparse gradients have no ``linalg.vector_norm`` kernel
+    (torch's ``clip_grad_norm_`` fails on them too). Complex tensors are supported.
+
+    Example:
+        >>> unsupported_reason(torch.zeros(2, dtype=torch.long))
+        'integer dtype torch.int64'
+        >>> unsupported_reason(torch.zeros(2, dtype=torch.complex64)) is None
+        True
+    """
+    if not (parameter.is_floating_point() or parameter.is_complex()):
+        kind = "bool" if parameter.dtype is torch.bool else "integer"
+        return f"{kind} dtype {parameter.dtype}"
+    grad = parameter.grad
+    if grad is not None and grad.layout is not torch.strided:
+        return "sparse gradient"
+    return None
+
+
 def _validate_patterns(patterns: Sequence[str] | None, argument: str) -> tuple[str, ...]:
     if patterns is None:
         return ()
@@ -135,7 +159,8 @@ def validate_group_by(group_by: GroupBy, depth: int | None) -> int:
     """Check ``group_by``/``depth`` and return the depth to use (1 when unused).
 
     Raises:
-        ValueError: on an unknown ``group_by`` or a depth that is not a positive integer.
+        ValueError: on an unknown ``group_by``, a depth that is not a positive integer, or
+            a depth given with another grouping (it would be ignored).
     """
     if not callable(group_by) and group_by not in GROUP_BY_CHOICES:
         raise ValueError(
@@ -149,7 +174,12 @@ def validate_group_by(group_by: GroupBy, depth: int | None) -> int:
                 "(depth=2 groups 'encoder.layers.3.attn.weight' under 'encoder.layers')."
             )
         return depth
-    return 1 if depth is None else depth
+    if depth is not None:
+        raise ValueError(
+            f"depth={depth!r} is only used with group_by='depth' (group_by is {group_by!r}): "
+            "drop depth, or set group_by='depth'."
+        )
+    return 1
 
 
 @dataclass(frozen=True)
@@ -161,12 +191,17 @@ class NormGrouping:
         parameter_names: the selected parameters' cleaned dotted names.
         parameters: the selected parameters.
         group_index: for every selected parameter, the index of its group in ``names``.
+        left_out: ``(name, reason)`` of the parameters that matched but cannot be
+            measured: integer (or bool) dtypes, and gradients that are sparse
+            (``nn.Embedding(sparse=True)``) when the grouping is made. torch's own
+            ``clip_grad_norm_`` fails on both; callers warn once and go on without them.
     """
 
     names: tuple[str, ...]
     parameter_names: tuple[str, ...]
     parameters: tuple[Tensor, ...]
     group_index: tuple[int, ...]
+    left_out: tuple[tuple[str, str], ...] = ()
     _index_cache: dict[Any, Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -205,6 +240,7 @@ class NormGrouping:
         parameter_names: list[str] = []
         parameters: list[Tensor] = []
         group_index: list[int] = []
+        left_out: list[tuple[str, str]] = []
         seen: set[int] = set()
         for raw_name, parameter in named_parameters:
             if id(parameter) in seen or (allowed is not None and id(parameter) not in allowed):
@@ -218,10 +254,31 @@ class NormGrouping:
             group = _group_of(name, group_by, depth)
             if group is None:
                 continue
+            reason = unsupported_reason(parameter)
+            if reason is not None:
+                left_out.append((name, reason))
+                continue
             parameter_names.append(name)
             parameters.append(parameter)
             group_index.append(names.setdefault(group, len(names)))
-        return cls(tuple(names), tuple(parameter_names), tuple(parameters), tuple(group_index))
+        return cls(
+            tuple(names),
+            tuple(parameter_names),
+            tuple(parameters),
+            tuple(group_index),
+            tuple(left_out),
+        )
+
+    def describe_left_out(self) -> str:
+        """The left-out parameters in words, for a warning (empty when none).
+
+        Example:
+            >>> embedding = torch.nn.Embedding(10, 3, sparse=True)
+            >>> embedding(torch.tensor([1, 2])).sum().backward()
+            >>> NormGrouping.from_module(embedding).describe_left_out()
+            'weight (sparse gradient)'
+        """
+        return ", ".join(f"{name} ({reason})" for name, reason in self.left_out)
 
     @classmethod
     def from_module(cls, module: torch.nn.Module, **kwargs: Any) -> NormGrouping:
@@ -242,6 +299,22 @@ class NormGrouping:
             self._index_cache[key] = index
         return index
 
+    def groups_with_gradients(self, present: tuple[int, ...], device: torch.device) -> Tensor:
+        """A bool per group: does one of its parameters at positions ``present`` exist.
+
+        A group whose parameters have no gradient (frozen with ``requires_grad=False``
+        while still in the optimizer, or unused this step) has norm 0 but is not
+        "vanishing": nothing was measured. Cached like :meth:`index_tensor`.
+        """
+        key = ("groups", present, device)
+        mask = self._index_cache.get(key)
+        if mask is None:
+            mask = torch.zeros(len(self.names), dtype=torch.bool)
+            mask[[self.group_index[i] for i in present]] = True
+            mask = mask.to(device)
+            self._index_cache[key] = mask
+        return mask
+
 
 @dataclass(frozen=True)
 class GroupedNorms:
@@ -251,11 +324,14 @@ class GroupedNorms:
         groups: shape ``(len(grouping.names),)``; 0 for a group with no tensor.
         total: the norm of all the tensors together (the global norm).
         norm_type: the norm order.
+        measured: a bool per group, false where no tensor was there to measure (no
+            gradient at all); ``None`` when every group was measured.
     """
 
     groups: Tensor
     total: Tensor
     norm_type: float
+    measured: Tensor | None = None
 
 
 # --------------------------------------------------------------------------- sharding
@@ -315,6 +391,13 @@ least 1e-12 cannot be dominated by such values, so its float32 norm is accurate.
 """
 
 
+def _dense_part(tensor: Tensor) -> Tensor:
+    """A dense tensor with the same norm: an empty shard's zero, a sparse tensor's values."""
+    if tensor.layout is not torch.strided:  # nn.Embedding(sparse=True): duplicates summed
+        tensor = tensor.coalesce().values() if tensor.is_sparse else tensor.to_dense()
+    return tensor if tensor.numel() else tensor.new_zeros(1)  # empty shard: norm 0, inf ok
+
+
 def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, exact: bool = False) -> Tensor:
     """Norms of local tensors, one fused ``_foreach_norm`` call, stacked into float64.
 
@@ -341,7 +424,8 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, exact: bool 
 
     def norms_of(group: list[Tensor]) -> Tensor:
         if exact:
-            return torch.stack(torch._foreach_norm([t.double() for t in group], norm_type))
+            wide = [t.to(torch.complex128) if t.is_complex() else t.double() for t in group]
+            return torch.stack(torch._foreach_norm(wide, norm_type)).real
         if group[0].dtype in (torch.float16, torch.bfloat16):
             return torch.stack(torch._foreach_norm(group, norm_type, dtype=torch.float32))
         return torch.stack(torch._foreach_norm(group, norm_type))
@@ -349,8 +433,11 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, exact: bool 
     # The common case, checked in one pass: one device, one dtype, no empty shard.
     dtype, device = tensors[0].dtype, tensors[0].device
     if all(t.dtype is dtype and t.numel() and t.device == device for t in tensors):
-        return norms_of(list(tensors)).to(torch.float64)
-    tensors = [t if t.numel() else t.new_zeros(1) for t in tensors]  # empty shard: norm 0, inf ok
+        try:
+            return norms_of(list(tensors)).to(torch.float64)
+        except NotImplementedError:  # a sparse tensor has no norm kernel: the slow path
+            pass
+    tensors = [_dense_part(t) for t in tensors]
     first = tensors[0].device
     out = torch.empty(len(tensors), dtype=torch.float64, device=first)
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -462,7 +549,11 @@ def grad_norms(
     """
     p = parse_norm_type(norm_type)
     present, grads = _present_gradients(grouping)
-    return _grouped(grouping, present, grads, p, exact)
+    norms = _grouped(grouping, present, grads, p, exact)
+    if len(present) == len(grouping.parameters):
+        return norms
+    measured = grouping.groups_with_gradients(present, norms.groups.device)
+    return GroupedNorms(norms.groups, norms.total, norms.norm_type, measured)
 
 
 def param_norms(

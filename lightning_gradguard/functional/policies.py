@@ -560,6 +560,13 @@ class EMARatio(ClipPolicy):
 
     def __init__(self, ratio: float = 2.0, decay: float = 0.95) -> None:
         self.ratio = _check_positive(ratio, "ratio", "EMARatio")
+        if not self.ratio > 1:
+            # At or below 1 every step clips to at most the running level, and the level
+            # follows the clipped norm down: the gradients shrink geometrically.
+            raise ValueError(
+                f"EMARatio(ratio={ratio!r}): ratio must be greater than 1, e.g. 2.0: at or "
+                "below 1 the threshold only ever goes down and the gradients shrink to nothing."
+            )
         self.decay = _check_fraction(decay, "decay", "EMARatio")
 
     def threshold(self, norm: Tensor) -> Tensor:
@@ -808,6 +815,12 @@ def clip_with_policy_(
     """
     from lightning_gradguard.functional.norms import grouped_norms
 
+    if not isinstance(policy, ClipPolicy):
+        raise TypeError(
+            f"clip_with_policy_(policy={policy!r}): policy must be a ClipPolicy object that "
+            "lives as long as the run (its state is the history), e.g. "
+            "policy = make_policy('zclip') once, then clip_with_policy_(policy, ...) every step."
+        )
     if isinstance(parameters, nn.Module):
         policy.bind(parameters)
         parameters = list(parameters.parameters())
