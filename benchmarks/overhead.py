@@ -731,7 +731,7 @@ def _targets() -> list[Target]:
     targets: list[Target] = []
     for w in ("mlp", "transformer"):
         targets.append(Target(f"GradNormMonitor <= 1.05x bare on {w}", w, "gradguard", 1.05))
-    for w in WORKLOADS:
+    for w in DEFAULT_WORKLOADS:
         targets.append(
             Target(
                 f"GradNormMonitor cheaper than pl grad_norm on {w}",

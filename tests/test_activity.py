@@ -228,3 +228,19 @@ def test_functional_sites_follow_the_calling_module() -> None:
         b = net.inner.b(a).relu()
     assert stats["inner:relu#0"].dead.tolist() == ((a > 0).sum(0) == 0).tolist()
     assert stats["inner:relu#1"].dead.tolist() == ((b > 0).sum(0) == 0).tolist()
+
+
+def test_a_paused_mode_comes_back_with_the_next_forward() -> None:
+    net = _FunctionalNet()
+    tracker = ActivityTracker.for_module(net)
+    depth = torch._C._len_torch_function_stack()
+    tracker.attach()
+    tracker.pause()  # as in on_before_backward: no activation in the backward pass
+    assert torch._C._len_torch_function_stack() == depth
+    torch.relu(torch.randn(3, 3))  # outside the model while paused: not seen
+    net(torch.randn(4, 3))  # the model's forward puts the mode back
+    assert torch._C._len_torch_function_stack() == depth + 1
+    tracker.detach()
+    assert torch._C._len_torch_function_stack() == depth
+    # the root's own three ReLU calls; the paused call outside the model is not one of them
+    assert list(tracker.stats()) == [":relu#0", ":relu#1", ":relu#2"]

@@ -296,3 +296,31 @@ def test_compiled_resnet_is_measured_and_traced_after_compilation() -> None:
     names = [s.name for s in trace_call_sites(compiled, x)]
     assert names[:3] == ["relu", "layer1.0.relu#0", "layer1.0.relu#1"]
     assert counters["stats"]["unique_graphs"] == graphs  # measured and traced: no recompilation
+
+
+class _LitGPT2(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_gpt2()
+
+    def training_step(self, tokens: Tensor, batch_idx: int) -> Tensor:
+        return self.model(input_ids=tokens, labels=tokens).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=3e-4)
+
+
+def test_gradguard_defaults_log_gpt2_sites_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    logger = CaptureLogger()
+    guard = GradGuard(dead_unit_args={"every_n_steps": 2, "window": 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl.Trainer(logger=logger, callbacks=[guard], **quiet_trainer_kwargs(max_steps=2)).fit(
+            _LitGPT2(), DataLoader([gpt2_batch(seed=i)[0] for i in range(8)], batch_size=4)
+        )
+    keys = {k for k in logger.at_step(1) if k.startswith(("dead_units/", "dormant_units/"))}
+    sites = {f"model.transformer.h.{i}.mlp.act" for i in range(2)}
+    assert keys == {f"{p}/{s}" for p in ("dead_units", "dormant_units") for s in sites}

@@ -279,6 +279,10 @@ class DeadUnitMonitor(Callback):
         if self._tracker is not None:
             self._windows.maybe_open(int(trainer.global_step), self._tracker)
 
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        if self._tracker is not None:
+            self._tracker.pause()  # no activation in backward; the next forward resumes
+
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:

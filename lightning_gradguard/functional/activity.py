@@ -58,6 +58,7 @@ from lightning_gradguard.functional.call_sites import (
 )
 
 LAYOUTS = ("auto", "channels_first", "channels_last")
+_NONNEGATIVE = (nn.ReLU, nn.ReLU6)  # activation modules whose outputs are never negative
 
 SiteKey = tuple[str, str | None, int]
 """``(module path, function name or None, call index)``: a site before it is named."""
@@ -122,6 +123,7 @@ class _Site:
         self, key: SiteKey, order: int, dim: int | None, units: int, shape: tuple[int, ...]
     ) -> None:
         self.key, self.order, self.dim, self.units, self.shape = key, order, dim, units, shape
+        self.nonneg = False  # a ReLU's output: |h| is h
         self.before: str | None = None
         self.after: str | None = None
         self.peak: Tensor | None = None  # per unit, the largest h seen (> 0: ever active)
@@ -139,9 +141,9 @@ class _Site:
         dims = (0,) if self.dim is None else tuple(d for d in range(h.dim()) if d != self.dim)
         wide = h.dtype if h.dtype in (torch.float32, torch.float64) else torch.float32
         peak = h.amax(dim=dims).reshape(-1).to(wide)
-        abs_sum = h.abs().sum(dim=dims, dtype=wide).reshape(-1).double()
+        abs_sum = (h if self.nonneg else h.abs()).sum(dim=dims, dtype=wide).reshape(-1)
         if self.peak is None or self.abs_sum is None:
-            self.peak, self.abs_sum = peak, abs_sum
+            self.peak, self.abs_sum = peak, abs_sum.double()
         else:
             torch.maximum(self.peak, peak, out=self.peak)
             self.abs_sum += abs_sum
@@ -236,6 +238,7 @@ class ActivityTracker:
         self._activation_ids: set[int] = set()
         self._handles: list[Any] = []
         self._mode: _FunctionalActivations | None = None
+        self._mode_on_stack = False
         self._warned: set[str] = set()
         self._agreed: dict[SiteKey, int] | None = None  # the sites of the last reduction
 
@@ -350,17 +353,32 @@ class ActivityTracker:
             self._handles.append(module.register_forward_hook(self._module_hook(name)))
         if self.functions and self.model is not None:
             self._mode = _FunctionalActivations(self)
-            self._mode.__enter__()
+            self.resume()
 
     def detach(self) -> None:
         """Remove the hooks and the mode; accumulated statistics are kept."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        mode, self._mode = self._mode, None
-        if mode is not None:
-            _remove_function_mode(mode)
+        self.pause()
+        self._mode = None
         self._stack = []
+
+    def pause(self) -> None:
+        """Take the functional-activation mode off the stack until :meth:`resume`.
+
+        The backward pass and the optimizer step call no activation; without the
+        mode they pay nothing for it. The next forward of the model resumes it.
+        """
+        if self._mode is not None and self._mode_on_stack:
+            _remove_function_mode(self._mode)
+            self._mode_on_stack = False
+
+    def resume(self) -> None:
+        """Put the functional-activation mode back on the stack (while attached)."""
+        if self._mode is not None and not self._mode_on_stack:
+            self._mode.__enter__()
+            self._mode_on_stack = True
 
     def new_pass(self) -> None:
         """Start a new forward pass: call indices (``#i``) count from 0 again."""
@@ -368,8 +386,10 @@ class ActivityTracker:
 
     def _enter_hook(self, name: str, module: nn.Module, weighted: bool) -> Callable[..., None]:
         def hook(_: nn.Module, __: Any) -> None:
-            if not self._stack and module is self.model:
-                self.new_pass()
+            if not self._stack:
+                self.resume()  # a forward pass begins (after a paused backward, say)
+                if module is self.model:
+                    self.new_pass()
             self._stack.append((name, module))
             if weighted and self._awaiting_after:
                 for site in self._awaiting_after:
@@ -393,7 +413,7 @@ class ActivityTracker:
         def hook(module: nn.Module, _: Any, output: Any) -> None:
             if self.training_only and not module.training:
                 return  # validation, test and predict passes are not training activity
-            self._record((name, None), output)
+            self._record((name, None), output, isinstance(module, _NONNEGATIVE))
 
         return hook
 
@@ -408,9 +428,9 @@ class ActivityTracker:
             return  # inside an activation module: measured (or deliberately not) as a module
         if self.training_only and not module.training:
             return
-        self._record((owner, function), output)
+        self._record((owner, function), output, function in ("relu", "relu6"))
 
-    def _record(self, prefix: tuple[str, str | None], output: Any) -> None:
+    def _record(self, prefix: tuple[str, str | None], output: Any, nonneg: bool) -> None:
         index = self._counts.get(prefix, 0)
         self._counts[prefix] = index + 1
         key = (prefix[0], prefix[1], index)
@@ -422,6 +442,7 @@ class ActivityTracker:
             h = output.detach()
             if site is None:
                 site = self._new_site(key, h)
+                site.nonneg = nonneg
             if site.failed is not None:
                 return
             if site.peak is None and site.samples == 0 and not site.fits(h):
@@ -749,6 +770,7 @@ class MeasuringWindows:
         """Attach the hooks if a window is due at ``step`` (the global step)."""
         if tracker.attached:
             tracker.new_pass()  # a new training batch: call indices count from 0
+            tracker.resume()
             return
         if not tracker.measures_anything:
             return
