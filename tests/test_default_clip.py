@@ -7,6 +7,7 @@ backward against the gradient the optimizer gets, after every callback ran.
 from __future__ import annotations
 
 import math
+import statistics
 import warnings
 from pathlib import Path
 from typing import Any
@@ -267,3 +268,16 @@ def test_guard_clip_per_layer_uses_each_layer_weight_norm() -> None:
     after = float(torch.nn.utils.get_total_norm([p.grad for p in params[:2]]))
     assert after == pytest.approx(0.5 * weights[0], rel=1e-5)  # the big layer is cut
     assert all(torch.equal(p.grad, r) for p, r in zip(params[2:], raw[2:]))  # the other not
+
+
+def test_guard_clip_typical_norm_is_the_median_of_what_it_recorded() -> None:
+    """SpikeRecovery's gradient-norm signal compares against this level."""
+    policy = GuardClip(window=4)
+    assert policy.typical_norm() is None
+    recorded: list[float] = []
+    for norm in [1.0, 3.0, 2.0, 40.0, 5.0, 4.0]:
+        level = statistics.median_low(recorded[-4:]) if recorded else None
+        policy.threshold(torch.tensor(norm, dtype=torch.float64))
+        # a spike (above 2x the median) is recorded as the median itself
+        recorded.append(level if level is not None and norm > 2 * level else norm)
+        assert float(policy.typical_norm()) == statistics.median_low(recorded[-4:])

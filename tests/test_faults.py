@@ -517,11 +517,12 @@ def test_complex_norms_keep_the_imaginary_part_in_float64() -> None:
     assert tensor_norms([z, torch.ones(1)], exact=True).tolist() == [expected, 1.0]
 
 
-def test_every_test_the_reliability_page_names_exists() -> None:
+@pytest.mark.parametrize("page", ["reliability.md", "architectures.md"])
+def test_every_test_a_docs_table_names_exists(page: str) -> None:
     import re
 
-    page = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
-    named = set(re.findall(r"(tests/test_\w+\.py)::(\w+)", page))
+    text = (ROOT / "docs" / page).read_text(encoding="utf-8")
+    named = set(re.findall(r"(tests/test_\w+\.py)::(\w+)", text))
     assert len(named) >= 15
     for path, name in named:
         assert f"def {name}(" in (ROOT / path).read_text(encoding="utf-8"), (path, name)
@@ -535,3 +536,33 @@ def test_sparse_gradient_norm_is_the_norm_of_the_dense_gradient() -> None:
     dense = embedding.weight.grad.to_dense().double()
     got = tensor_norms([embedding.weight.grad, torch.ones(2)]).tolist()
     assert got == pytest.approx([float(torch.linalg.vector_norm(dense)), math.sqrt(2)])
+
+
+class _FailsInForward(TinyMLP):
+    """Raises inside ``forward`` at one step, after a functional and a module ReLU ran."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at = fail_at
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.relu(self.net[0](x))  # a functional site (TorchFunctionMode)
+        if self.global_step == self.fail_at:
+            raise RuntimeError("the data went bad")
+        return self.net[2](self.net[1](h))
+
+
+def test_an_exception_in_forward_leaves_no_hook_or_mode_behind(tmp_path: Path) -> None:
+    """Lightning skips ``teardown`` after an exception: the window must close anyway."""
+    stack = torch._C._len_torch_function_stack()
+    model = _FailsInForward(fail_at=3)
+    guard = GradGuard(report=False, dead_unit_args={"every_n_steps": 100, "window": 10})
+    trainer = pl.Trainer(callbacks=[guard], **quiet_trainer_kwargs(max_steps=6))
+    with pytest.raises(RuntimeError, match="the data went bad"):
+        trainer.fit(model)
+    assert guard.unit_monitor is not None and guard.unit_monitor.last_stats == {}  # mid-window
+    assert torch._C._len_torch_function_stack() == stack
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    model.fail_at = -1
+    x = torch.randn(4, model.net[0].in_features)
+    assert torch.equal(model(x), model.net[2](model.net[1](torch.relu(model.net[0](x)))))

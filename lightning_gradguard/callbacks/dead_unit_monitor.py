@@ -259,6 +259,12 @@ class DeadUnitMonitor(Callback):
         if self._tracker is not None:
             self._windows.close(self._tracker)
 
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        # Lightning does not call ``teardown`` after an exception: leave no hook, no
+        # TorchFunctionMode and no compiler stance behind in the user's process.
+        if self._tracker is not None:
+            self._windows.close(self._tracker)
+
     def _build_tracker(self, pl_module: Any) -> None:
         if self._tracker is not None:
             self._windows.close(self._tracker)

@@ -723,6 +723,12 @@ class GuardClip(ClipPolicy):
         self.position = self.position + finite.long()
         return threshold
 
+    def typical_norm(self) -> Tensor | None:
+        """The median of the recent recorded norms (the spike rule's level); NaN while empty."""
+        if self.history is None:
+            return None
+        return torch.nanmedian(self.history, dim=0).values
+
     def decide(
         self,
         parameters: Sequence[Tensor],
