@@ -40,6 +40,11 @@ SCOPES = ("global", "layer")
 _ABSENT = object()  # an optimizer without an instance-level ``step`` (the class's runs)
 
 
+def _plain_state(saved: Any) -> dict[str, Any]:
+    """A state dict, from a saved copy of a stateful object or from its state dict."""
+    return copy.deepcopy(saved if isinstance(saved, dict) else saved.state_dict())
+
+
 @dataclass
 class _ClipState:
     grouping: NormGrouping
@@ -179,6 +184,35 @@ class AdaptiveGradClip(Callback):
         """Whether this clipper reads a decision flag on the host every step (it skips steps)."""
         return self.skip_nonfinite or self.skip_spikes
 
+    def policy_snapshot(self) -> dict[str, Any]:
+        """Device copies of every optimizer's policy (and spike window), for a rollback.
+
+        Copies, not ``state_dict()``: taking them moves nothing to the host.
+
+        Example:
+            >>> AdaptiveGradClip().policy_snapshot()  # no optimizer seen yet
+            {}
+        """
+        saved: dict[str, Any] = {}
+        for index, state in self._states.items():
+            saved[f"clip_policy_{index}"] = copy.deepcopy(state.policy)
+            if state.spikes is not None:
+                saved[f"clip_spikes_{index}"] = copy.deepcopy(state.spikes)
+        return saved
+
+    def restore_policies(self, saved: dict[str, Any]) -> None:
+        """Put back :meth:`policy_snapshot` output, or its ``state_dict()`` form.
+
+        Optimizers not in ``saved`` keep their state.
+        """
+        for index, state in self._states.items():
+            policy = saved.get(f"clip_policy_{index}")
+            if policy is not None:
+                state.policy.load_state_dict(_plain_state(policy))
+            spikes = saved.get(f"clip_spikes_{index}")
+            if spikes is not None and state.spikes is not None:
+                state.spikes.load_state_dict(_plain_state(spikes))
+
     def add_flag_source(self, source: Any) -> None:
         """Reduce and read another callback's per-step flag together with the skip flags.
 
@@ -198,6 +232,16 @@ class AdaptiveGradClip(Callback):
         if self.scope != "global":
             return None
         return state.policy.typical_norm()
+
+    def typical_norm(self, optimizer_index: int = 0) -> Tensor | None:
+        """One optimizer's running level of the global norm (``None`` before its first step).
+
+        Example:
+            >>> AdaptiveGradClip().typical_norm() is None  # no optimizer seen yet
+            True
+        """
+        state = self._states.get(optimizer_index)
+        return None if state is None else self.policy_level(state)
 
     # ------------------------------------------------------------------ identity / state
 

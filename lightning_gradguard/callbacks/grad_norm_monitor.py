@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import statistics
@@ -407,6 +408,30 @@ class GradNormMonitor(Callback):
                     g = view.grouping.names.index(name)
                     view.health.vanishing[g] = False
                     view.health.vanish_streak[g] = 0
+
+    def detection_snapshot(self) -> dict[str, Any]:
+        """Device copies of the detection state, per optimizer (for a rollback).
+
+        Copies, not ``state_dict()``: taking them moves nothing to the host.
+
+        Example:
+            >>> GradNormMonitor().detection_snapshot()  # no optimizer seen yet
+            {}
+        """
+        return {
+            f"monitor_health_{i}": copy.deepcopy(view.health) for i, view in self._views.items()
+        }
+
+    def restore_detection(self, saved: dict[str, Any]) -> None:
+        """Put back :meth:`detection_snapshot` output, or its ``state_dict()`` form.
+
+        Optimizers not in ``saved`` keep their state.
+        """
+        for index, view in self._views.items():
+            health = saved.get(f"monitor_health_{index}")
+            if health is not None:
+                plain = health if isinstance(health, dict) else health.state_dict()
+                view.health.load_state_dict(copy.deepcopy(plain))
 
     def norms_for(self, optimizer: Any) -> tuple[NormGrouping, GroupedNorms] | None:
         """The grouping and norms computed for ``optimizer`` at the current step.

@@ -444,9 +444,7 @@ class SpikeRecovery(Callback):
         self.receive_flags([bool(f) for f in flags.tolist()])  # the one host read
 
     def _clip_level(self) -> Tensor | None:
-        states = getattr(self._clipper, "_states", {}) if self._clipper is not None else {}
-        state = states.get(0)
-        return None if state is None else self._clipper.policy_level(state)
+        return None if self._clipper is None else self._clipper.typical_norm(0)
 
     def _total_norm(self, trainer: Any, pl_module: Any, optimizer: Any) -> Tensor:
         if self._monitor is not None:
@@ -563,13 +561,9 @@ class SpikeRecovery(Callback):
         if scaler is not None:
             extra["scaler"] = copy.deepcopy(scaler.state_dict())
         if self._clipper is not None:
-            for index, state in getattr(self._clipper, "_states", {}).items():
-                extra[f"clip_policy_{index}"] = copy.deepcopy(state.policy)
-                if state.spikes is not None:
-                    extra[f"clip_spikes_{index}"] = copy.deepcopy(state.spikes)
+            extra.update(self._clipper.policy_snapshot())
         if self._monitor is not None:
-            for index, view in getattr(self._monitor, "_views", {}).items():
-                extra[f"monitor_health_{index}"] = copy.deepcopy(view.health)
+            extra.update(self._monitor.detection_snapshot())
         return extra
 
     def _restore_parts(self, trainer: Any, extra: dict[str, Any]) -> None:
@@ -577,18 +571,9 @@ class SpikeRecovery(Callback):
         if scaler is not None and "scaler" in extra:
             scaler.load_state_dict(copy.deepcopy(extra["scaler"]))
         if self._clipper is not None:
-            for index, state in getattr(self._clipper, "_states", {}).items():
-                saved = extra.get(f"clip_policy_{index}")
-                if saved is not None:
-                    state.policy.load_state_dict(_state_of(saved))
-                saved = extra.get(f"clip_spikes_{index}")
-                if saved is not None and state.spikes is not None:
-                    state.spikes.load_state_dict(_state_of(saved))
+            self._clipper.restore_policies(extra)
         if self._monitor is not None:
-            for index, view in getattr(self._monitor, "_views", {}).items():
-                saved = extra.get(f"monitor_health_{index}")
-                if saved is not None:
-                    view.health.load_state_dict(_state_of(saved))
+            self._monitor.restore_detection(extra)
 
     # ------------------------------------------------------------------ rollback
 
@@ -671,10 +656,6 @@ class SpikeRecovery(Callback):
             "training stops rather than loop. Lower the learning rate, inspect the skipped "
             "batches, set cooldown_steps, or raise the limits."
         )
-
-
-def _state_of(saved: Any) -> dict[str, Any]:
-    return saved if isinstance(saved, dict) else saved.state_dict()
 
 
 def _plain_extra(extra: dict[str, Any]) -> dict[str, Any]:
