@@ -618,6 +618,9 @@ def test_nn_transformer_and_compiled_resnet_have_no_error() -> None:
     diagnosis = diagnose(Seq2Seq(), sequence_batch(8), steps=1)
     assert kinds(diagnosis, "error") == kinds(diagnosis, "warning") == []
 
+    # Compiled code already cached for this forward (an earlier run in the process) must
+    # not hide the doctor's hooks: the measurement runs the model eagerly.
+    torch.compile(resnet_tiny(), backend="eager")(image_batch(16, 8)[0]).sum().backward()
     compiled = torch.compile(resnet_tiny(), backend="eager")
     plain = diagnose(resnet_tiny(), image_batch(16, 8), steps=1)
     found = diagnose(compiled, image_batch(16, 8), steps=1)

@@ -14,7 +14,11 @@ from torch import Tensor, nn
 
 from lightning_gradguard.doctor.findings import Architecture, Thresholds, find_problems
 from lightning_gradguard.doctor.report import Diagnosis, LayerRow, Unchecked
-from lightning_gradguard.functional.activity import DEFAULT_ACTIVATIONS, unit_dim
+from lightning_gradguard.functional.activity import (
+    DEFAULT_ACTIVATIONS,
+    _set_compiler_stance,
+    unit_dim,
+)
 from lightning_gradguard.functional.init import NORM_LAYERS
 from lightning_gradguard.functional.norms import (
     ROOT_GROUP,
@@ -527,6 +531,9 @@ def diagnose(
     source = _batches(batch)
     recorder = _Recorder(work)
     cuda = [device.index if device.index is not None else 0] if device.type == "cuda" else []
+    # Compiled code (torch.compile(model), model.compile()) runs eagerly while measuring:
+    # graphs compiled earlier without the recorder's hooks would otherwise skip them.
+    prior_stance = _set_compiler_stance("force_eager")
     try:
         with torch.random.fork_rng(devices=cuda), torch.enable_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*self\.log\(\).*")
@@ -548,6 +555,7 @@ def diagnose(
                 per_step.append(grad_norms(grouping, exact=True).groups.tolist())
     finally:
         recorder.remove()
+        _set_compiler_stance(prior_stance)
 
     has_grad = [False] * len(grouping.names)
     for parameter, group in zip(grouping.parameters, grouping.group_index):
