@@ -246,11 +246,11 @@ SCENARIOS: tuple[Scenario, ...] = (
         ),
         explanation=(
             "A burst of the learning rate (a bad stretch of data does the same) throws the "
-            "weights far off in a few Adam steps; the loss jumps and the run never comes back "
-            "to where it was. Clipping and skipping do not help: the updates are bounded by the "
-            "learning rate, not by the gradient. SpikeRecovery rolls back to its last snapshot "
-            "at each spiking step (the batches since are skipped) and the run ends like a clean "
-            "one."
+            "weights far off in a few Adam steps; unguarded, the loss jumps and the run never "
+            "comes back to where it was. GradGuard's clipping cuts the spiking gradients, which "
+            "limits the damage, but Adam's steps stay as large as the learning rate allows; "
+            "SpikeRecovery undoes what got through: it rolls back to its last snapshot at each "
+            "spiking step (the batches since are skipped) and the run ends like a clean one."
         ),
     ),
 )
