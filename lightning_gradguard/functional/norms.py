@@ -12,8 +12,12 @@ The work is split the way torch's own ``clip_grad.py`` splits it:
    sharded tensors (FSDP2 ``DTensor`` shards), reduces all groups with a single
    collective per device mesh.
 
-Norms are accumulated in float64 by default: the gradients of a vanishing
-network can be around 1e-24, whose squares underflow to exactly 0 in float32.
+Per-tensor norms are computed in the tensors' own dtype (half precision in float32),
+then stacked and summed per group in float64. That is exact unless a norm is below
+:data:`TINY_NORM`: the gradients of a vanishing network can be around 1e-24, whose
+squares underflow to exactly 0 in float32. ``exact=True`` computes the per-tensor norms
+from float64 copies; :class:`~lightning_gradguard.GradNormMonitor` recomputes the groups
+below :data:`TINY_NORM` that way on logging steps.
 
 Example:
     >>> import torch
