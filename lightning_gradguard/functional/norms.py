@@ -52,6 +52,25 @@ try:  # DTensor (FSDP2 shards); imported once, not per tensor
 except ImportError:  # pragma: no cover - torch built without distributed
     _DTensor = None  # type: ignore[assignment, misc]
 
+__all__ = [
+    "GROUP_BY_CHOICES",
+    "ROOT_GROUP",
+    "TINY_NORM",
+    "GroupBy",
+    "GroupedNorms",
+    "NormGrouping",
+    "ParameterSnapshot",
+    "clean_parameter_name",
+    "grad_norms",
+    "grouped_norms",
+    "local_tensors",
+    "param_norms",
+    "parse_norm_type",
+    "tensor_norms",
+    "unsupported_reason",
+    "validate_group_by",
+]
+
 GroupBy = str | Callable[[str], str | None]
 """How parameters are grouped: ``"module"``, ``"parameter"``, ``"depth"`` or a callable."""
 
