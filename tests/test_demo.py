@@ -50,6 +50,7 @@ def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return out, done.stdout
 
 
+@pytest.mark.slow
 def test_quick_demo_prints_the_table_and_where_everything_is(quick_demo: tuple[Path, str]) -> None:
     out, stdout = quick_demo
     assert "| exploding | without GradGuard |" in stdout
@@ -60,6 +61,7 @@ def test_quick_demo_prints_the_table_and_where_everything_is(quick_demo: tuple[P
         assert (out / "exploding" / "with_gradguard" / name).stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_quick_demo_exploding_diverges_without_and_stays_finite_with(
     quick_demo: tuple[Path, str],
 ) -> None:
@@ -74,6 +76,7 @@ def test_quick_demo_exploding_diverges_without_and_stays_finite_with(
     assert "gradient_flow.png" in " ".join(guarded["pictures"])
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_real_offline_wandb_runs(quick_demo: tuple[Path, str]) -> None:
     out, _ = quick_demo
     runs = [load_run(path.parent) for path in find_run_files(out / "wandb")]
@@ -126,6 +129,7 @@ def test_console_script_is_installed() -> None:
     assert done.returncode == 0 and "gradguard demo --help" in done.stdout
 
 
+@pytest.mark.slow
 def test_online_mode_without_login_says_what_to_do(tmp_path: Path) -> None:
     env = {"HOME": str(tmp_path), "WANDB_API_KEY": "", "WANDB_CONFIG_DIR": str(tmp_path / "cfg")}
     done = _gradguard(

@@ -16,12 +16,9 @@ from typing import Any
 import distributed_helpers as h
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo"
-)
+pytestmark = pytest.mark.distributed  # conftest.py: also slow, skipped without gloo
 
 LAUNCH_TIMEOUT = 150.0  # seconds for the whole launch; a collective mismatch hangs
 

@@ -11,11 +11,8 @@ from typing import Any
 
 import distributed_helpers as h
 import pytest
-import torch.distributed as dist
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo"
-)
+pytestmark = pytest.mark.distributed  # conftest.py: also slow, skipped without gloo
 
 STEPS = 16
 SPIKE_STEP = 9
