@@ -1,9 +1,13 @@
 """lightning_gradguard: drop-in PyTorch Lightning callbacks that keep gradients healthy.
 
-The callbacks and the mixin are imported lazily, so ``lightning_gradguard.functional``
-(pure torch) can be used from plain PyTorch or Fabric without importing Lightning.
+The callbacks, the mixin and the subpackages are imported lazily (module ``__getattr__``,
+as torch and numpy do), so ``lightning_gradguard.functional`` (pure torch) can be used from
+plain PyTorch or Fabric without importing Lightning.
 
 Example:
+    >>> import lightning_gradguard as gg
+    >>> gg.functional.grad_norms.__name__
+    'grad_norms'
     >>> import pytorch_lightning as pl
     >>> from lightning_gradguard import GradNormMonitor
     >>> trainer = pl.Trainer(callbacks=[GradNormMonitor()], logger=False)
@@ -33,7 +37,16 @@ _LAZY = {
     "run_record": "lightning_gradguard.record",
 }
 
+# Subpackages and modules reachable as attributes (``gg.functional``), imported on first use.
+_SUBMODULES = frozenset({"callbacks", "demo", "doctor", "functional", "plots", "record"})
+
 if TYPE_CHECKING:
+    from lightning_gradguard import callbacks as callbacks
+    from lightning_gradguard import demo as demo
+    from lightning_gradguard import doctor as doctor
+    from lightning_gradguard import functional as functional
+    from lightning_gradguard import plots as plots
+    from lightning_gradguard import record as record
     from lightning_gradguard.callbacks.adaptive_grad_clip import AdaptiveGradClip
     from lightning_gradguard.callbacks.dead_unit_monitor import DeadUnitMonitor
     from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
@@ -49,6 +62,8 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'lightning_gradguard' has no attribute {name!r}")
 
 
@@ -69,3 +84,9 @@ __all__ = [
     "diagnose",
     "run_record",
 ]
+
+
+def __dir__() -> list[str]:
+    # The subpackages stay out of ``__all__`` (a star import would import the optional
+    # matplotlib through ``plots``) but are listed here, for completion.
+    return sorted(set(globals()) | set(__all__) | _SUBMODULES)

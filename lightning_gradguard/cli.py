@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import sys
 
+__all__ = [
+    "USAGE",
+    "main",
+]
+
 USAGE = """usage: gradguard {demo,doctor} [options]
 
   demo     train vanishing, exploding and dying-ReLU networks on the digits data,

@@ -17,6 +17,14 @@ from torch import Tensor
 
 from lightning_gradguard.record import Event, EventKind, run_record
 
+__all__ = [
+    "log_to_loggers",
+    "record_event",
+    "tensorboard_writers",
+    "to_host",
+    "wandb_runs",
+]
+
 
 def to_host(values: Mapping[str, Tensor]) -> dict[str, list[float]]:
     """Move a dict of device tensors to Python floats in one transfer.

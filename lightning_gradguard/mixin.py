@@ -33,6 +33,10 @@ from torch import Tensor, nn
 from lightning_gradguard._compat import rank_zero_warn
 from lightning_gradguard.functional.policies import ClipPolicy, clip_with_policy_, make_policy
 
+__all__ = [
+    "GradGuardMixin",
+]
+
 
 def _no_owner() -> None:
     """The owner of a policy made without an optimizer (outside a fit)."""

@@ -51,6 +51,19 @@ from torch import Tensor
 
 from lightning_gradguard._compat import Callback, rank_zero_warn
 
+__all__ = [
+    "EVENT_COLUMNS",
+    "EVENT_KINDS",
+    "STATE_VERSION",
+    "Event",
+    "EventKind",
+    "MetricHistory",
+    "RunRecord",
+    "Series",
+    "find_run_record",
+    "run_record",
+]
+
 EventKind = Literal[
     "skip",
     "stop",

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 TESTS_DIR = Path(__file__).resolve().parent
 WORKERS_DIR = TESTS_DIR / "workers"
@@ -65,6 +65,24 @@ def make_net() -> nn.Sequential:
     net = nn.Sequential(nn.Linear(a, b), nn.Tanh(), nn.Linear(b, c), nn.Tanh(), nn.Linear(c, d))
     torch.random.set_rng_state(generator_state)
     return net
+
+
+def shard_linear_layers(net: nn.Sequential, mesh: Any) -> None:
+    """FSDP2 as the workers shard: each ``nn.Linear`` its own ``fully_shard`` unit, then ``net``."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in net:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+
+
+def rank_loader(data: TensorDataset, trainer: Any, batch_size: int) -> DataLoader:
+    """This rank's batches: ``DistributedSampler(shuffle=False)``, so the split is known."""
+    sampler = DistributedSampler(
+        data, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+    )
+    return DataLoader(data, batch_size=batch_size, sampler=sampler)
 
 
 def make_dataset() -> TensorDataset:
@@ -263,6 +281,32 @@ def launch_ranks(
     codes = [proc.returncode for proc in procs]
     if any(codes):
         raise _failure(f"{script} ranks exited with {codes}", logs)
+
+
+Launch = tuple[Path, AssertionError | None]
+"""Where a module's scenarios wrote their results, and how the launch failed (if it did)."""
+
+
+def launch_scenarios(script: str, out: Path, timeout: float = 150.0) -> Launch:
+    """Run ``script`` on every rank, writing to ``out``; a failure is kept, not raised.
+
+    The scenarios written before a failure still get checked; :func:`read_ranks`
+    raises the failure for the scenarios that have no result.
+    """
+    try:
+        launch_ranks(script, str(out), timeout=timeout)
+    except AssertionError as error:
+        return out, error
+    return out, None
+
+
+def read_ranks(launch: Launch, scenario: str) -> list[dict[str, Any]]:
+    """Every rank's ``<scenario>.rank<r>.json`` from a :func:`launch_scenarios` run."""
+    out, error = launch
+    paths = [out / f"{scenario}.rank{rank}.json" for rank in range(WORLD_SIZE)]
+    if not all(path.exists() for path in paths):
+        raise AssertionError(f"{scenario}: no result from every rank") from error
+    return [read_json(path) for path in paths]
 
 
 def read_json(path: Path) -> Any:

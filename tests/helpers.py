@@ -1,7 +1,9 @@
-"""Small models, data and a capturing logger shared by the Lightning tests."""
+"""Small models, data, a capturing logger and host-sync counters shared by the tests."""
 
 from __future__ import annotations
 
+import importlib
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -9,11 +11,13 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import Logger
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 
-class CaptureLogger(Logger):
-    """A real Lightning logger that keeps every ``log_metrics`` call in memory."""
+class _Capture:
+    """``log_metrics`` calls kept in memory; mixed into either package's ``Logger``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -33,6 +37,10 @@ class CaptureLogger(Logger):
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
         pass
 
+    def logged_keys(self) -> set[str]:
+        """Every metric key logged at least once."""
+        return {key for _, metrics in self.calls for key in metrics}
+
     def by_key(self, prefix: str = "") -> dict[str, list[tuple[int | None, float]]]:
         out: dict[str, list[tuple[int | None, float]]] = {}
         for step, metrics in self.calls:
@@ -47,6 +55,21 @@ class CaptureLogger(Logger):
             if s == step:
                 merged.update(metrics)
         return merged
+
+
+class CaptureLogger(_Capture, Logger):
+    """A real ``pytorch_lightning`` logger that keeps every ``log_metrics`` call in memory."""
+
+
+def capture_logger(package: str = "pytorch_lightning") -> Any:
+    """A capturing logger for ``package``: ``"pytorch_lightning"`` or ``"lightning.pytorch"``.
+
+    Each package's ``Trainer`` accepts only its own ``Logger`` subclasses.
+    """
+    if package == "pytorch_lightning":
+        return CaptureLogger()
+    base = importlib.import_module(f"{package}.loggers").Logger
+    return type("CaptureLogger", (_Capture, base), {})()
 
 
 def module_grad_norms(model: nn.Module, prefix: str = "") -> dict[str, float]:
@@ -164,3 +187,60 @@ def run_example_quick(script: Any, out: Any) -> tuple[dict[str, Any], str]:
     )
     assert result.returncode == 0, result.stdout[-5000:]
     return json.loads((out / "results.json").read_text(encoding="utf-8")), result.stdout
+
+
+# --------------------------------------------------------------------------- host syncs
+
+# The tensor methods that read a value back to the host.
+SYNC_METHODS = {"item", "__bool__", "tolist", "cpu", "numpy", "__float__", "__int__", "__index__"}
+
+
+class SyncCounter(TorchFunctionMode):
+    """Counts the host-sync methods called on tensors in ordinary code (not in autograd hooks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = getattr(func, "__name__", "")
+        if name in SYNC_METHODS:
+            self.counts[name] += 1
+        listed = args[0] if name == "tensor" and args else None
+        if isinstance(listed, (list, tuple)) and any(isinstance(a, torch.Tensor) for a in listed):
+            self.counts["tensor(list of tensors)"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class DispatchSyncCounter(TorchDispatchMode):
+    """Counts ``aten._local_scalar_dense``: every device-to-host scalar read, hooks included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class CountSyncsPerBatch(pl.Callback):
+    """Counts sync calls from the start to the end of every training batch."""
+
+    def __init__(self) -> None:
+        self.per_batch: list[tuple[Counter[str], int]] = []
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._function, self._dispatch = SyncCounter(), DispatchSyncCounter()
+        self._function.__enter__()
+        self._dispatch.__enter__()
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._dispatch.__exit__(None, None, None)
+        self._function.__exit__(None, None, None)
+        self.per_batch.append((self._function.counts, self._dispatch.count))

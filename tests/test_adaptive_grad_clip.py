@@ -172,6 +172,7 @@ def test_two_clippers_warning_and_deepspeed_error() -> None:
         _fit(TinyMLP(), [AdaptiveGradClip(policy="norm")], steps=1, gradient_clip_val=1.0)
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
     def run(steps: int, ckpt: Path | None = None, save: bool = False) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
@@ -239,6 +240,7 @@ def test_fp16_scaler_skips_are_counted_not_doubled() -> None:
     assert logger.at_step(11)["clip/skipped_steps"] == scaler_skipped
 
 
+@pytest.mark.slow
 def test_resume_in_a_fresh_process_equals_uninterrupted_run(tmp_path: Path) -> None:
     import subprocess
     import sys

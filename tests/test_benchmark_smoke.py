@@ -13,6 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each test runs the benchmark in a subprocess (6-35 s)
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
 WORKLOADS = ("mlp", "transformer", "many_small")
 # Variant name -> label in the tables, for every variant a default run includes.

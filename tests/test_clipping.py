@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
+from helpers import SyncCounter
 
 from lightning_gradguard.functional.clipping import agc_, agc_plan, clip_by_norm_, clip_by_value_
 from lightning_gradguard.functional.policies import (
@@ -786,21 +786,6 @@ def test_make_policy_unknown_name_lists_choices() -> None:
 
 # --------------------------------------------------------------------------- host sync
 
-SYNC_METHODS = {"item", "__bool__", "tolist", "cpu", "numpy", "__float__", "__int__", "__index__"}
-
-
-class _SyncCounter(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        name = getattr(func, "__name__", "")
-        if name in SYNC_METHODS:
-            self.counts[name] += 1
-        return func(*args, **(kwargs or {}))
-
-
 ALL_POLICIES = {
     "norm": lambda: FixedNorm(1.0),
     "value": lambda: FixedValue(0.5),
@@ -825,7 +810,7 @@ def test_policies_do_not_sync_with_host(name: str, shape: tuple[int, ...]) -> No
     group_index = torch.arange(3) if shape else None
 
     policy = ALL_POLICIES[name]()
-    with _SyncCounter() as counter:
+    with SyncCounter() as counter:
         for norm in norms:
             policy.threshold(norm)
         for norm in norms[:5]:

@@ -50,6 +50,7 @@ def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return out, done.stdout
 
 
+@pytest.mark.slow
 def test_quick_demo_prints_the_table_and_where_everything_is(quick_demo: tuple[Path, str]) -> None:
     out, stdout = quick_demo
     assert "| exploding | without GradGuard |" in stdout
@@ -60,6 +61,7 @@ def test_quick_demo_prints_the_table_and_where_everything_is(quick_demo: tuple[P
         assert (out / "exploding" / "with_gradguard" / name).stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_quick_demo_exploding_diverges_without_and_stays_finite_with(
     quick_demo: tuple[Path, str],
 ) -> None:
@@ -74,6 +76,7 @@ def test_quick_demo_exploding_diverges_without_and_stays_finite_with(
     assert "gradient_flow.png" in " ".join(guarded["pictures"])
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_real_offline_wandb_runs(quick_demo: tuple[Path, str]) -> None:
     out, _ = quick_demo
     runs = [load_run(path.parent) for path in find_run_files(out / "wandb")]
@@ -86,6 +89,9 @@ def test_quick_demo_writes_real_offline_wandb_runs(quick_demo: tuple[Path, str])
 
 
 def test_dead_fraction_counts_units_never_positive() -> None:
+    # Seeded: with about one draw in five, one of the 5 live units of the second layer is
+    # also never positive, and the hand count below is no longer 6 of 8.
+    torch.manual_seed(0)
     net = nn.Sequential(
         nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.LeakyReLU(), nn.Linear(8, 2)
     )
@@ -126,6 +132,7 @@ def test_console_script_is_installed() -> None:
     assert done.returncode == 0 and "gradguard demo --help" in done.stdout
 
 
+@pytest.mark.slow
 def test_online_mode_without_login_says_what_to_do(tmp_path: Path) -> None:
     env = {"HOME": str(tmp_path), "WANDB_API_KEY": "", "WANDB_CONFIG_DIR": str(tmp_path / "cfg")}
     done = _gradguard(

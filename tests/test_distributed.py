@@ -14,11 +14,8 @@ from typing import Any
 
 import distributed_helpers as h
 import pytest
-import torch.distributed as dist
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo"
-)
+pytestmark = pytest.mark.distributed  # conftest.py: also slow, skipped without gloo
 
 NORM_TOL = {"rel": 1e-5, "abs": 1e-8}
 # ‖Δθ‖ is a difference of float32 parameters, so it carries a little more rounding.

@@ -12,17 +12,13 @@ hand-written unit-wise AGC).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import distributed_helpers as h
 import pytest
 import torch
-import torch.distributed as dist
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo"
-)
+pytestmark = pytest.mark.distributed  # conftest.py: also slow, skipped without gloo
 
 # A float32 all-reduce (or reduce-scatter) of the ranks' gradients against one float32
 # backward over the global batch: a few ulps apart.
@@ -31,21 +27,12 @@ LAUNCH_TIMEOUT = 150.0  # seconds for the whole launch; a collective mismatch ha
 
 
 @pytest.fixture(scope="module")
-def launch(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, AssertionError | None]:
-    out = tmp_path_factory.mktemp("clip_runs")
-    try:
-        h.launch_ranks("clip_run.py", str(out), timeout=LAUNCH_TIMEOUT)
-    except AssertionError as error:  # the scenarios written before it still get checked
-        return out, error
-    return out, None
+def launch(tmp_path_factory: pytest.TempPathFactory) -> h.Launch:
+    return h.launch_scenarios("clip_run.py", tmp_path_factory.mktemp("clip_runs"), LAUNCH_TIMEOUT)
 
 
-def _ranks(launch: tuple[Path, AssertionError | None], scenario: str) -> list[dict[str, Any]]:
-    out, error = launch
-    paths = [out / f"{scenario}.rank{rank}.json" for rank in range(h.WORLD_SIZE)]
-    if not all(path.exists() for path in paths):
-        raise AssertionError(f"{scenario}: no result from every rank") from error
-    runs = [h.read_json(path) for path in paths]
+def _ranks(launch: h.Launch, scenario: str) -> list[dict[str, Any]]:
+    runs = h.read_ranks(launch, scenario)
     for rank, run in enumerate(runs):
         assert run["global_rank"] == rank
         assert run["world_size"] == h.WORLD_SIZE

@@ -11,43 +11,30 @@ global step as the callbacks document.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import distributed_helpers as h
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo"
-)
+pytestmark = pytest.mark.distributed  # conftest.py: also slow, skipped without gloo
 
 LAUNCH_TIMEOUT = 150.0  # seconds for the whole launch; a collective mismatch hangs
 
 
 @pytest.fixture(scope="module")
-def launch(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, AssertionError | None]:
-    out = tmp_path_factory.mktemp("reinit_runs")
-    try:
-        h.launch_ranks("reinit_run.py", str(out), timeout=LAUNCH_TIMEOUT)
-    except AssertionError as error:  # the scenarios written before it still get checked
-        return out, error
-    return out, None
+def launch(tmp_path_factory: pytest.TempPathFactory) -> h.Launch:
+    return h.launch_scenarios(
+        "reinit_run.py", tmp_path_factory.mktemp("reinit_runs"), LAUNCH_TIMEOUT
+    )
 
 
-def _read(launch: tuple[Path, AssertionError | None], scenario: str) -> list[dict[str, Any]]:
-    out, error = launch
-    paths = [out / f"{scenario}.rank{rank}.json" for rank in range(h.WORLD_SIZE)]
-    if not all(path.exists() for path in paths):
-        raise AssertionError(f"{scenario}: no result from every rank") from error
-    return [h.read_json(path) for path in paths]
+def _read(launch: h.Launch, scenario: str) -> list[dict[str, Any]]:
+    return h.read_ranks(launch, scenario)
 
 
-def _ranks(
-    launch: tuple[Path, AssertionError | None], scenario: str, steps: int
-) -> list[dict[str, Any]]:
+def _ranks(launch: h.Launch, scenario: str, steps: int) -> list[dict[str, Any]]:
     runs = _read(launch, scenario)
     for rank, run in enumerate(runs):
         assert run["global_rank"] == rank

@@ -7,16 +7,12 @@ the one recorded right after the snapshot's step, and stay identical to each oth
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import distributed_helpers as h
 import pytest
-import torch.distributed as dist
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo"
-)
+pytestmark = pytest.mark.distributed  # conftest.py: also slow, skipped without gloo
 
 STEPS = 16
 SPIKE_STEP = 9
@@ -24,21 +20,12 @@ SNAPSHOT_STEP = 8  # snapshots every 4 steps: 0, 4, 8
 
 
 @pytest.fixture(scope="module")
-def launch(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, AssertionError | None]:
-    out = tmp_path_factory.mktemp("spike_runs")
-    try:
-        h.launch_ranks("spike_run.py", str(out), timeout=150.0)
-    except AssertionError as error:
-        return out, error
-    return out, None
+def launch(tmp_path_factory: pytest.TempPathFactory) -> h.Launch:
+    return h.launch_scenarios("spike_run.py", tmp_path_factory.mktemp("spike_runs"), 150.0)
 
 
-def _ranks(launch: tuple[Path, AssertionError | None], scenario: str) -> list[dict[str, Any]]:
-    out, error = launch
-    paths = [out / f"{scenario}.rank{rank}.json" for rank in range(h.WORLD_SIZE)]
-    if not all(path.exists() for path in paths):
-        raise AssertionError(f"{scenario}: no result from every rank") from error
-    return [h.read_json(path) for path in paths]
+def _ranks(launch: h.Launch, scenario: str) -> list[dict[str, Any]]:
+    return h.read_ranks(launch, scenario)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,6 @@ import distributed_helpers as h
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from helpers import TinyMLP, quiet_trainer_kwargs
 from wandb_reader import RunData, find_run_files, load_run
 from workers import wandb_run as w
@@ -27,9 +26,7 @@ from workers import wandb_run as w
 from lightning_gradguard import AdaptiveGradClip, DeadUnitMonitor, GradNormMonitor, HealthReport
 from lightning_gradguard.record import run_record
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo"
-)
+pytestmark = pytest.mark.distributed  # conftest.py: also slow, skipped without gloo
 
 LAUNCH_TIMEOUT = 150.0  # seconds for the whole launch; a collective mismatch hangs
 LAYERS = ("net.0", "net.2", "net.4")

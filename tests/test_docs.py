@@ -158,6 +158,7 @@ def _documented_key_patterns() -> set[str]:
 def test_logged_keys_are_documented(doc_env: Path) -> None:
     """Run the callbacks in the configurations of the tables; every key they log is in them."""
     import pytorch_lightning as pl
+    from helpers import CaptureLogger
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -174,23 +175,10 @@ def test_logged_keys_are_documented(doc_env: Path) -> None:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
-    class Recorder(pl.loggers.logger.Logger):
-        name, version = "recorder", 0
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.keys: set[str] = set()
-
-        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-            self.keys.update(metrics)
-
-        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-            pass
-
     documented = _documented_key_patterns()
     data = DataLoader(TensorDataset(torch.randn(32, 4)), batch_size=8)
     for blocks, max_layers in ((3, 64), (6, 2)):
-        recorder = Recorder()
+        recorder = CaptureLogger()
         monitor = GradNormMonitor(log_every_n_steps=1, max_layers_logged=max_layers)
         clipper = AdaptiveGradClip(policy="norm", log_every_n_steps=1)
         trainer = pl.Trainer(
@@ -203,7 +191,7 @@ def test_logged_keys_are_documented(doc_env: Path) -> None:
         )
         trainer.fit(Net(blocks), data)
         layer_names = {f"blocks.{i}" for i in range(blocks)}
-        for key in recorder.keys:
+        for key in recorder.logged_keys():
             prefix, _, rest = key.partition("/")
             if rest in layer_names:
                 key = f"{prefix}/<layer>" if max_layers >= blocks else "<prefix>/<layer>"

@@ -10,6 +10,7 @@ command gets a check when it is documented.
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -66,12 +67,26 @@ def _check_pip(args: list[str], where: str) -> None:
             assert set(extras) <= EXTRAS, f"{where}: unknown extra(s) {extras}"
 
 
+def _check_pytest_args(args: list[str], where: str) -> None:
+    """The files exist and a ``-m`` expression names only the markers of ``conftest.py``."""
+    from conftest import MARKERS
+
+    for i, arg in enumerate(args):
+        if arg == "-m":
+            words = set(re.findall(r"\w+", args[i + 1])) - {"and", "or", "not"}
+            assert words <= set(MARKERS), f"{where}: unknown marker(s) {words - set(MARKERS)}"
+        elif arg.startswith("tests/"):
+            assert (ROOT / arg.split("::")[0]).is_file(), f"{where}: {arg} does not exist"
+
+
 def check(words: list[str], where: str) -> None:
     program, args = words[0], words[1:]
     if program == "bash":
         assert (ROOT / args[0]).is_file(), f"{where}: {args[0]} does not exist"
         if args[0] == "scripts/demo.sh":
             check(["gradguard", "demo", *args[1:]], where)
+        if args[0] == "scripts/test.sh":
+            _check_pytest_args(args[1:], where)
     elif program == "gradguard" and args[0] == "demo":
         from lightning_gradguard.demo.run import parse_args
 
@@ -92,6 +107,9 @@ def check(words: list[str], where: str) -> None:
         assert (ROOT / "mkdocs.yml").is_file()
     elif program == "wandb":
         assert args[0] == "sync", f"{where}: wandb {args[0]}"
+    elif program == "pre-commit":
+        assert args[0] in ("install", "run"), f"{where}: pre-commit {args[0]}"
+        assert (ROOT / ".pre-commit-config.yaml").is_file()
     elif program == "echo":  # a transcript showing an exit status
         pass
     else:
@@ -117,3 +135,6 @@ def test_a_stale_command_is_caught() -> None:
     missing = Block(Path(ROOT / "README.md"), 1, "bash", "python examples/nope.py\n")
     with pytest.raises(AssertionError, match="does not exist"):
         check(commands(missing)[0], missing.id)
+    marker = Block(Path(ROOT / "README.md"), 1, "bash", 'bash scripts/test.sh -m "not slwo"\n')
+    with pytest.raises(AssertionError, match="unknown marker"):
+        check(commands(marker)[0], marker.id)

@@ -53,6 +53,7 @@ def _linear_layers(activation: str) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("run", "activation"), [("sigmoid", "sigmoid"), ("relu_kaiming", "relu")])
 def test_csv_has_every_linear_layer(quick_run: tuple[Path, str], run: str, activation: str) -> None:
     out, _ = quick_run
@@ -75,6 +76,7 @@ def _step0_norms(run_dir: Path) -> tuple[float, float]:
     raise AssertionError(f"no grad_norm/layers.0 in {run_dir}")
 
 
+@pytest.mark.slow
 def test_sigmoid_gradients_vanish_at_step_0(quick_run: tuple[Path, str]) -> None:
     out, _ = quick_run
     first, last = _step0_norms(out / "csv" / "sigmoid")
@@ -83,6 +85,7 @@ def test_sigmoid_gradients_vanish_at_step_0(quick_run: tuple[Path, str]) -> None
     assert 0.01 < first / last < 100, (first, last)  # measured: ~0.7
 
 
+@pytest.mark.slow
 def test_wandb_offline_runs_written(quick_run: tuple[Path, str]) -> None:
     out, stdout = quick_run
     run_dirs = sorted((out / "wandb").glob("offline-run-*"))
@@ -93,6 +96,7 @@ def test_wandb_offline_runs_written(quick_run: tuple[Path, str]) -> None:
     assert "wandb sync " in stdout
 
 
+@pytest.mark.slow
 def test_vanishing_warning_for_the_sigmoid_run_only(quick_run: tuple[Path, str]) -> None:
     _, stdout = quick_run
     sigmoid_part, _, relu_part = stdout.partition("--- run 'relu_kaiming' ---")

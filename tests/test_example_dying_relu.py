@@ -38,6 +38,7 @@ def _dead(run: dict[str, Any], layer: str, step: int) -> float:
     return float(values[step])
 
 
+@pytest.mark.slow
 def test_json_has_every_configuration(quick_run: tuple[dict[str, Any], str]) -> None:
     results, _ = quick_run
     names = [config.name for config in _load_example().CONFIGS]
@@ -58,6 +59,7 @@ def test_the_last_batches_window_ends_with_the_spike_epoch() -> None:
     assert (SPIKE_END - window) % every == 0  # a window starts at 128 and is logged at 138
 
 
+@pytest.mark.slow
 def test_spike_kills_a_hidden_layer_without_a_fix(quick_run: tuple[dict[str, Any], str]) -> None:
     results, _ = quick_run
     reference, run = _run(results, "no_spike"), _run(results, "no_fix")
@@ -76,6 +78,7 @@ def test_spike_kills_a_hidden_layer_without_a_fix(quick_run: tuple[dict[str, Any
     assert reference["accuracy"] > 0.9 and run["accuracy"] < 0.3  # chance is 0.10
 
 
+@pytest.mark.slow
 def test_threshold_rescue_swaps_the_dead_layers(quick_run: tuple[dict[str, Any], str]) -> None:
     results, _ = quick_run
     epoch_windows, last10 = _run(results, "threshold"), _run(results, "threshold_last10")
@@ -88,6 +91,7 @@ def test_threshold_rescue_swaps_the_dead_layers(quick_run: tuple[dict[str, Any],
     assert _dead(last10, "act2", SPIKE_END) > 0.5
 
 
+@pytest.mark.slow
 def test_leaky_relu_from_the_start(quick_run: tuple[dict[str, Any], str]) -> None:
     results, _ = quick_run
     run = _run(results, "start")
@@ -95,6 +99,7 @@ def test_leaky_relu_from_the_start(quick_run: tuple[dict[str, Any], str]) -> Non
     assert {e["step"] for e in run["events"]} == {0}
 
 
+@pytest.mark.slow
 def test_stdout_has_the_markdown_tables(quick_run: tuple[dict[str, Any], str]) -> None:
     results, stdout = quick_run
     assert "| configuration | test accuracy | accuracy before / after the spike epoch |" in stdout

@@ -29,6 +29,7 @@ def _run(results: dict[str, Any], scenario: str, config: str) -> dict[str, Any]:
     return run
 
 
+@pytest.mark.slow
 def test_json_has_every_configuration_and_policy(quick_run: tuple[dict[str, Any], str]) -> None:
     results, _ = quick_run
     labels = [config.label for config in _load_example().CONFIGS]
@@ -41,6 +42,7 @@ def test_json_has_every_configuration_and_policy(quick_run: tuple[dict[str, Any]
         assert {r["config"] for r in results["runs"] if r["scenario"] == scenario} == set(labels)
 
 
+@pytest.mark.slow
 def test_s2b_explodes_without_clipping(quick_run: tuple[dict[str, Any], str]) -> None:
     results, _ = quick_run
     run = _run(results, "S2b", "no clipping")
@@ -50,6 +52,7 @@ def test_s2b_explodes_without_clipping(quick_run: tuple[dict[str, Any], str]) ->
     assert run["accuracy"] == pytest.approx(0.1, abs=0.02)  # NaN logits: chance
 
 
+@pytest.mark.slow
 def test_fixed_norm_and_zclip_warmup_keep_s2b_finite(quick_run: tuple[dict[str, Any], str]) -> None:
     results, _ = quick_run
     for config in ("FixedNorm(1.0)", "ZClip()"):
@@ -59,6 +62,7 @@ def test_fixed_norm_and_zclip_warmup_keep_s2b_finite(quick_run: tuple[dict[str, 
         assert run["steps"] == 30 and run["accuracy"] > 0.3, config  # measured: 0.59
 
 
+@pytest.mark.slow
 def test_plain_autoclip_does_not_clip_the_first_s2b_step(
     quick_run: tuple[dict[str, Any], str],
 ) -> None:
@@ -71,6 +75,7 @@ def test_plain_autoclip_does_not_clip_the_first_s2b_step(
     assert run["stopped_early"] and "skipped" in run["stopped_early"]
 
 
+@pytest.mark.slow
 def test_stdout_has_the_markdown_tables(quick_run: tuple[dict[str, Any], str]) -> None:
     results, stdout = quick_run
     assert stdout.count("| clipping | test accuracy | runs with inf/NaN |") == 2

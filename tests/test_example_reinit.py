@@ -26,6 +26,7 @@ def _run(part: dict[str, Any], config: str) -> dict[str, Any]:
     return run
 
 
+@pytest.mark.slow
 def test_json_has_every_configuration(quick_run: tuple[dict[str, Any], str]) -> None:
     results, _ = quick_run
     assert results["seeds"] == [0]
@@ -46,6 +47,7 @@ def test_json_has_every_configuration(quick_run: tuple[dict[str, Any], str]) -> 
         assert set(run["dead_full_pass"]) == {"act1", "act2", "act3"}
 
 
+@pytest.mark.slow
 def test_init_at_start_fixes_the_tanh_gradient_profile(
     quick_run: tuple[dict[str, Any], str],
 ) -> None:
@@ -65,6 +67,7 @@ def test_init_at_start_fixes_the_tanh_gradient_profile(
     assert poor["accuracy"] < 0.2 and xavier["accuracy"] > 0.3 and lsuv["accuracy"] > 0.3
 
 
+@pytest.mark.slow
 def test_init_alone_does_not_save_the_deep_sigmoid(quick_run: tuple[dict[str, Any], str]) -> None:
     init = quick_run[0]["init"]
     poor, xavier, lsuv = (_run(init, n) for n in ("sigmoid", "sigmoid_xavier", "sigmoid_lsuv"))
@@ -76,6 +79,7 @@ def test_init_alone_does_not_save_the_deep_sigmoid(quick_run: tuple[dict[str, An
         assert fixed["accuracy"] < 0.2
 
 
+@pytest.mark.slow
 def test_unit_recycler_revives_the_layers_the_spike_killed(
     quick_run: tuple[dict[str, Any], str],
 ) -> None:
@@ -100,6 +104,7 @@ def test_unit_recycler_revives_the_layers_the_spike_killed(
     assert periodic["accuracy"] > 0.6
 
 
+@pytest.mark.slow
 def test_stdout_has_the_markdown_tables(quick_run: tuple[dict[str, Any], str]) -> None:
     results, stdout = quick_run
     assert "| configuration | test accuracy | step-0 grad norm, first / last layer |" in stdout

@@ -20,6 +20,8 @@ import pytest
 import torch.distributed as dist
 from distributed_helpers import clean_env
 
+pytestmark = pytest.mark.distributed  # the examples run as two ranks
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 STEPS = 8

@@ -424,6 +424,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.distributed
 def test_ddp_finite_spike_on_one_rank_keeps_the_replicas_identical(ranks: Path) -> None:
     runs = [h.read_json(ranks / f"spike.rank{r}.json") for r in range(h.WORLD_SIZE)]
     step = h.FAULT_SPIKE_STEP
@@ -438,6 +439,7 @@ def test_ddp_finite_spike_on_one_rank_keeps_the_replicas_identical(ranks: Path) 
     assert runs[0]["params"][step] == runs[0]["params"][step - 1]
 
 
+@pytest.mark.distributed
 def test_ddp_nan_on_rank_one_is_counted_and_named_on_rank_zero(ranks: Path) -> None:
     zero, one = (h.read_json(ranks / f"nan.rank{r}.json") for r in range(h.WORLD_SIZE))
     assert zero["nonfinite_steps"][-1] == 1.0

@@ -13,6 +13,7 @@ import torch
 from helpers import (
     CaptureLogger,
     TinyMLP,
+    capture_logger,
     module_grad_norms,
     module_param_norms,
     quiet_trainer_kwargs,
@@ -410,25 +411,11 @@ def test_works_with_lightning_pytorch_trainer() -> None:
                 torch.utils.data.TensorDataset(torch.randn(32, 4)), batch_size=8
             )
 
-    class Capture(lp.loggers.Logger):
-        def __init__(self) -> None:
-            super().__init__()
-            self.values: list[float] = []
-
-        name = "capture"  # type: ignore[assignment]
-        version = "0"  # type: ignore[assignment]
-
-        def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-            if "grad_norm/total" in metrics:
-                self.values.append(metrics["grad_norm/total"])
-
-        def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-    model, logger = Model(), Capture()
+    model, logger = Model(), capture_logger("lightning.pytorch")
     lp.Trainer(
         logger=logger,
         callbacks=[GradNormMonitor(log_every_n_steps=1)],
         **quiet_trainer_kwargs(max_steps=3),
     ).fit(model)
-    assert logger.values == pytest.approx(model.seen, rel=1e-5)
+    values = [value for _, value in logger.by_key("grad_norm/total")["grad_norm/total"]]
+    assert values == pytest.approx(model.seen, rel=1e-5)

@@ -14,67 +14,23 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import CaptureLogger, TinyMLP, quiet_trainer_kwargs
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import (
+    CaptureLogger,
+    CountSyncsPerBatch,
+    DispatchSyncCounter,
+    SyncCounter,
+    TinyMLP,
+    quiet_trainer_kwargs,
+)
 
 from lightning_gradguard import AdaptiveGradClip, GradNormMonitor
-
-SYNC_METHODS = {"item", "__bool__", "tolist", "cpu", "numpy", "__float__", "__int__", "__index__"}
-
-
-class _FunctionCounter(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        name = getattr(func, "__name__", "")
-        if name in SYNC_METHODS:
-            self.counts[name] += 1
-        listed = args[0] if name == "tensor" and args else None
-        if isinstance(listed, (list, tuple)) and any(isinstance(a, torch.Tensor) for a in listed):
-            self.counts["tensor(list of tensors)"] += 1
-        return func(*args, **(kwargs or {}))
-
-
-class _DispatchCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-class _CountPerBatch(pl.Callback):
-    """Counts sync calls from the start to the end of every training batch."""
-
-    def __init__(self) -> None:
-        self.per_batch: list[tuple[Counter[str], int]] = []
-
-    def on_train_batch_start(
-        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self._function, self._dispatch = _FunctionCounter(), _DispatchCounter()
-        self._function.__enter__()
-        self._dispatch.__enter__()
-
-    def on_train_batch_end(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self._dispatch.__exit__(None, None, None)
-        self._function.__exit__(None, None, None)
-        self.per_batch.append((self._function.counts, self._dispatch.count))
 
 
 def _counts(
     extra_callbacks: list, steps: int = 8, **trainer_kwargs: Any
 ) -> list[tuple[Counter[str], int]]:
     torch.manual_seed(0)
-    counter = _CountPerBatch()
+    counter = CountSyncsPerBatch()
     kwargs = quiet_trainer_kwargs(max_steps=steps, **trainer_kwargs)
     # The counter is first: its batch-end hook closes the window before the monitor's.
     pl.Trainer(logger=CaptureLogger(), callbacks=[counter, *extra_callbacks], **kwargs).fit(
@@ -85,7 +41,7 @@ def _counts(
 
 def test_counters_do_see_a_sync() -> None:
     # Guard against a counter that can never fire.
-    function, dispatch = _FunctionCounter(), _DispatchCounter()
+    function, dispatch = SyncCounter(), DispatchSyncCounter()
     with function, dispatch:
         x = torch.ones(3)
         x.sum().item()

@@ -450,11 +450,10 @@ def test_a_checkpoint_due_inside_a_spike_streak_waits_for_the_decision(tmp_path:
 def _counts_with_batch_end(extra: list[Any], steps: int = 8) -> list[tuple[Counter[str], int]]:
     """Sync counts per batch, with the counter listed *last*: the window also covers the
     other callbacks' ``on_train_batch_end`` (where snapshots are taken)."""
-    from helpers import TinyMLP
-    from test_host_sync import _CountPerBatch
+    from helpers import CountSyncsPerBatch, TinyMLP
 
     torch.manual_seed(0)
-    counter = _CountPerBatch()
+    counter = CountSyncsPerBatch()
     kwargs = quiet_trainer_kwargs(max_steps=steps)
     pl.Trainer(logger=CaptureLogger(), callbacks=[*extra, counter], **kwargs).fit(TinyMLP())
     return counter.per_batch

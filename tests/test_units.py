@@ -617,6 +617,7 @@ def test_callbacks_on_gpt2_init_clip_and_reinit_conv1d_by_output_unit() -> None:
     assert _close(observe.reinit_std[0], math.sqrt(2 / module.n_embd))
 
 
+@pytest.mark.slow
 def test_agc_on_gpt2_sharded_like_fsdp2_matches_the_hand_formula(tmp_path: Path) -> None:
     import distributed_helpers as h
 

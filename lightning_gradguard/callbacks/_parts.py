@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+__all__ = [
+    "flat_callbacks",
+]
+
 
 def flat_callbacks(trainer: Any) -> list[Any]:
     """``trainer.callbacks`` with every bundle replaced by its parts, in order.

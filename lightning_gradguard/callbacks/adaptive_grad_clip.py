@@ -36,6 +36,11 @@ from lightning_gradguard.functional.spikes import SpikeWindow
 from lightning_gradguard.logging import log_to_loggers, to_host
 from lightning_gradguard.record import run_record
 
+__all__ = [
+    "SCOPES",
+    "AdaptiveGradClip",
+]
+
 SCOPES = ("global", "layer")
 _ABSENT = object()  # an optimizer without an instance-level ``step`` (the class's runs)
 

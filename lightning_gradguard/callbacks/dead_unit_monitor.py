@@ -30,6 +30,11 @@ from lightning_gradguard.functional.surgery import swap_activations
 from lightning_gradguard.logging import log_to_loggers
 from lightning_gradguard.record import RunRecord, run_record
 
+__all__ = [
+    "RESCUE_MODES",
+    "DeadUnitMonitor",
+]
+
 RESCUE_MODES = ("never", "start", "threshold")
 
 

@@ -37,6 +37,12 @@ from lightning_gradguard.functional.norms import (
 from lightning_gradguard.logging import log_to_loggers, to_host
 from lightning_gradguard.record import run_record
 
+__all__ = [
+    "REMEDIES_EXPLODING",
+    "REMEDIES_VANISHING",
+    "GradNormMonitor",
+]
+
 REMEDIES_VANISHING = (
     "Classic remedies: He (Kaiming) initialization for ReLU layers or Glorot (Xavier) for "
     "tanh, ReLU/LeakyReLU instead of sigmoid, skip connections, BatchNorm or LayerNorm "

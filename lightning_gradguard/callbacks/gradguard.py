@@ -16,6 +16,10 @@ from lightning_gradguard.callbacks.health_report import HealthReport
 from lightning_gradguard.callbacks.spike_recovery import SpikeRecovery
 from lightning_gradguard.functional.policies import POLICIES, ClipPolicy
 
+__all__ = [
+    "GradGuard",
+]
+
 # Every hook of Lightning's Callback base class (the two packages have the same ones).
 _HOOKS = tuple(
     name

@@ -28,6 +28,14 @@ from lightning_gradguard.functional.norms import NormGrouping, local_tensors
 from lightning_gradguard.logging import tensorboard_writers, to_host, wandb_runs
 from lightning_gradguard.record import EVENT_COLUMNS, Event, RunRecord, run_record
 
+__all__ = [
+    "ALERT_LEVELS",
+    "METRIC_PREFIXES",
+    "AlertLimiter",
+    "HealthReport",
+    "finite_histogram",
+]
+
 METRIC_PREFIXES = (
     "grad_norm",
     "param_norm",

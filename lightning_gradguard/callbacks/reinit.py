@@ -50,6 +50,12 @@ from lightning_gradguard.functional.units import map_layers
 from lightning_gradguard.logging import log_to_loggers
 from lightning_gradguard.record import RunRecord, run_record
 
+__all__ = [
+    "InitAtStart",
+    "LayerReinit",
+    "UnitRecycler",
+]
+
 
 def _generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """The same generator on every rank: seeded from ``seed`` and the step."""

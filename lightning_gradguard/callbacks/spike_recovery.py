@@ -30,6 +30,13 @@ from lightning_gradguard.functional.spikes import SPIKE_MODES, SPIKE_STATISTICS,
 from lightning_gradguard.logging import log_to_loggers
 from lightning_gradguard.record import run_record
 
+__all__ = [
+    "SIGNALS",
+    "STORAGES",
+    "SpikeRecovery",
+    "record_rollback",
+]
+
 SIGNALS = ("loss", "grad_norm", "nonfinite")
 STORAGES = ("host", "disk")
 

@@ -13,6 +13,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+__all__ = [
+    "digits",
+]
+
 
 def _sklearn() -> tuple[object, object, object]:
     try:

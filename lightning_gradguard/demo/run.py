@@ -34,6 +34,23 @@ from lightning_gradguard.demo.data import digits
 from lightning_gradguard.demo.scenarios import SCENARIOS, DigitsClassifier, Run, Scenario
 from lightning_gradguard.record import run_record
 
+__all__ = [
+    "BATCH_SIZE",
+    "LOG_EVERY_N_STEPS",
+    "QUICK_STEPS",
+    "DemoError",
+    "RunResult",
+    "dead_fraction",
+    "main",
+    "parse_args",
+    "report",
+    "results_table",
+    "run_demo",
+    "slug",
+    "summary_picture",
+    "train_run",
+]
+
 BATCH_SIZE = 64
 LOG_EVERY_N_STEPS = 10
 QUICK_STEPS = 30

@@ -27,6 +27,16 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+__all__ = [
+    "LOSS_SPIKE_BURST",
+    "RECOVERY_ARGS",
+    "SCENARIOS",
+    "DigitsClassifier",
+    "Run",
+    "Scenario",
+    "mlp",
+]
+
 
 def mlp(
     sizes: list[int], activation: Callable[[], nn.Module], init: Callable[[Tensor], Any]

@@ -30,14 +30,9 @@ Example:
     0
 """
 
-from lightning_gradguard.doctor.cli import UsageError, import_object, main
+from lightning_gradguard.doctor.cli import main
 from lightning_gradguard.doctor.findings import Architecture, Thresholds, find_problems
-from lightning_gradguard.doctor.measure import (
-    default_loss,
-    diagnose,
-    is_activation,
-    is_lightning_module,
-)
+from lightning_gradguard.doctor.measure import default_loss, diagnose
 from lightning_gradguard.doctor.report import (
     FAIL_ON,
     SEVERITIES,
@@ -56,12 +51,8 @@ __all__ = [
     "LayerRow",
     "Thresholds",
     "Unchecked",
-    "UsageError",
     "default_loss",
     "diagnose",
     "find_problems",
-    "import_object",
-    "is_activation",
-    "is_lightning_module",
     "main",
 ]

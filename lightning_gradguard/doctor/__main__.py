@@ -2,4 +2,6 @@
 
 from lightning_gradguard.doctor.cli import main
 
+__all__: list[str] = []
+
 raise SystemExit(main())

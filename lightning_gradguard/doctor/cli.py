@@ -16,6 +16,12 @@ from torch import nn
 from lightning_gradguard.doctor.measure import diagnose
 from lightning_gradguard.doctor.report import FAIL_ON
 
+__all__ = [
+    "UsageError",
+    "import_object",
+    "main",
+]
+
 # --------------------------------------------------------------------------- command line
 
 

@@ -10,6 +10,12 @@ from torch import Tensor, nn
 
 from lightning_gradguard.doctor.report import SEVERITIES, Finding, LayerRow, _fmt
 
+__all__ = [
+    "Architecture",
+    "Thresholds",
+    "find_problems",
+]
+
 # --------------------------------------------------------------------------- thresholds
 
 

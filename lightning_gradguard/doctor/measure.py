@@ -29,6 +29,15 @@ from lightning_gradguard.functional.norms import (
 )
 from lightning_gradguard.functional.units import LayerMap, map_layers
 
+__all__ = [
+    "ACTIVATIONS",
+    "SATURATING",
+    "default_loss",
+    "diagnose",
+    "is_activation",
+    "is_lightning_module",
+]
+
 SATURATING: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Tanh)
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
     *DEFAULT_ACTIVATIONS,

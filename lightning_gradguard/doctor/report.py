@@ -7,6 +7,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+__all__ = [
+    "FAIL_ON",
+    "SEVERITIES",
+    "Diagnosis",
+    "Finding",
+    "LayerRow",
+    "Unchecked",
+]
+
 SEVERITIES = ("info", "warning", "error")
 """Severities of a finding, from least to most serious."""
 

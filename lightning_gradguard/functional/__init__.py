@@ -1,4 +1,8 @@
-"""Pure-torch core of lightning_gradguard: usable without Lightning (plain PyTorch, Fabric)."""
+"""Pure-torch core of lightning_gradguard: usable without Lightning (plain PyTorch, Fabric).
+
+The names below are the public API. Helpers that only the package itself uses stay in
+their modules (for example ``functional.units.rows_layout``) and are not re-exported here.
+"""
 
 from lightning_gradguard.functional.activity import (
     DEFAULT_ACTIVATIONS,
@@ -19,7 +23,6 @@ from lightning_gradguard.functional.clipping import (
     agc_plan,
     clip_by_norm_,
     clip_by_value_,
-    clip_coefficients,
 )
 from lightning_gradguard.functional.health import GradientHealth
 from lightning_gradguard.functional.init import (
@@ -69,7 +72,6 @@ from lightning_gradguard.functional.redo import (
     infer_unit_pairs,
     recycle_units_,
     shrink_perturb_,
-    site_nonlinearity,
     trace_unit_pairs,
 )
 from lightning_gradguard.functional.snapshot import StateSnapshot
@@ -86,10 +88,8 @@ from lightning_gradguard.functional.units import (
     LayerSpec,
     UnitLayout,
     fan_in_and_fan_out,
-    layer_specs,
     map_layers,
     register_layer,
-    rows_layout,
     unregister_layer,
     weight_layouts,
 )
@@ -139,7 +139,6 @@ __all__ = [
     "clean_parameter_name",
     "clip_by_norm_",
     "clip_by_value_",
-    "clip_coefficients",
     "clip_with_policy_",
     "consumer_nonlinearities",
     "fan_in_and_fan_out",
@@ -150,7 +149,6 @@ __all__ = [
     "init_layer_",
     "init_weight_",
     "is_activation_module",
-    "layer_specs",
     "local_tensors",
     "lsuv_",
     "make_policy",
@@ -160,9 +158,7 @@ __all__ = [
     "recycle_units_",
     "register_activation",
     "register_layer",
-    "rows_layout",
     "shrink_perturb_",
-    "site_nonlinearity",
     "swap_activations",
     "swap_functional_relu",
     "tensor_norms",

@@ -36,6 +36,20 @@ from torch import Tensor, nn
 from lightning_gradguard.functional.norms import _all_reduce, local_tensors
 from lightning_gradguard.functional.units import UnitLayout, map_layers, unit_norms
 
+__all__ = [
+    "CLIP_EPS",
+    "STACK_LIMIT",
+    "AGCPlan",
+    "AGCTarget",
+    "agc_",
+    "agc_plan",
+    "clip_by_norm_",
+    "clip_by_value_",
+    "clip_coefficients",
+    "layout_norms",
+    "scale_",
+]
+
 CLIP_EPS = 1e-6
 """Added to the norm in ``threshold / (norm + eps)``, as torch's ``clip_grad_norm_`` does."""
 

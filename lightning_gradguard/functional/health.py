@@ -23,6 +23,10 @@ from torch import Tensor
 
 from lightning_gradguard.functional.norms import GroupedNorms
 
+__all__ = [
+    "GradientHealth",
+]
+
 _STATE = (
     "steps",
     "level",

@@ -22,6 +22,21 @@ from torch import Tensor, nn
 
 from lightning_gradguard.functional.units import Layer, LayerMap, UnitLayout, map_layers
 
+__all__ = [
+    "FAN_KINDS",
+    "NORM_LAYERS",
+    "PASS_THROUGH",
+    "SCHEMES",
+    "WEIGHT_LAYERS",
+    "InitReport",
+    "LSUVReport",
+    "consumer_nonlinearities",
+    "init_",
+    "init_layer_",
+    "init_weight_",
+    "lsuv_",
+]
+
 SCHEMES = (
     "kaiming_normal",
     "kaiming_uniform",

@@ -12,8 +12,12 @@ The work is split the way torch's own ``clip_grad.py`` splits it:
    sharded tensors (FSDP2 ``DTensor`` shards), reduces all groups with a single
    collective per device mesh.
 
-Norms are accumulated in float64 by default: the gradients of a vanishing
-network can be around 1e-24, whose squares underflow to exactly 0 in float32.
+Per-tensor norms are computed in the tensors' own dtype (half precision in float32),
+then stacked and summed per group in float64. That is exact unless a norm is below
+:data:`TINY_NORM`: the gradients of a vanishing network can be around 1e-24, whose
+squares underflow to exactly 0 in float32. ``exact=True`` computes the per-tensor norms
+from float64 copies; :class:`~lightning_gradguard.GradNormMonitor` recomputes the groups
+below :data:`TINY_NORM` that way on logging steps.
 
 Example:
     >>> import torch
@@ -47,6 +51,25 @@ try:  # DTensor (FSDP2 shards); imported once, not per tensor
     from torch.distributed.tensor import Replicate as _Replicate
 except ImportError:  # pragma: no cover - torch built without distributed
     _DTensor = None  # type: ignore[assignment, misc]
+
+__all__ = [
+    "GROUP_BY_CHOICES",
+    "ROOT_GROUP",
+    "TINY_NORM",
+    "GroupBy",
+    "GroupedNorms",
+    "NormGrouping",
+    "ParameterSnapshot",
+    "clean_parameter_name",
+    "grad_norms",
+    "grouped_norms",
+    "local_tensors",
+    "param_norms",
+    "parse_norm_type",
+    "tensor_norms",
+    "unsupported_reason",
+    "validate_group_by",
+]
 
 GroupBy = str | Callable[[str], str | None]
 """How parameters are grouped: ``"module"``, ``"parameter"``, ``"depth"`` or a callable."""

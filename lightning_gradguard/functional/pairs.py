@@ -66,6 +66,19 @@ from lightning_gradguard.functional.call_sites import (
 )
 from lightning_gradguard.functional.units import Layer, layer_specs
 
+__all__ = [
+    "ACTIVATION_MODULES",
+    "NOT_ACTIVATIONS",
+    "PASS_THROUGH",
+    "PairInference",
+    "PairTracer",
+    "UnitPair",
+    "check_pair",
+    "infer_unit_pairs",
+    "trace_unit_pairs",
+    "unit_layer",
+]
+
 ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU,
     nn.ReLU6,

@@ -39,6 +39,22 @@ from lightning_gradguard.functional.clipping import (
 )
 from lightning_gradguard.functional.units import UnitLayout, map_layers
 
+__all__ = [
+    "AGC",
+    "POLICIES",
+    "AutoClip",
+    "ClipDecision",
+    "ClipPolicy",
+    "EMARatio",
+    "FixedNorm",
+    "FixedValue",
+    "GuardClip",
+    "NoClip",
+    "ZClip",
+    "clip_with_policy_",
+    "make_policy",
+]
+
 
 @dataclass
 class ClipDecision:

@@ -31,6 +31,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+__all__ = [
+    "StateSnapshot",
+    "live_state",
+    "local_tensor",
+]
+
 
 def local_tensor(tensor: Tensor) -> Tensor:
     """The tensor itself, or this rank's shard of a ``DTensor`` (sharing its storage)."""

@@ -21,6 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+__all__ = [
+    "SPIKE_MODES",
+    "SPIKE_STATISTICS",
+    "RunningSpikeTest",
+    "SpikeWindow",
+]
+
 
 class SpikeWindow:
     """Recent global norms in a device ring buffer, and the spike test over them.

@@ -49,6 +49,23 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+__all__ = [
+    "KINDS",
+    "Layer",
+    "LayerMap",
+    "LayerSpec",
+    "Match",
+    "UnitLayout",
+    "fan_in_and_fan_out",
+    "layer_specs",
+    "map_layers",
+    "register_layer",
+    "rows_layout",
+    "unit_norms",
+    "unregister_layer",
+    "weight_layouts",
+]
+
 KINDS = ("linear", "conv", "conv1d", "embedding", "norm")
 """Kinds of the built-in layer specs. A registered spec may name its own kind."""
 

@@ -32,7 +32,7 @@ import distributed_helpers as h
 import pytorch_lightning as pl
 import torch
 from helpers import CaptureLogger
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from lightning_gradguard import DeadUnitMonitor
 from lightning_gradguard.functional import activation_types
@@ -51,13 +51,7 @@ class Module(pl.LightningModule):
         self.types_per_step: list[list[str]] = []
 
     def train_dataloader(self) -> DataLoader:
-        sampler = DistributedSampler(
-            self.data,
-            num_replicas=self.trainer.world_size,
-            rank=self.trainer.global_rank,
-            shuffle=False,
-        )
-        return DataLoader(self.data, batch_size=h.DEAD_BATCH_PER_RANK, sampler=sampler)
+        return h.rank_loader(self.data, self.trainer, h.DEAD_BATCH_PER_RANK)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y, index = batch

@@ -27,7 +27,7 @@ import distributed_helpers as h
 import pytorch_lightning as pl
 import torch
 from helpers import CaptureLogger
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from lightning_gradguard import AdaptiveGradClip, GradGuard
 from lightning_gradguard.functional import ZClip
@@ -71,13 +71,7 @@ def run(scenario: str, out_dir: Path) -> dict[str, Any]:
             self.data = h.make_clip_dataset()
 
         def train_dataloader(self) -> DataLoader:
-            sampler = DistributedSampler(
-                self.data,
-                num_replicas=self.trainer.world_size,
-                rank=self.trainer.global_rank,
-                shuffle=False,
-            )
-            return DataLoader(self.data, batch_size=h.BATCH_PER_RANK, sampler=sampler)
+            return h.rank_loader(self.data, self.trainer, h.BATCH_PER_RANK)
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch

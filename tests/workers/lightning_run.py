@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import distributed_helpers as h
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from helpers import capture_logger
+from torch.utils.data import DataLoader
 
 from lightning_gradguard import GradNormMonitor
 
@@ -31,26 +31,6 @@ from lightning_gradguard import GradNormMonitor
 def main(mode: str, out_dir: Path) -> None:
     torch.set_num_threads(1)
     pl = importlib.import_module("pytorch_lightning" if mode == "ddp" else "lightning.pytorch")
-    loggers = importlib.import_module(pl.__name__ + ".loggers")
-
-    class RecordingLogger(loggers.Logger):
-        def __init__(self) -> None:
-            super().__init__()
-            self.calls: list[dict[str, Any]] = []
-
-        @property
-        def name(self) -> str:
-            return "recording"
-
-        @property
-        def version(self) -> str:
-            return "0"
-
-        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-            self.calls.append({"step": step, "metrics": {k: float(v) for k, v in metrics.items()}})
-
-        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-            pass
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
@@ -62,22 +42,10 @@ def main(mode: str, out_dir: Path) -> None:
         def configure_model(self) -> None:
             if mode != "fsdp":
                 return
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = self.device_mesh["data_parallel"]
-            for layer in self.net:
-                if isinstance(layer, nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(self.net, mesh=mesh)
+            h.shard_linear_layers(self.net, self.device_mesh["data_parallel"])
 
         def train_dataloader(self) -> DataLoader:
-            sampler = DistributedSampler(
-                self.data,
-                num_replicas=self.trainer.world_size,
-                rank=self.trainer.global_rank,
-                shuffle=False,
-            )
-            return DataLoader(self.data, batch_size=h.BATCH_PER_RANK, sampler=sampler)
+            return h.rank_loader(self.data, self.trainer, h.BATCH_PER_RANK)
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
@@ -92,7 +60,7 @@ def main(mode: str, out_dir: Path) -> None:
         strategy: Any = "ddp"
     else:
         strategy = pl.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    logger = RecordingLogger()
+    logger = capture_logger(pl.__name__)
     module = Module()
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -132,7 +100,10 @@ def main(mode: str, out_dir: Path) -> None:
             "params_are_dtensors": [isinstance(p, DTensor) for p in params.values()],
             "local_shapes": {n: list(t.shape) for n, t in local.items()},
             "batch_checks": module.batch_checks,
-            "calls": logger.calls,
+            "calls": [
+                {"step": step, "metrics": {k: float(v) for k, v in metrics.items()}}
+                for step, metrics in logger.calls
+            ],
         },
     )
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from helpers import CaptureLogger
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from lightning_gradguard import InitAtStart, LayerReinit, UnitRecycler
 from lightning_gradguard.functional import UnitPair, recycle_units_
@@ -70,22 +70,10 @@ class Module(pl.LightningModule):
     def configure_model(self) -> None:
         if self.scenario != "fsdp":
             return
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self.net, mesh=mesh)
+        h.shard_linear_layers(self.net, self.device_mesh["data_parallel"])
 
     def train_dataloader(self) -> DataLoader:
-        sampler = DistributedSampler(
-            self.data,
-            num_replicas=self.trainer.world_size,
-            rank=self.trainer.global_rank,
-            shuffle=False,
-        )
-        return DataLoader(self.data, batch_size=self.batch_size, sampler=sampler)
+        return h.rank_loader(self.data, self.trainer, self.batch_size)
 
     @torch.no_grad()
     def _own_forward(self, x: torch.Tensor) -> None:

@@ -25,8 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import distributed_helpers as h
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import SpikeRecovery
 
@@ -80,22 +79,10 @@ def run(pl: Any, mode: str) -> dict[str, Any]:
         def configure_model(self) -> None:
             if mode != "fsdp":
                 return
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = self.device_mesh["data_parallel"]
-            for layer in self.net:
-                if isinstance(layer, nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(self.net, mesh=mesh)
+            h.shard_linear_layers(self.net, self.device_mesh["data_parallel"])
 
         def train_dataloader(self) -> DataLoader:
-            sampler = DistributedSampler(
-                self.data,
-                num_replicas=self.trainer.world_size,
-                rank=self.trainer.global_rank,
-                shuffle=False,
-            )
-            return DataLoader(self.data, batch_size=h.BATCH_PER_RANK, sampler=sampler)
+            return h.rank_loader(self.data, self.trainer, h.BATCH_PER_RANK)
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch

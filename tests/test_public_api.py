@@ -1,0 +1,115 @@
+"""The package's public surface: subpackages reachable as attributes, lazily."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SUBMODULES = ["callbacks", "demo", "doctor", "functional", "plots", "record"]
+
+
+def test_functional_as_attribute_does_not_import_lightning() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        import torch
+        import lightning_gradguard as gg
+        assert "lightning_gradguard.functional" not in sys.modules
+        model = torch.nn.Linear(3, 2)
+        model(torch.ones(4, 3)).sum().backward()
+        norms = gg.functional.grad_norms(gg.functional.NormGrouping.from_module(model))
+        expected = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+        assert torch.isclose(norms.total.float(), expected), (norms.total, expected)
+        assert "pytorch_lightning" not in sys.modules, "functional imported pytorch_lightning"
+        assert "lightning" not in sys.modules, "functional imported lightning"
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("name", SUBMODULES)
+def test_subpackages_are_attributes(name: str) -> None:
+    import importlib
+
+    import lightning_gradguard as gg
+
+    module = getattr(gg, name)
+    assert module is importlib.import_module(f"lightning_gradguard.{name}")
+    assert name in dir(gg)
+
+
+def test_unknown_attribute_raises() -> None:
+    import lightning_gradguard as gg
+
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        _ = gg.no_such_thing
+
+
+def _package_modules() -> list[str]:
+    import pkgutil
+
+    import lightning_gradguard
+
+    names = ["lightning_gradguard"]
+    for info in pkgutil.walk_packages(lightning_gradguard.__path__, "lightning_gradguard."):
+        names.append(info.name)
+    return sorted(names)
+
+
+MODULES = _package_modules()
+
+
+def test_every_module_is_listed() -> None:
+    # walk_packages finds the files on disk: a module that failed to be found would skip
+    # the checks below silently.
+    from pathlib import Path
+
+    import lightning_gradguard
+
+    root = Path(lightning_gradguard.__file__).parent
+    on_disk = {
+        ".".join(("lightning_gradguard", *p.relative_to(root).with_suffix("").parts)).removesuffix(
+            ".__init__"
+        )
+        for p in root.rglob("*.py")
+    }
+    assert on_disk == set(MODULES)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_module_defines_all_with_existing_public_names(name: str) -> None:
+    import importlib
+    import importlib.util
+
+    if name.endswith("plots"):
+        pytest.importorskip("matplotlib")
+    if name.endswith("__main__"):  # importing it would run the command: read its source
+        import re
+
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.origin is not None
+        with open(spec.origin) as source:
+            assert re.search(r"^__all__\b", source.read(), re.M), f"{name} has no __all__"
+        return
+    module = importlib.import_module(name)
+    assert hasattr(module, "__all__"), f"{name} has no __all__"
+    exported = list(module.__all__)
+    assert len(exported) == len(set(exported)), f"{name}.__all__ repeats a name"
+    missing = [n for n in exported if not hasattr(module, n)]
+    assert not missing, f"{name}.__all__ names what the module lacks: {missing}"
+    private = [n for n in exported if n.startswith("_") and n != "__version__"]
+    assert not private, f"{name}.__all__ exports private names: {private}"
+
+
+def test_functional_keeps_internals_out() -> None:
+    import lightning_gradguard.functional as F
+
+    for helper in ("rows_layout", "layer_specs", "clip_coefficients", "site_nonlinearity"):
+        assert helper not in F.__all__
+        assert helper not in vars(F)
