@@ -362,7 +362,10 @@ class AutoClip(ClipPolicy):
     the last ``window`` (a ring buffer on the device), so memory stays constant.
     Non-finite norms are not recorded (nor do they push recorded ones out; each
     element of a per-layer vector keeps its own position). Percentiles interpolate
-    linearly, as ``numpy.percentile`` does.
+    linearly, as ``numpy.percentile`` does, and equal ``torch.nanquantile`` of the
+    history bit for bit: the window is sorted once per step, and the two ranks and
+    the interpolation weight for each possible number of recorded norms come from
+    tables computed once (the same arithmetic as ``nanquantile``'s).
 
     Args:
         percentile: the percentile of the history to clip to (the paper uses 10).
@@ -373,6 +376,7 @@ class AutoClip(ClipPolicy):
     _state_names = ("history", "position")
     history: Tensor | None = None
     position: Tensor
+    _tables: tuple[Tensor, Tensor] | None = None  # derived from the arguments, not state
 
     def __init__(self, percentile: float = 10.0, window: int = 1000) -> None:
         ok = isinstance(percentile, (int, float)) and not isinstance(percentile, bool)
@@ -400,8 +404,30 @@ class AutoClip(ClipPolicy):
         written = self.history.scatter(0, slot, norm.unsqueeze(0))
         self.history = torch.where(finite, written, self.history)
         self.position = self.position + finite.long()
-        threshold = torch.nanquantile(self.history, self.percentile / 100.0, dim=0)
+        ranks, weights = self._rank_tables(norm.device)
+        empty = self.history.isnan().sum(0)
+        ordered = self.history.sort(0).values  # NaN (empty) last, as nanquantile sorts
+        # index_select/take, not ``table[empty]``: a 0-dim index would be read to the host.
+        around = ordered.gather(0, ranks.index_select(1, empty.flatten()).view(2, *empty.shape))
+        threshold = torch.lerp(around[0], around[1], weights.take(empty))
         return torch.nan_to_num(threshold, nan=math.inf)
+
+    def _rank_tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``torch.nanquantile``'s ranks and weight for every count of recorded norms.
+
+        Returns ``(ranks, weights)``: the ranks below and above, ``[2, window + 1]``,
+        and the interpolation weight, ``[window + 1]``, indexed by the number of empty
+        (NaN) slots. With no recorded norm both ranks are 0, which reads a NaN, as in
+        ``nanquantile``. Computed once per device, with ``nanquantile``'s arithmetic.
+        """
+        if self._tables is None or self._tables[0].device != device:
+            recorded = self.window - torch.arange(self.window + 1, device=device)
+            q = torch.tensor(self.percentile / 100.0, dtype=torch.float64, device=device)
+            ranks = q * (recorded - 1)
+            ranks.masked_fill_(ranks < 0, 0)
+            below = ranks.long()
+            self._tables = (torch.stack((below, ranks.ceil().long())), ranks - below)
+        return self._tables
 
     def config(self) -> dict[str, Any]:
         return {"percentile": self.percentile, "window": self.window}
@@ -646,6 +672,7 @@ class GuardClip(ClipPolicy):
     _state_names = ("history", "position")
     history: Tensor | None = None
     position: Tensor
+    _tables: tuple[Tensor, Tensor] | None = None  # derived from the arguments, not state
 
     def __init__(
         self,
