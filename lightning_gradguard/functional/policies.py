@@ -363,9 +363,12 @@ class AutoClip(ClipPolicy):
     Non-finite norms are not recorded (nor do they push recorded ones out; each
     element of a per-layer vector keeps its own position). Percentiles interpolate
     linearly, as ``numpy.percentile`` does, and equal ``torch.nanquantile`` of the
-    history bit for bit: the window is sorted once per step, and the two ranks and
-    the interpolation weight for each possible number of recorded norms come from
-    tables computed once (the same arithmetic as ``nanquantile``'s).
+    history bit for bit. The two ranks and the interpolation weight for each possible
+    number of recorded norms come from tables computed once (``nanquantile``'s own
+    arithmetic); a global norm's window is sorted once per step, and per-layer
+    windows are kept sorted by taking the evicted norm out and putting the new one
+    in (binary searches and one shift, no sort). Only ``history`` and ``position``
+    are state; the sorted copy is rebuilt from them after a load.
 
     Args:
         percentile: the percentile of the history to clip to (the paper uses 10).
