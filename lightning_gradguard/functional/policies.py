@@ -719,13 +719,6 @@ class GuardClip(ClipPolicy):
     _state_names = ("history", "position")
     history: Tensor | None = None
     position: Tensor
-    # Derived, not state: nanquantile's ranks and weights, and for per-layer norms the
-    # sorted windows (rebuilt from ``history`` when that is replaced).
-    _tables: tuple[Tensor, Tensor] | None = None
-    _ordered: Tensor | None = None
-    _ordered_of: Tensor | None = None
-    _index: Tensor
-    _inf: Tensor
 
     def __init__(
         self,
