@@ -225,3 +225,14 @@ def test_unknown_variant_is_rejected_with_the_choices(tmp_path: Path) -> None:
     assert "nope" in proc.stderr
     assert "gradguard" in proc.stderr
     assert "clip_zclip" in proc.stderr
+
+
+def test_autoclip_threshold_benchmark_runs(tmp_path: Path) -> None:
+    script = SCRIPT.parent / "autoclip_threshold.py"
+    args = ["--window", "8", "--steps", "3", "--rounds", "1", "--layers", "0,3"]
+    done = subprocess.run(
+        [sys.executable, str(script), *args], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line.split()[0] for line in done.stdout.splitlines()[2:]]
+    assert rows == ["global", "3"], done.stdout

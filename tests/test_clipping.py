@@ -426,6 +426,62 @@ def test_autoclip_per_layer_vector_is_elementwise() -> None:
             assert float(threshold[k]) == pytest.approx(expected, rel=1e-12), (t, k)
 
 
+def _nanquantile_of_windows(
+    columns: torch.Tensor, window: int, percentile: float
+) -> list[torch.Tensor]:
+    """Per step, ``torch.nanquantile`` over each element's last ``window`` finite norms.
+
+    The formula AutoClip used before its rank tables, computed here from plain lists:
+    the window is NaN-padded, and a NaN result (nothing recorded) means no clipping.
+    """
+    recorded: list[list[float]] = [[] for _ in range(columns.shape[1])]
+    expected = []
+    for row in columns.tolist():
+        for kept, value in zip(recorded, row):
+            if math.isfinite(value):
+                kept.append(value)
+        padded = [kept[-window:] + [math.nan] * (window - len(kept[-window:])) for kept in recorded]
+        values = torch.tensor(padded, dtype=F64).T  # [window, elements]
+        quantile = torch.nanquantile(values, percentile / 100.0, dim=0)
+        expected.append(torch.nan_to_num(quantile, nan=math.inf))
+    return expected
+
+
+@pytest.mark.parametrize("percentile", [0, 10, 33.3, 100])
+def test_autoclip_is_bitwise_nanquantile_of_the_window_through_a_state_round_trip(
+    percentile: float,
+) -> None:
+    window, steps, resume_at = 32, 200, 117
+    generator = torch.Generator().manual_seed(14)
+    columns = torch.rand((steps, 3), generator=generator, dtype=F64) * 4
+    columns[:, 2] = columns[:, 2].round(decimals=1)  # ties in the window
+    odd = torch.rand(columns.shape, generator=generator)
+    columns[odd < 0.08] = math.nan
+    columns[(odd >= 0.08) & (odd < 0.12)] = math.inf
+    columns[(odd >= 0.12) & (odd < 0.14)] = -math.inf
+    columns[:5, 1] = math.nan  # one element starts with nothing recorded
+    expected = _nanquantile_of_windows(columns, window, percentile)
+
+    vector, scalar = AutoClip(percentile, window), AutoClip(percentile, window)
+    for t in range(resume_at):
+        assert torch.equal(vector.threshold(columns[t]), expected[t]), t
+        assert torch.equal(scalar.threshold(columns[t, 0]), expected[t][0]), t
+    # Resumed from a checkpoint (same keys as ever), or just going on: the same thresholds.
+    resumed = [AutoClip(percentile, window), AutoClip(percentile, window)]
+    for policy, saved in zip(resumed, (vector, scalar)):
+        buffer = io.BytesIO()
+        torch.save(saved.state_dict(), buffer)
+        buffer.seek(0)
+        state = torch.load(buffer, weights_only=True)
+        assert sorted(state) == ["history", "position"]
+        policy.load_state_dict(state)
+    for t in range(resume_at, steps):
+        assert torch.equal(vector.threshold(columns[t]), expected[t]), t
+        assert torch.equal(resumed[0].threshold(columns[t]), expected[t]), t
+        assert torch.equal(scalar.threshold(columns[t, 0]), expected[t][0]), t
+        assert torch.equal(resumed[1].threshold(columns[t, 0]), expected[t][0]), t
+
+
 # --------------------------------------------------------------------------- ZClip
 
 

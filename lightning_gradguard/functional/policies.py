@@ -378,7 +378,13 @@ class AutoClip(ClipPolicy):
     the last ``window`` (a ring buffer on the device), so memory stays constant.
     Non-finite norms are not recorded (nor do they push recorded ones out; each
     element of a per-layer vector keeps its own position). Percentiles interpolate
-    linearly, as ``numpy.percentile`` does.
+    linearly, as ``numpy.percentile`` does, and equal ``torch.nanquantile`` of the
+    history bit for bit. The two ranks and the interpolation weight for each possible
+    number of recorded norms come from tables computed once (``nanquantile``'s own
+    arithmetic); a global norm's window is sorted once per step, and per-layer
+    windows are kept sorted by taking the evicted norm out and putting the new one
+    in (binary searches and one shift, no sort). Only ``history`` and ``position``
+    are state; the sorted copy is rebuilt from them after a load.
 
     Args:
         percentile: the percentile of the history to clip to (the paper uses 10).
@@ -389,6 +395,13 @@ class AutoClip(ClipPolicy):
     _state_names = ("history", "position")
     history: Tensor | None = None
     position: Tensor
+    # Derived, not state: nanquantile's ranks and weights, and for per-layer norms the
+    # sorted windows (rebuilt from ``history`` when that is replaced).
+    _tables: tuple[Tensor, Tensor] | None = None
+    _ordered: Tensor | None = None
+    _ordered_of: Tensor | None = None
+    _index: Tensor
+    _inf: Tensor
 
     def __init__(self, percentile: float = 10.0, window: int = 1000) -> None:
         ok = isinstance(percentile, (int, float)) and not isinstance(percentile, bool)
@@ -409,15 +422,75 @@ class AutoClip(ClipPolicy):
         self._move_state(norm)
         if self.position.shape != norm.shape:  # a state saved with one shared position
             self.position = self.position.expand(norm.shape).clone()
+        if norm.dim() > 0 and (self._ordered is None or self._ordered_of is not self.history):
+            self._sort_windows(self.history)  # first step, loaded state or moved device
         # One write position per element: a non-finite norm neither enters the history
-        # nor pushes a recorded norm out of it.
+        # nor pushes a recorded norm out of it (it writes back the norm already there).
         finite = torch.isfinite(norm)
         slot = (self.position % self.window).unsqueeze(0)
-        written = self.history.scatter(0, slot, norm.unsqueeze(0))
-        self.history = torch.where(finite, written, self.history)
+        evicted = self.history.gather(0, slot).squeeze(0)
+        kept = torch.where(finite, norm, evicted)
+        self.history.scatter_(0, slot, kept.unsqueeze(0))
         self.position = self.position + finite.long()
-        threshold = torch.nanquantile(self.history, self.percentile / 100.0, dim=0)
+        if norm.dim() == 0:  # one sort of the window costs less than the update's ~15 ops
+            ordered = self.history.sort(0).values  # NaN (empty) last, as nanquantile sorts
+            empty = self.history.isnan().sum(0)
+        else:  # sorting [window, layers] costs ~layers times more; the update does not
+            ordered, empty = self._update_windows(evicted, kept)
+        ranks, weights = self._rank_tables(norm.device)
+        # index_select/take, not ``table[empty]``: a 0-dim index would be read to the host.
+        around = ordered.gather(0, ranks.index_select(1, empty.flatten()).view(2, *empty.shape))
+        threshold = torch.lerp(around[0], around[1], weights.take(empty))
         return torch.nan_to_num(threshold, nan=math.inf)
+
+    def _sort_windows(self, history: Tensor) -> None:
+        """Sort each element's window, empty (NaN) slots as ``inf``: ``[*shape, window]``."""
+        window = history.nan_to_num(nan=math.inf).movedim(0, -1)
+        self._ordered = window.sort(-1).values.contiguous()
+        self._ordered_of = history
+        self._index = torch.arange(self.window, device=history.device)
+        self._inf = torch.full(
+            (*history.shape[1:], 1), math.inf, dtype=torch.float64, device=history.device
+        )
+
+    def _update_windows(self, evicted: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
+        """Keep each element's window sorted: ``evicted`` out, ``kept`` in.
+
+        ``O(window)`` per element and no sort: binary searches and one shift. A
+        non-finite norm took its evicted norm out and put it back: no change.
+
+        Returns:
+            The sorted windows, ``[window, *shape]``, and the number of empty slots.
+        """
+        assert self._ordered is not None
+        ordered, index = self._ordered, self._index
+        probe = torch.stack((evicted, kept), -1).nan_to_num_(nan=math.inf)
+        at = torch.searchsorted(ordered, probe)  # first position of each, [*shape, 2]
+        gone, put = at[..., :1], at[..., 1:]
+        # Out at ``gone``, then in at ``put``, less one if the removal was before it.
+        lifted = index + (gone < put)
+        shifted = torch.where(lifted > put, index - 1, index)
+        source = (shifted + (shifted >= gone)).clamp_max_(self.window - 1)
+        self._ordered = torch.where(lifted == put, probe[..., 1:], ordered.gather(-1, source))
+        recorded = torch.searchsorted(self._ordered, self._inf).squeeze(-1)
+        return self._ordered.movedim(-1, 0), self.window - recorded
+
+    def _rank_tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``torch.nanquantile``'s ranks and weight for every count of recorded norms.
+
+        Returns ``(ranks, weights)``: the ranks below and above, ``[2, window + 1]``,
+        and the interpolation weight, ``[window + 1]``, indexed by the number of empty
+        (NaN) slots. With no recorded norm both ranks are 0, which reads a NaN, as in
+        ``nanquantile``. Computed once per device, with ``nanquantile``'s arithmetic.
+        """
+        if self._tables is None or self._tables[0].device != device:
+            recorded = self.window - torch.arange(self.window + 1, device=device)
+            q = torch.tensor(self.percentile / 100.0, dtype=torch.float64, device=device)
+            ranks = q * (recorded - 1)
+            ranks.masked_fill_(ranks < 0, 0)
+            below = ranks.long()
+            self._tables = (torch.stack((below, ranks.ceil().long())), ranks - below)
+        return self._tables
 
     def config(self) -> dict[str, Any]:
         return {"percentile": self.percentile, "window": self.window}
