@@ -29,7 +29,51 @@ __all__ = [
 ]
 
 
-class SpikeWindow:
+class _RingBuffer:
+    """The last ``window`` finite values in a float64 device ring buffer, and their count.
+
+    Empty (``values`` is ``None``) until the first value; follows the device of the
+    values it is given. Subclasses set ``window`` and test against the buffer.
+    """
+
+    window: int
+    values: Tensor | None = None
+    count: Tensor | None = None
+
+    def _ensure(self, like: Tensor) -> None:
+        if self.values is None or self.count is None:
+            self.values = torch.full(
+                (self.window,), math.nan, dtype=torch.float64, device=like.device
+            )
+            self.count = torch.zeros((), dtype=torch.long, device=like.device)
+        elif self.values.device != like.device:
+            self.values, self.count = self.values.to(like.device), self.count.to(like.device)
+
+    def record(self, value: Tensor, keep: Tensor) -> None:
+        """Add ``value`` (a scalar) where ``keep`` is true and the value is finite."""
+        self._ensure(value)
+        assert self.values is not None and self.count is not None
+        value = value.detach().to(torch.float64).reshape(1)
+        keep = keep & torch.isfinite(value[0])
+        slot = (self.count % self.window).view(1)
+        updated = self.values.index_copy(0, slot, value)
+        self.values = torch.where(keep, updated, self.values)
+        self.count = self.count + keep.long()
+
+    def state_dict(self) -> dict[str, Any]:
+        """CPU tensors (empty before the first value)."""
+        if self.values is None or self.count is None:
+            return {}
+        return {"values": self.values.cpu().clone(), "count": self.count.cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""
+        if state:
+            self.values = torch.as_tensor(state["values"]).clone()
+            self.count = torch.as_tensor(state["count"]).clone()
+
+
+class SpikeWindow(_RingBuffer):
     """Recent global norms in a device ring buffer, and the spike test over them.
 
     Args:
@@ -45,15 +89,6 @@ class SpikeWindow:
         self.values: Tensor | None = None
         self.count: Tensor | None = None
 
-    def _ensure(self, like: Tensor) -> None:
-        if self.values is None or self.count is None:
-            self.values = torch.full(
-                (self.window,), math.nan, dtype=torch.float64, device=like.device
-            )
-            self.count = torch.zeros((), dtype=torch.long, device=like.device)
-        elif self.values.device != like.device:
-            self.values, self.count = self.values.to(like.device), self.count.to(like.device)
-
     def is_spike(self, norm: Tensor) -> Tensor:
         """Whether ``norm`` is a spike against the recorded window (a bool tensor)."""
         self._ensure(norm)
@@ -63,34 +98,12 @@ class SpikeWindow:
         enough = self.count >= self.min_samples
         return enough & (norm.to(torch.float64) > mean + self.sigma * std)
 
-    def record(self, norm: Tensor, keep: Tensor) -> None:
-        """Add ``norm`` to the window where ``keep`` is true and the norm is finite."""
-        self._ensure(norm)
-        assert self.values is not None and self.count is not None
-        keep = keep & torch.isfinite(norm)
-        slot = (self.count % self.window).view(1)
-        updated = self.values.index_copy(0, slot, norm.to(torch.float64).view(1))
-        self.values = torch.where(keep, updated, self.values)
-        self.count = self.count + keep.long()
-
-    def state_dict(self) -> dict[str, Any]:
-        """CPU tensors (empty before the first norm)."""
-        if self.values is None or self.count is None:
-            return {}
-        return {"values": self.values.cpu().clone(), "count": self.count.cpu().clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output."""
-        if state:
-            self.values = torch.as_tensor(state["values"]).clone()
-            self.count = torch.as_tensor(state["count"]).clone()
-
 
 SPIKE_STATISTICS = ("ratio", "zscore")
 SPIKE_MODES = ("min", "max")
 
 
-class RunningSpikeTest:
+class RunningSpikeTest(_RingBuffer):
     """A value (a loss, a norm) against the running statistics of its recent values.
 
     Like Lightning's ``SpikeDetection`` and metaseq's loss-ratio test, but on the
@@ -144,15 +157,6 @@ class RunningSpikeTest:
         self.values: Tensor | None = None
         self.count: Tensor | None = None
 
-    def _ensure(self, like: Tensor) -> None:
-        if self.values is None or self.count is None:
-            self.values = torch.full(
-                (self.window,), math.nan, dtype=torch.float64, device=like.device
-            )
-            self.count = torch.zeros((), dtype=torch.long, device=like.device)
-        elif self.values.device != like.device:
-            self.values, self.count = self.values.to(like.device), self.count.to(like.device)
-
     def mean(self) -> Tensor:
         """The running mean (NaN before the first value)."""
         assert self.values is not None
@@ -177,26 +181,3 @@ class RunningSpikeTest:
             std = torch.nanmean((self.values - mean).pow(2)).sqrt()
             spike = spike & (worse > self.sigma * std)
         return spike & torch.isfinite(value)
-
-    def record(self, value: Tensor, keep: Tensor) -> None:
-        """Add ``value`` to the window where ``keep`` is true and the value is finite."""
-        self._ensure(value)
-        assert self.values is not None and self.count is not None
-        value = value.detach().to(torch.float64).reshape(())
-        keep = keep & torch.isfinite(value)
-        slot = (self.count % self.window).view(1)
-        updated = self.values.index_copy(0, slot, value.view(1))
-        self.values = torch.where(keep, updated, self.values)
-        self.count = self.count + keep.long()
-
-    def state_dict(self) -> dict[str, Any]:
-        """CPU tensors (empty before the first value)."""
-        if self.values is None or self.count is None:
-            return {}
-        return {"values": self.values.cpu().clone(), "count": self.count.cpu().clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output."""
-        if state:
-            self.values = torch.as_tensor(state["values"]).clone()
-            self.count = torch.as_tensor(state["count"]).clone()
