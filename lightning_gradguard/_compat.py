@@ -7,14 +7,12 @@ users keep whichever import style they already have.
 
 from __future__ import annotations
 
-import difflib
-import functools
-import inspect
-from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as _pl
 from pytorch_lightning.utilities import rank_zero_warn
+
+from lightning_gradguard._checks import explain_bad_arguments
 
 _bases: list[type] = [_pl.Callback]
 try:  # the unified ``lightning`` package is optional
@@ -23,46 +21,6 @@ try:  # the unified ``lightning`` package is optional
     _bases.append(_lp.Callback)
 except ImportError:  # pragma: no cover - depends on the environment
     pass
-
-
-def explain_bad_arguments(init: Callable[..., None], owner: str) -> Callable[..., None]:
-    """Wrap a constructor so a misspelled argument names its likely correction.
-
-    Python's own message (``got an unexpected keyword argument 'clp'``) does not
-    say what was meant. The wrapper binds the arguments first and, when that
-    fails, raises a ``TypeError`` that names the closest valid argument and lists
-    them all. ``inspect.signature`` still sees the original signature (LightningCLI
-    builds its options from it).
-
-    Example:
-        >>> class Guard(Callback):
-        ...     def __init__(self, clip: str = "zclip") -> None:
-        ...         self.clip = clip
-        >>> Guard(clp="norm")  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        TypeError: Guard got an unexpected argument 'clp': did you mean 'clip'? Valid arguments: ...
-    """
-    signature = inspect.signature(init)
-    names = [n for n in signature.parameters if n != "self"]
-
-    @functools.wraps(init)
-    def checked_init(self: Any, *args: Any, **kwargs: Any) -> None:
-        try:
-            signature.bind(self, *args, **kwargs)
-        except TypeError as error:
-            unknown = [k for k in kwargs if k not in signature.parameters]
-            if not unknown:
-                raise TypeError(f"{owner}: {error}. Valid arguments: {', '.join(names)}.") from None
-            hints = []
-            for name in unknown:
-                close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
-                hint = f": did you mean {close[0]!r}?" if close else "."
-                hints.append(f"{owner} got an unexpected argument {name!r}{hint}")
-            raise TypeError(f"{' '.join(hints)} Valid arguments: {', '.join(names)}.") from None
-        init(self, *args, **kwargs)
-
-    return checked_init
 
 
 class Callback(*_bases):  # type: ignore[misc]
@@ -79,4 +37,4 @@ class Callback(*_bases):  # type: ignore[misc]
             cls.__init__ = init  # type: ignore[method-assign]
 
 
-__all__ = ["Callback", "explain_bad_arguments", "rank_zero_warn"]
+__all__ = ["Callback", "rank_zero_warn"]

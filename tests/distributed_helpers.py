@@ -1,6 +1,6 @@
 """Shared pieces of the 2-process (gloo, CPU) tests: model, data, references, launching.
 
-Imported by ``tests/test_distributed.py`` (the pytest process) and by the worker
+Imported by ``tests/distributed/test_distributed.py`` (the pytest process) and by the worker
 scripts in ``tests/workers/`` (the distributed processes), so both sides build the
 same initial weights and the same global batches.
 
@@ -321,7 +321,7 @@ def write_json(path: Path, data: Any) -> None:
 
 # --------------------------------------------------------------------------- clipping runs
 #
-# Used by ``tests/test_distributed_clip.py`` and ``tests/workers/clip_run.py``. The
+# Used by ``tests/distributed/test_distributed_clip.py`` and ``tests/workers/clip_run.py``. The
 # references below are plain torch and plain Python: ``clip_grad_norm_`` with a
 # threshold chosen by a hand-written ZClip / AutoClip, and a hand-written unit-wise
 # AGC, never ``lightning_gradguard``.
@@ -542,7 +542,8 @@ def reference_clip_run(
 
 # --------------------------------------------------------------------------- dead-unit runs
 #
-# Used by ``tests/test_distributed_dead_units.py`` and ``tests/workers/dead_units_run.py``.
+# Used by ``tests/distributed/test_distributed_dead_units.py`` and
+# ``tests/workers/dead_units_run.py``.
 # The data are built so that the rank split is known: ``DistributedSampler(shuffle=False)``
 # gives rank 0 the even and rank 1 the odd sample indices. Feature ``DEAD_F_WINDOW`` is 1 in
 # a single rank-1 sample of the first window only, ``DEAD_F_RANK0`` / ``DEAD_F_RANK1`` are 1
@@ -644,7 +645,7 @@ def reference_unit_activity(
 
 # --------------------------------------------------------------------------- re-initialization runs
 #
-# Used by ``tests/test_distributed_reinit.py`` and ``tests/workers/reinit_run.py``. The
+# Used by ``tests/distributed/test_distributed_reinit.py`` and ``tests/workers/reinit_run.py``. The
 # recycling run reuses the dead-unit dataset (rank 0 sees the even, rank 1 the odd sample
 # indices; ``DEAD_F_RANK0`` / ``DEAD_F_RANK1`` mark them) and its windows
 # (``DEAD_EVERY_N_STEPS``, ``DEAD_WINDOW``: decisions at ``DEAD_LOG_STEPS``).

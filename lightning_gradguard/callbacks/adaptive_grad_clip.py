@@ -33,7 +33,7 @@ from lightning_gradguard.functional.norms import (
 )
 from lightning_gradguard.functional.policies import ClipPolicy, make_policy
 from lightning_gradguard.functional.spikes import SpikeWindow
-from lightning_gradguard.logging import log_to_loggers, to_host
+from lightning_gradguard.loggers import log_to_loggers, to_host
 from lightning_gradguard.record import run_record
 
 __all__ = [

@@ -27,7 +27,7 @@ from lightning_gradguard.functional.call_sites import (
 )
 from lightning_gradguard.functional.norms import clean_parameter_name
 from lightning_gradguard.functional.surgery import swap_activations
-from lightning_gradguard.logging import log_to_loggers
+from lightning_gradguard.loggers import log_to_loggers
 from lightning_gradguard.record import RunRecord, run_record
 
 __all__ = [

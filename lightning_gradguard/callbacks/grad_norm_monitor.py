@@ -34,7 +34,7 @@ from lightning_gradguard.functional.norms import (
     parse_norm_type,
     validate_group_by,
 )
-from lightning_gradguard.logging import log_to_loggers, to_host
+from lightning_gradguard.loggers import log_to_loggers, to_host
 from lightning_gradguard.record import run_record
 
 __all__ = [

@@ -25,7 +25,7 @@ from lightning_gradguard.callbacks._parts import flat_callbacks
 from lightning_gradguard.callbacks.adaptive_grad_clip import AdaptiveGradClip
 from lightning_gradguard.callbacks.spike_recovery import SpikeRecovery
 from lightning_gradguard.functional.norms import NormGrouping, local_tensors
-from lightning_gradguard.logging import tensorboard_writers, to_host, wandb_runs
+from lightning_gradguard.loggers import tensorboard_writers, to_host, wandb_runs
 from lightning_gradguard.record import EVENT_COLUMNS, Event, RunRecord, run_record
 
 __all__ = [

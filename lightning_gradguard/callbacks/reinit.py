@@ -47,7 +47,7 @@ from lightning_gradguard.functional.redo import (
     unit_layer,
 )
 from lightning_gradguard.functional.units import map_layers
-from lightning_gradguard.logging import log_to_loggers
+from lightning_gradguard.loggers import log_to_loggers
 from lightning_gradguard.record import RunRecord, run_record
 
 __all__ = [

@@ -27,7 +27,7 @@ from lightning_gradguard.callbacks._parts import flat_callbacks
 from lightning_gradguard.functional.norms import NormGrouping, grad_norms
 from lightning_gradguard.functional.snapshot import StateSnapshot, _restore_into, live_state
 from lightning_gradguard.functional.spikes import SPIKE_MODES, SPIKE_STATISTICS, RunningSpikeTest
-from lightning_gradguard.logging import log_to_loggers
+from lightning_gradguard.loggers import log_to_loggers
 from lightning_gradguard.record import run_record
 
 __all__ = [

@@ -21,7 +21,7 @@ import pytest
 import lightning_gradguard
 from lightning_gradguard import functional
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS_PACKAGES = ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python")
 
 

@@ -13,7 +13,7 @@ from types import ModuleType
 import pytest
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "digits_monitor.py"
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from helpers import run_example_quick
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "reinit.py"
 STEPS_PER_EPOCH = 23  # ceil(1437 / 64)
 TRIGGER = STEPS_PER_EPOCH * 6  # step 138: the window of steps 128-137 is over

@@ -21,7 +21,7 @@ from lightning_gradguard import Diagnosis, diagnose
 from lightning_gradguard.doctor import main
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

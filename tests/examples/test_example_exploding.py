@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from helpers import load_example, run_example_quick
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "exploding.py"
 POLICY_NAMES = ("FixedNorm", "FixedValue", "AutoClip", "ZClip", "EMARatio", "AGC")
 

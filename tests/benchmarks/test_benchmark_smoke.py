@@ -17,7 +17,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # each test runs the benchmark in a subprocess (6-35 s)
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "overhead.py"
 WORKLOADS = ("mlp", "transformer", "many_small")
 # Variant name -> label in the tables, for every variant a default run includes.
 DEFAULT_VARIANTS = {

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from helpers import load_example, run_example_quick
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "dying_relu.py"
 STEPS_PER_EPOCH = 23  # ceil(1437 / 64)
 SPIKE_END = STEPS_PER_EPOCH * 6  # step 138: the spike epoch (5, from 0) is over

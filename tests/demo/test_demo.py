@@ -16,7 +16,7 @@ from wandb_reader import find_run_files, load_run
 from lightning_gradguard.cli import main as cli_main
 from lightning_gradguard.demo.run import dead_fraction, parse_args, results_table
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _gradguard(

@@ -245,7 +245,7 @@ def test_resume_in_a_fresh_process_equals_uninterrupted_run(tmp_path: Path) -> N
     import subprocess
     import sys
 
-    worker = Path(__file__).parent / "workers" / "clip_resume.py"
+    worker = Path(__file__).resolve().parents[1] / "workers" / "clip_resume.py"
 
     def run(*args: str) -> None:
         subprocess.run(

@@ -22,7 +22,7 @@ from distributed_helpers import clean_env
 
 pytestmark = pytest.mark.distributed  # the examples run as two ranks
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 STEPS = 8
 LOG_EVERY = 2
