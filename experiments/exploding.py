@@ -21,9 +21,9 @@ wall time per run. ``--out`` also writes every run's numbers as JSON.
 
 Usage::
 
-    python examples/exploding.py                       # both scenarios, seeds 0-4, 1000 steps
-    python examples/exploding.py --scenario S2b --seeds 0 1 --out /tmp/s2b.json
-    python examples/exploding.py --quick               # 1 seed, 30 steps (tests)
+    python experiments/exploding.py                       # both scenarios, seeds 0-4, 1000 steps
+    python experiments/exploding.py --scenario S2b --seeds 0 1 --out /tmp/s2b.json
+    python experiments/exploding.py --quick               # 1 seed, 30 steps (tests)
 """
 
 from __future__ import annotations

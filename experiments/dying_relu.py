@@ -37,9 +37,9 @@ over the seeds); ``--out`` writes every run's numbers as JSON.
 
 Usage::
 
-    python examples/dying_relu.py                        # seeds 0-4, 40 epochs
-    python examples/dying_relu.py --seeds 0 1 --out /tmp/dying.json
-    python examples/dying_relu.py --quick                # seed 0, 8 epochs (tests)
+    python experiments/dying_relu.py                        # seeds 0-4, 40 epochs
+    python experiments/dying_relu.py --seeds 0 1 --out /tmp/dying.json
+    python experiments/dying_relu.py --quick                # seed 0, 8 epochs (tests)
 """
 
 from __future__ import annotations
