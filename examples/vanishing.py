@@ -2,7 +2,7 @@
 
 A 25-layer MLP with a sigmoid after every hidden layer and weights drawn from
 N(0, 0.05) does not learn the digits: at step 0 the first layer's gradient norm is
-about 1e-24 against 0.6 for the last one, the test accuracy stays at chance (0.10)
+about 1e-24 against 0.5 for the last one, the test accuracy stays at chance (0.10)
 and the monitor warns about vanishing gradients. ``--fix`` trains the same network
 with ReLU and Kaiming (He) init: the norms of all layers have the same order of
 magnitude and it learns. The metrics go to a CSV file and to a Weights & Biases run
