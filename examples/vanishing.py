@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     wandb = WandbLogger(project="lightning-gradguard-examples", name=name, save_dir=args.out)
     trainer = pl.Trainer(
         max_epochs=args.epochs,
-        logger=[CSVLogger(args.out, name=name), wandb],
+        logger=[CSVLogger(args.out, name=name), wandb],  # W&B offline: `wandb sync` uploads
         callbacks=[GradNormMonitor()],  # grad_norm/<layer>, and a warning when they vanish
         log_every_n_steps=10,
         enable_checkpointing=False,
