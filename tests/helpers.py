@@ -157,7 +157,8 @@ def quiet_trainer_kwargs(**overrides: Any) -> dict[str, Any]:
 
 
 def load_example(script: Any) -> Any:
-    """Import an example script as a module (registered, so its dataclasses resolve)."""
+    """Import an example or experiment script as a module (registered, so its dataclasses
+    resolve)."""
     import importlib.util
     import sys
 

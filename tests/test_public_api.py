@@ -113,3 +113,88 @@ def test_functional_keeps_internals_out() -> None:
     for helper in ("rows_layout", "layer_specs", "clip_coefficients", "site_nonlinearity"):
         assert helper not in F.__all__
         assert helper not in vars(F)
+
+
+FUNCTIONAL_PUBLIC = {
+    # norms and detection
+    "NormGrouping", "grad_norms", "param_norms", "GroupedNorms", "ParameterSnapshot",
+    "GradientHealth",
+    # clipping and its policies
+    "clip_by_norm_", "clip_by_value_", "agc_", "clip_with_policy_", "ClipPolicy",
+    "FixedNorm", "FixedValue", "AutoClip", "ZClip", "EMARatio", "AGC", "GuardClip", "NoClip",
+    # spikes and rollback
+    "RunningSpikeTest", "StateSnapshot",
+    # activity and surgery
+    "ActivityTracker", "UnitStats", "MeasuringWindows", "trace_call_sites", "CallSite",
+    "register_activation", "is_activation_module", "unit_dim",
+    "swap_activations", "swap_functional_relu",
+    # initialization and recycling
+    "init_", "lsuv_", "InitReport", "LSUVReport", "consumer_nonlinearities",
+    "infer_unit_pairs", "trace_unit_pairs", "PairInference", "UnitPair", "PairActivity",
+    "recycle_units_", "shrink_perturb_",
+    # layers and units
+    "map_layers", "LayerMap", "Layer", "LayerSpec", "UnitLayout", "register_layer",
+    "unregister_layer",
+}  # fmt: skip
+"""What a plain PyTorch or Fabric loop calls and the types it reads: docs/functional.md."""
+
+FUNCTIONAL_INTERNAL = {
+    "norms": (
+        "tensor_norms", "grouped_norms", "local_tensors", "clean_parameter_name",
+        "parse_norm_type", "TINY_NORM",
+    ),
+    "clipping": ("agc_plan", "AGCPlan"),
+    "policies": ("ClipDecision", "make_policy", "POLICIES"),
+    "spikes": ("SpikeWindow",),
+    "activity": ("DEFAULT_ACTIVATIONS",),
+    "surgery": ("activation_types",),
+    "init": ("init_weight_", "init_layer_", "SCHEMES"),
+    "redo": ("check_pair", "PairTracer"),
+    "units": ("fan_in_and_fan_out", "weight_layouts", "KINDS"),
+}  # fmt: skip
+"""Helpers that stay in their submodule (and importable from there), not re-exported."""
+
+
+def test_functional_exports_exactly_its_public_names() -> None:
+    import lightning_gradguard.functional as F
+
+    assert set(F.__all__) == FUNCTIONAL_PUBLIC
+    assert len(F.__all__) == len(FUNCTIONAL_PUBLIC) == 50
+    star: dict[str, object] = {}
+    exec("from lightning_gradguard.functional import *", star)
+    assert set(star) - {"__builtins__"} == FUNCTIONAL_PUBLIC
+    # Nothing else public is bound in the package namespace (submodules aside).
+    import types
+
+    extra = {
+        name
+        for name, value in vars(F).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert extra == FUNCTIONAL_PUBLIC
+
+
+def test_functional_internals_stay_in_their_submodules() -> None:
+    import importlib
+
+    import lightning_gradguard.functional as F
+
+    for module_name, names in FUNCTIONAL_INTERNAL.items():
+        module = importlib.import_module(f"lightning_gradguard.functional.{module_name}")
+        for name in names:
+            assert hasattr(module, name), f"functional.{module_name} lacks {name}"
+            assert name not in vars(F), f"functional re-exports the helper {name}"
+
+
+def test_every_public_functional_name_has_its_own_docstring() -> None:
+    import inspect
+
+    import lightning_gradguard.functional as F
+
+    for name in F.__all__:
+        obj = getattr(F, name)
+        assert inspect.isclass(obj) or inspect.isfunction(obj), name
+        doc = obj.__doc__ or ""
+        # A dataclass without a docstring gets its signature as __doc__: not documentation.
+        assert doc.strip() and not doc.startswith(f"{name}("), f"{name} has no docstring"
+        assert obj.__module__.startswith("lightning_gradguard.functional."), name

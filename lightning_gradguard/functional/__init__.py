@@ -1,11 +1,24 @@
 """Pure-torch core of lightning_gradguard: usable without Lightning (plain PyTorch, Fabric).
 
-The names below are the public API. Helpers that only the package itself uses stay in
-their modules (for example ``functional.units.rows_layout``) and are not re-exported here.
+The names below are the public API: what a plain PyTorch or Fabric training loop calls,
+and the types it reads back. Everything else (norm building blocks such as
+``tensor_norms`` and ``local_tensors``, name cleaning, the policy registry, the fan and
+layout helpers, the constants) stays in its submodule, importable from there
+(``lightning_gradguard.functional.norms.tensor_norms``), and is not re-exported here.
+
+Example:
+    >>> import torch
+    >>> from lightning_gradguard.functional import NormGrouping, ZClip, grad_norms
+    >>> from lightning_gradguard.functional import clip_with_policy_
+    >>> model = torch.nn.Linear(3, 2)
+    >>> model(torch.ones(4, 3)).sum().backward()
+    >>> norms = grad_norms(NormGrouping.from_module(model))
+    >>> norm, threshold, coef = clip_with_policy_(ZClip(), model)
+    >>> bool(torch.isclose(norm, norms.total))
+    True
 """
 
 from lightning_gradguard.functional.activity import (
-    DEFAULT_ACTIVATIONS,
     ActivityTracker,
     MeasuringWindows,
     UnitStats,
@@ -17,42 +30,25 @@ from lightning_gradguard.functional.call_sites import (
     is_activation_module,
     register_activation,
 )
-from lightning_gradguard.functional.clipping import (
-    AGCPlan,
-    agc_,
-    agc_plan,
-    clip_by_norm_,
-    clip_by_value_,
-)
+from lightning_gradguard.functional.clipping import agc_, clip_by_norm_, clip_by_value_
 from lightning_gradguard.functional.health import GradientHealth
 from lightning_gradguard.functional.init import (
-    SCHEMES,
     InitReport,
     LSUVReport,
     consumer_nonlinearities,
     init_,
-    init_layer_,
-    init_weight_,
     lsuv_,
 )
 from lightning_gradguard.functional.norms import (
-    TINY_NORM,
     GroupedNorms,
     NormGrouping,
     ParameterSnapshot,
-    clean_parameter_name,
     grad_norms,
-    grouped_norms,
-    local_tensors,
     param_norms,
-    parse_norm_type,
-    tensor_norms,
 )
 from lightning_gradguard.functional.policies import (
     AGC,
-    POLICIES,
     AutoClip,
-    ClipDecision,
     ClipPolicy,
     EMARatio,
     FixedNorm,
@@ -61,51 +57,34 @@ from lightning_gradguard.functional.policies import (
     NoClip,
     ZClip,
     clip_with_policy_,
-    make_policy,
 )
 from lightning_gradguard.functional.redo import (
     PairActivity,
     PairInference,
-    PairTracer,
     UnitPair,
-    check_pair,
     infer_unit_pairs,
     recycle_units_,
     shrink_perturb_,
     trace_unit_pairs,
 )
 from lightning_gradguard.functional.snapshot import StateSnapshot
-from lightning_gradguard.functional.spikes import RunningSpikeTest, SpikeWindow
-from lightning_gradguard.functional.surgery import (
-    activation_types,
-    swap_activations,
-    swap_functional_relu,
-)
+from lightning_gradguard.functional.spikes import RunningSpikeTest
+from lightning_gradguard.functional.surgery import swap_activations, swap_functional_relu
 from lightning_gradguard.functional.units import (
-    KINDS,
     Layer,
     LayerMap,
     LayerSpec,
     UnitLayout,
-    fan_in_and_fan_out,
     map_layers,
     register_layer,
     unregister_layer,
-    weight_layouts,
 )
 
 __all__ = [
     "AGC",
-    "DEFAULT_ACTIVATIONS",
-    "KINDS",
-    "POLICIES",
-    "SCHEMES",
-    "TINY_NORM",
-    "AGCPlan",
     "ActivityTracker",
     "AutoClip",
     "CallSite",
-    "ClipDecision",
     "ClipPolicy",
     "EMARatio",
     "FixedNorm",
@@ -123,48 +102,33 @@ __all__ = [
     "NormGrouping",
     "PairActivity",
     "PairInference",
-    "PairTracer",
     "ParameterSnapshot",
     "RunningSpikeTest",
-    "SpikeWindow",
     "StateSnapshot",
     "UnitLayout",
     "UnitPair",
     "UnitStats",
     "ZClip",
-    "activation_types",
     "agc_",
-    "agc_plan",
-    "check_pair",
-    "clean_parameter_name",
     "clip_by_norm_",
     "clip_by_value_",
     "clip_with_policy_",
     "consumer_nonlinearities",
-    "fan_in_and_fan_out",
     "grad_norms",
-    "grouped_norms",
     "infer_unit_pairs",
     "init_",
-    "init_layer_",
-    "init_weight_",
     "is_activation_module",
-    "local_tensors",
     "lsuv_",
-    "make_policy",
     "map_layers",
     "param_norms",
-    "parse_norm_type",
     "recycle_units_",
     "register_activation",
     "register_layer",
     "shrink_perturb_",
     "swap_activations",
     "swap_functional_relu",
-    "tensor_norms",
     "trace_call_sites",
     "trace_unit_pairs",
     "unit_dim",
     "unregister_layer",
-    "weight_layouts",
 ]

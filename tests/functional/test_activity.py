@@ -9,11 +9,11 @@ from torch import nn
 
 from lightning_gradguard.functional import (
     ActivityTracker,
-    activation_types,
     swap_activations,
     swap_functional_relu,
     unit_dim,
 )
+from lightning_gradguard.functional.surgery import activation_types
 
 
 class _Identity(nn.Module):

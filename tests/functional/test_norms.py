@@ -9,13 +9,15 @@ import torch
 from torch import nn
 
 from lightning_gradguard.functional import (
-    TINY_NORM,
     NormGrouping,
     ParameterSnapshot,
-    clean_parameter_name,
     grad_norms,
-    grouped_norms,
     param_norms,
+)
+from lightning_gradguard.functional.norms import (
+    TINY_NORM,
+    clean_parameter_name,
+    grouped_norms,
     tensor_norms,
 )
 

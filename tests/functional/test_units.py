@@ -19,13 +19,13 @@ from lightning_gradguard.functional import (
     LayerSpec,
     agc_,
     clip_with_policy_,
-    fan_in_and_fan_out,
     init_,
     lsuv_,
     map_layers,
     register_layer,
     unregister_layer,
 )
+from lightning_gradguard.functional.units import fan_in_and_fan_out
 
 
 def test_gpt2_conv1d_units_are_the_output_columns_and_lm_head_is_the_tied_embedding() -> None:

@@ -35,7 +35,7 @@ from helpers import CaptureLogger
 from torch.utils.data import DataLoader
 
 from lightning_gradguard import DeadUnitMonitor
-from lightning_gradguard.functional import activation_types
+from lightning_gradguard.functional.surgery import activation_types
 
 SCENARIOS = ("split", "threshold")
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-from lightning_gradguard.functional import grouped_norms
+from lightning_gradguard.functional.norms import grouped_norms
 
 NORM_TYPES = (2.0, math.inf, 1.0, 3.0)
 GROUP_INDEX = [0, 0, 1, 1, 2]  # 5 tensors in 3 groups, plus a 4th group with no tensor

@@ -1,4 +1,4 @@
-"""``examples/dying_relu.py --quick`` end to end, checked on its JSON and its tables."""
+"""``experiments/dying_relu.py --quick`` end to end, checked on its JSON and its tables."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from helpers import load_example, run_example_quick
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "examples" / "dying_relu.py"
+SCRIPT = ROOT / "experiments" / "dying_relu.py"
 STEPS_PER_EPOCH = 23  # ceil(1437 / 64)
 SPIKE_END = STEPS_PER_EPOCH * 6  # step 138: the spike epoch (5, from 0) is over
 NEXT_EPOCH_END = STEPS_PER_EPOCH * 7  # step 161

@@ -1,4 +1,4 @@
-"""``examples/reinit.py --quick`` end to end, checked on its JSON and its tables."""
+"""``experiments/reinit.py --quick`` end to end, checked on its JSON and its tables."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from helpers import run_example_quick
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "examples" / "reinit.py"
+SCRIPT = ROOT / "experiments" / "reinit.py"
 STEPS_PER_EPOCH = 23  # ceil(1437 / 64)
 TRIGGER = STEPS_PER_EPOCH * 6  # step 138: the window of steps 128-137 is over
 DEPTH = 25

@@ -1,4 +1,4 @@
-"""``examples/exploding.py --quick`` end to end, checked on its JSON and its table."""
+"""``experiments/exploding.py --quick`` end to end, checked on its JSON and its table."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from helpers import load_example, run_example_quick
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "examples" / "exploding.py"
+SCRIPT = ROOT / "experiments" / "exploding.py"
 POLICY_NAMES = ("FixedNorm", "FixedValue", "AutoClip", "ZClip", "EMARatio", "AGC")
 
 

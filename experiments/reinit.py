@@ -2,7 +2,7 @@
 ``UnitRecycler`` (ReDo) against dying ReLUs.
 
 Two parts, both on scikit-learn's bundled digits data (8x8 images, 10 classes; no
-download; split and scaling as in ``digits_monitor.py`` and ``dying_relu.py``), both
+download; split and scaling as in ``exploding.py`` and ``dying_relu.py``), both
 trained with Lightning and Adam at learning rate 1e-3, batch 64 (23 batches per epoch).
 
 Part 1, ``init`` (scenario S1): a 25-layer MLP (64 -> 64 x 24, then -> 10) built as one
@@ -44,9 +44,9 @@ Dead fractions are measured on all 1437 training samples at the end of every epo
 
 Usage::
 
-    python examples/reinit.py                          # both parts, seeds 0-4 (~5 min)
-    python examples/reinit.py --part init --seeds 0 1 --out /tmp/reinit.json
-    python examples/reinit.py --quick                  # seed 0, few epochs (tests)
+    python experiments/reinit.py                          # both parts, seeds 0-4 (~5 min)
+    python experiments/reinit.py --part init --seeds 0 1 --out /tmp/reinit.json
+    python experiments/reinit.py --quick                  # seed 0, few epochs (tests)
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from dying_relu import (  # examples/ is on sys.path when this script runs
+from dying_relu import (  # experiments/ is on sys.path when this script runs
     BATCH_SIZE,
     HIDDEN,
     SPIKE_EPOCH,
