@@ -6,8 +6,8 @@ callback (:class:`~lightning_gradguard.AdaptiveGradClip`), the mixin and
 
 1. ``plan = policy.prepare(parameters, grads, group_index)``: the work that needs
    no norm, before the norm is known. It returns a
-   :class:`~lightning_gradguard.functional.ClipPlan`, whose
-   :meth:`~lightning_gradguard.functional.ClipPlan.measured_norm` is the global
+   :class:`~lightning_gradguard.functional.clipping.ClipPlan`, whose
+   :meth:`~lightning_gradguard.functional.clipping.ClipPlan.measured_norm` is the global
    gradient norm when preparing measured it on the way (AGC), so nobody measures
    it twice.
 2. ``policy.decide(plan, norm)``: given the norm (a scalar, or one per group of
@@ -22,7 +22,7 @@ callback (:class:`~lightning_gradguard.AdaptiveGradClip`), the mixin and
 
 - :class:`NormPolicy`: a threshold from the norm. A subclass implements
   :meth:`NormPolicy.threshold` (``norm -> threshold``, updating its state), and
-  gets norm clipping (:class:`~lightning_gradguard.functional.NormPlan`):
+  gets norm clipping (:class:`~lightning_gradguard.functional.clipping.NormPlan`):
   :class:`FixedNorm`, :class:`AutoClip`, :class:`ZClip`, :class:`EMARatio`,
   :class:`GuardClip` (whose threshold also reads the weights' norm) and
   :class:`NoClip` (never touches the gradients).
@@ -224,7 +224,7 @@ class NormPolicy(ClipPolicy):
     """A threshold from the gradient norm; the gradients are scaled down to it.
 
     A subclass implements :meth:`threshold`. The plan is a
-    :class:`~lightning_gradguard.functional.NormPlan`: the coefficient is
+    :class:`~lightning_gradguard.functional.clipping.NormPlan`: the coefficient is
     ``threshold / (norm + 1e-6)`` where the norm is above the threshold, 1 elsewhere
     (NaN norms included), as in torch's ``clip_grad_norm_``.
     """
