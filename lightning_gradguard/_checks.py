@@ -4,7 +4,8 @@ Every message has the same shape, ``Owner(argument=value): argument must be
 <requirement>.``, so a user reading it knows which call, which argument, what was
 given and what is allowed. A misspelled choice or keyword gets a "did you mean".
 Booleans are never accepted where a number is asked for (``True`` is an ``int``
-to Python, never to a user).
+to Python, never to a user). Without ``allow_none=True`` the type checker knows
+that ``check_number`` returns a ``float`` and ``check_int`` an ``int``.
 
 Example:
     >>> check_int(0, "window", "AutoClip", low=1)
