@@ -4,7 +4,8 @@ Every message has the same shape, ``Owner(argument=value): argument must be
 <requirement>.``, so a user reading it knows which call, which argument, what was
 given and what is allowed. A misspelled choice or keyword gets a "did you mean".
 Booleans are never accepted where a number is asked for (``True`` is an ``int``
-to Python, never to a user).
+to Python, never to a user). Without ``allow_none=True`` the type checker knows
+that ``check_number`` returns a ``float`` and ``check_int`` an ``int``.
 
 Example:
     >>> check_int(0, "window", "AutoClip", low=1)
@@ -24,7 +25,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 __all__ = [
     "check_bool",
@@ -63,6 +64,34 @@ def _span(low: float | None, high: float | None, low_open: bool, high_open: bool
     if high is not None:
         return f"{'<' if high_open else '<='} {high:g}"
     return "finite"
+
+
+@overload
+def check_number(
+    value: Any,
+    argument: str,
+    owner: str,
+    *,
+    low: float | None = ...,
+    high: float | None = ...,
+    low_open: bool = ...,
+    high_open: bool = ...,
+    allow_none: Literal[False] = ...,
+) -> float: ...
+
+
+@overload
+def check_number(
+    value: Any,
+    argument: str,
+    owner: str,
+    *,
+    low: float | None = ...,
+    high: float | None = ...,
+    low_open: bool = ...,
+    high_open: bool = ...,
+    allow_none: bool = ...,
+) -> float | None: ...
 
 
 def check_number(
@@ -108,6 +137,30 @@ def check_number(
         what = "a finite number" if span == "finite" else f"a finite number {span}"
         raise _fail(owner, argument, value, what + (" or None" if allow_none else ""))
     return float(value)
+
+
+@overload
+def check_int(
+    value: Any,
+    argument: str,
+    owner: str,
+    *,
+    low: int | None = ...,
+    high: int | None = ...,
+    allow_none: Literal[False] = ...,
+) -> int: ...
+
+
+@overload
+def check_int(
+    value: Any,
+    argument: str,
+    owner: str,
+    *,
+    low: int | None = ...,
+    high: int | None = ...,
+    allow_none: bool = ...,
+) -> int | None: ...
 
 
 def check_int(

@@ -21,9 +21,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_gradguard._checks import check_bool, check_choice, check_int, check_number
 from lightning_gradguard._compat import Callback, rank_zero_warn
 from lightning_gradguard.callbacks._parts import flat_callbacks
-from lightning_gradguard.functional.clipping import AGCPlan
+from lightning_gradguard.functional.clipping import ClipPlan
 from lightning_gradguard.functional.norms import (
     GroupBy,
     GroupedNorms,
@@ -128,52 +129,27 @@ class AdaptiveGradClip(Callback):
         max_consecutive_skips: int = 10,
         log_every_n_steps: int | None = None,
     ) -> None:
+        owner = "AdaptiveGradClip"
         self.policy = make_policy(policy)
-        if scope not in SCOPES:
-            raise ValueError(f"scope={scope!r} is not a clipping scope: use one of {list(SCOPES)}.")
+        self.scope = check_choice(scope, "scope", owner, SCOPES)
         validate_group_by(group_by, depth)
         NormGrouping.from_named_parameters([], group_by, depth, include, exclude)
-        for name, flag in (("skip_nonfinite", skip_nonfinite), ("skip_spikes", skip_spikes)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name}={flag!r} must be True or False.")
-        if (
-            isinstance(spike_sigma, bool)
-            or not isinstance(spike_sigma, (int, float))
-            or not spike_sigma > 0
-        ):
-            raise ValueError(f"spike_sigma={spike_sigma!r} must be a positive number.")
-        for name, value, low in (
-            ("spike_window", spike_window, 2),
-            ("spike_min_samples", spike_min_samples, 2),
-            ("max_consecutive_skips", max_consecutive_skips, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r} must be an integer >= {low}.")
-        if spike_min_samples > spike_window:
-            raise ValueError(
-                f"spike_min_samples={spike_min_samples} must not exceed "
-                f"spike_window={spike_window}."
-            )
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool)
-            or not isinstance(log_every_n_steps, int)
-            or log_every_n_steps < 1
-        ):
-            raise ValueError(
-                f"log_every_n_steps={log_every_n_steps!r} must be a positive integer or None."
-            )
-        self.scope = scope
-        self.group_by = group_by
-        self.depth = depth
+        self.group_by, self.depth = group_by, depth
         self.include = None if include is None else list(include)
         self.exclude = None if exclude is None else list(exclude)
-        self.skip_nonfinite = skip_nonfinite
-        self.skip_spikes = skip_spikes
-        self.spike_sigma = float(spike_sigma)
-        self.spike_window = spike_window
-        self.spike_min_samples = spike_min_samples
-        self.max_consecutive_skips = max_consecutive_skips
-        self.log_every_n_steps = log_every_n_steps
+        self.skip_nonfinite = check_bool(skip_nonfinite, "skip_nonfinite", owner)
+        self.skip_spikes = check_bool(skip_spikes, "skip_spikes", owner)
+        self.spike_sigma = check_number(spike_sigma, "spike_sigma", owner, low=0, low_open=True)
+        self.spike_window = check_int(spike_window, "spike_window", owner, low=2)
+        self.spike_min_samples = check_int(
+            spike_min_samples, "spike_min_samples", owner, low=2, high=spike_window
+        )
+        self.max_consecutive_skips = check_int(
+            max_consecutive_skips, "max_consecutive_skips", owner, low=1
+        )
+        self.log_every_n_steps = check_int(
+            log_every_n_steps, "log_every_n_steps", owner, low=1, allow_none=True
+        )
         self._own_skips = 0  # steps this callback skipped (host count)
         # id(optimizer) -> (optimizer, its instance-level ``step`` before ours, our wrapper)
         self._wrapped: dict[int, tuple[Any, Any, Any]] = {}
@@ -513,7 +489,7 @@ class AdaptiveGradClip(Callback):
             self._states[index] = state
         return index, state
 
-    def _norms(self, state: _ClipState, optimizer: Any, prepared: Any) -> GroupedNorms:
+    def _norms(self, state: _ClipState, optimizer: Any, plan: ClipPlan) -> GroupedNorms:
         monitor = self._monitor
         if monitor is not None:
             found = monitor.norms_for(optimizer)
@@ -526,9 +502,9 @@ class AdaptiveGradClip(Callback):
                     self.scope == "global" or grouping.names == state.grouping.names
                 ):
                     return norms
-        if isinstance(prepared, AGCPlan) and prepared.local and self.scope == "global":
-            total = prepared.grad_norm()  # from AGC's unit norms: no second pass
-            return GroupedNorms(groups=total.view(1), total=total, norm_type=2.0)
+        measured = plan.measured_norm() if self.scope == "global" else None
+        if measured is not None:  # the policy measured it while preparing (AGC): no second pass
+            return GroupedNorms(groups=measured.view(1), total=measured, norm_type=2.0)
         return grad_norms(state.grouping)
 
     @torch.no_grad()
@@ -539,14 +515,15 @@ class AdaptiveGradClip(Callback):
         params = list(state.grouping.parameters)
         present = [p for p in params if p.grad is not None]
         grads = [p.grad for p in present if p.grad is not None]
-        prepared = state.policy.prepare(present)
-        norms = self._norms(state, optimizer, prepared)
-        total = norms.total
-        norm = total if self.scope == "global" else norms.groups
         index_tensor = None
         if self.scope == "layer":
             positions = tuple(i for i, p in enumerate(params) if p.grad is not None)
-            index_tensor = state.grouping.index_tensor(positions, total.device)
+            device = grads[0].device if grads else torch.device("cpu")
+            index_tensor = state.grouping.index_tensor(positions, device)
+        plan = state.policy.prepare(present, grads, index_tensor)
+        norms = self._norms(state, optimizer, plan)
+        total = norms.total
+        norm = total if self.scope == "global" else norms.groups
 
         nonfinite = ~torch.isfinite(total)
         skip = torch.zeros((), dtype=torch.bool, device=total.device)
@@ -577,7 +554,7 @@ class AdaptiveGradClip(Callback):
             )
             # A non-finite step is never folded into the policy (with or without a scaler).
             norm = torch.where(nonfinite, torch.full_like(norm, math.nan), norm)
-        decision = state.policy.decide(present, grads, norm, index_tensor, prepared)
+        state.policy.decide(plan, norm)
         if deciding:
             # Skipping pays one host read per step anyway: the same read also says which
             # passes of the clipping would change anything, and only those run (on most
@@ -587,7 +564,7 @@ class AdaptiveGradClip(Callback):
                     skip.view(1),
                     nonfinite.view(1),
                     extra_agreed,
-                    decision.needs_scaling().to(skip.device),
+                    plan.needs_scaling().to(skip.device),
                 ]
             ).tolist()
             state.skip_flag, state.nonfinite_flag = flags[0], flags[1]
@@ -601,19 +578,18 @@ class AdaptiveGradClip(Callback):
                 state.consecutive_skips += 1
                 self._stop_if_too_many(state, "the fp16 GradScaler found inf/NaN gradients", [])
             if not flags[0]:
-                decision.apply_(flags[offset:])
+                plan.apply_(flags[offset:])
         else:
-            decision.apply_()
-        threshold, coef = decision.threshold, decision.coef
+            plan.apply_()
         if state.spikes is not None:
             state.spikes.record(total, ~skip)
         logging_step = state.steps_seen % self._interval == 0
         state.steps_seen += 1
         if logging_step:
             # On every rank: without norms from the policy this is a collective under FSDP2.
-            clipped = self._clipped_norm(state, norm, coef, prepared)
+            clipped = self._clipped_norm(state, plan)
             if trainer.is_global_zero:
-                self._log(trainer, state, index, threshold, coef, clipped, total)
+                self._log(trainer, state, index, plan, clipped, total)
 
     @staticmethod
     def _agree_on_step(
@@ -646,33 +622,33 @@ class AdaptiveGradClip(Callback):
             return as_int.bool()
         return flag
 
-    def _clipped_norm(self, state: _ClipState, norm: Tensor, coef: Tensor, prepared: Any) -> Tensor:
-        """The global norm after clipping (from the policy's norms when it has them)."""
-        if self.policy.uses_norms:
-            return (norm * coef).pow(2).sum().sqrt() if self.scope == "layer" else norm * coef
-        if isinstance(prepared, AGCPlan) and prepared.local:
-            # A skipped step (its flag is read on the host by now) kept its gradients.
-            return prepared.grad_norm() if state.skip_flag else prepared.clipped_norm()
-        return grad_norms(state.grouping).total
+    @staticmethod
+    def _clipped_norm(state: _ClipState, plan: ClipPlan) -> Tensor:
+        """The global norm after clipping: from the plan when it knows it, else measured."""
+        # A skipped step (its flag is read on the host by now) kept its gradients.
+        clipped = plan.clipped_norm(applied=not state.skip_flag)
+        return grad_norms(state.grouping).total if clipped is None else clipped
 
     def _log(
         self,
         trainer: Any,
         state: _ClipState,
         index: int,
-        threshold: Tensor,
-        coef: Tensor,
+        plan: ClipPlan,
         clipped: Tensor,
         total: Tensor,
     ) -> None:
         suffix = "" if index == 0 else f"_opt{index}"
+        threshold, coef = plan.threshold, plan.coef
+        assert threshold is not None  # set by decide
         values: dict[str, Tensor] = {
             "threshold": threshold.median() if threshold.dim() else threshold,
-            "coef": coef.min() if coef.dim() else coef,
-            "active": (coef < 1).double().mean() if coef.dim() else (coef < 1).double(),
             "clipped": clipped,
             "raw": total,
         }
+        if coef is not None:  # norm clipping; value clipping and AGC scale by no norm
+            values["coef"] = coef.min() if coef.dim() else coef
+            values["active"] = (coef < 1).double().mean() if coef.dim() else (coef < 1).double()
         if state.scaler_skips is not None:
             values["scaler_skips"] = state.scaler_skips
         host = {k: v[0] for k, v in to_host(values).items()}
@@ -684,13 +660,13 @@ class AdaptiveGradClip(Callback):
             ),
             f"grad_norm/total_clipped{suffix}": host["clipped"],
         }
-        if self.policy.uses_norms:
+        if coef is not None:
             metrics[f"clip/coef{suffix}"] = host["coef"]
             metrics[f"clip/active{suffix}"] = host["active"]
         metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
         step = int(trainer.global_step)
         series = {name: host[name] for name in ("threshold", "raw", "clipped")}
-        if self.policy.uses_norms:
+        if coef is not None:
             series.update(coef=host["coef"], active=host["active"])
         run_record(trainer).history.add(f"clip{suffix}", step, series)
         log_to_loggers(trainer, metrics, step=step)

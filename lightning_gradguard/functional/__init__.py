@@ -30,7 +30,14 @@ from lightning_gradguard.functional.call_sites import (
     is_activation_module,
     register_activation,
 )
-from lightning_gradguard.functional.clipping import agc_, clip_by_norm_, clip_by_value_
+from lightning_gradguard.functional.clipping import (
+    ClipPlan,
+    NormPlan,
+    ValuePlan,
+    agc_,
+    clip_by_norm_,
+    clip_by_value_,
+)
 from lightning_gradguard.functional.health import GradientHealth
 from lightning_gradguard.functional.init import (
     InitReport,
@@ -50,11 +57,13 @@ from lightning_gradguard.functional.policies import (
     AGC,
     AutoClip,
     ClipPolicy,
+    DirectClipper,
     EMARatio,
     FixedNorm,
     FixedValue,
     GuardClip,
     NoClip,
+    NormPolicy,
     ZClip,
     clip_with_policy_,
 )
@@ -85,7 +94,9 @@ __all__ = [
     "ActivityTracker",
     "AutoClip",
     "CallSite",
+    "ClipPlan",
     "ClipPolicy",
+    "DirectClipper",
     "EMARatio",
     "FixedNorm",
     "FixedValue",
@@ -100,6 +111,8 @@ __all__ = [
     "MeasuringWindows",
     "NoClip",
     "NormGrouping",
+    "NormPlan",
+    "NormPolicy",
     "PairActivity",
     "PairInference",
     "ParameterSnapshot",
@@ -108,6 +121,7 @@ __all__ = [
     "UnitLayout",
     "UnitPair",
     "UnitStats",
+    "ValuePlan",
     "ZClip",
     "agc_",
     "clip_by_norm_",

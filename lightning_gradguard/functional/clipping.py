@@ -1,17 +1,25 @@
-"""In-place gradient clippers and stateful threshold policies, with no host sync.
+"""In-place gradient clippers, and the plans that decide a clipping before applying it.
 
-Clippers take norms that were already computed (compute once, reuse):
+Clippers take norms that were already computed (compute once, reuse) and never
+synchronize with the host:
 
 - :func:`clip_by_norm_` scales gradients so their norm is at most a threshold;
   it keeps the gradient's direction.
 - :func:`clip_by_value_` clamps every element; it changes the direction.
 - :func:`agc_` is unit-wise adaptive gradient clipping (Brock et al., 2021).
 
-Threshold policies turn the current norm(s) into a threshold and update their
-state, all as device tensors: :class:`FixedNorm`, :class:`AutoClip`
-(Seetharaman et al., 2020), :class:`ZClip` (Kumar et al., 2025) and
-:class:`EMARatio` (OLMo). A policy works on a scalar (the global norm) or on a
-vector of per-layer norms alike.
+The first argument names what a function works on, the same way everywhere:
+``grads`` when it needs the gradient tensors alone (they are changed in place:
+:func:`clip_by_norm_`, :func:`clip_by_value_`, :func:`scale_`), ``parameters``
+when it also reads the weights (a model, its modules, or parameters whose
+``.grad`` is changed: :func:`agc_`, :func:`agc_plan`,
+:func:`~lightning_gradguard.functional.clip_with_policy_`). This is the split of
+torch's ``get_total_norm(tensors)`` and ``clip_grads_with_norm_(parameters, ...)``.
+
+A :class:`ClipPlan` is one step's clipping, decided but not applied:
+:class:`NormPlan`, :class:`ValuePlan` and :class:`AGCPlan`. The policies of
+:mod:`~lightning_gradguard.functional.policies` make them; a caller that reads
+flags to the host anyway applies only the parts that change something.
 
 Example:
     >>> import torch
@@ -33,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_gradguard._checks import check_number
 from lightning_gradguard.functional.norms import _all_reduce, local_tensors
 from lightning_gradguard.functional.units import UnitLayout, map_layers, unit_norms
 
@@ -41,6 +50,9 @@ __all__ = [
     "STACK_LIMIT",
     "AGCPlan",
     "AGCTarget",
+    "ClipPlan",
+    "NormPlan",
+    "ValuePlan",
     "agc_",
     "agc_plan",
     "clip_by_norm_",
@@ -52,34 +64,6 @@ __all__ = [
 
 CLIP_EPS = 1e-6
 """Added to the norm in ``threshold / (norm + eps)``, as torch's ``clip_grad_norm_`` does."""
-
-
-def _check_positive(value: Any, argument: str, owner: str, allow_zero: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        bound = "a non-negative" if allow_zero else "a positive"
-        raise ValueError(
-            f"{owner}({argument}={value!r}): {argument} must be {bound} finite number."
-        )
-    return float(value)
-
-
-def _check_fraction(value: Any, argument: str, owner: str) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
-    if not ok:
-        raise ValueError(
-            f"{owner}({argument}={value!r}): {argument} must be in the open interval (0, 1)."
-        )
-    return float(value)
-
-
-def _check_count(value: Any, argument: str, owner: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(
-            f"{owner}({argument}={value!r}): {argument} must be an integer >= {minimum}."
-        )
-    return value
 
 
 # --------------------------------------------------------------------------- clippers
@@ -207,7 +191,7 @@ def clip_by_value_(grads: Sequence[Tensor], clip_value: float) -> None:
         >>> g[0]
         tensor([ 0.5000, -1.0000])
     """
-    _check_positive(clip_value, "clip_value", "clip_by_value_")
+    check_number(clip_value, "clip_value", "clip_by_value_", low=0, low_open=True)
     if not grads:
         return
     locals_, _ = local_tensors(grads)
@@ -216,6 +200,138 @@ def clip_by_value_(grads: Sequence[Tensor], clip_value: float) -> None:
     locals_ = [torch.view_as_real(t) if t.is_complex() else t for t in locals_]
     torch._foreach_clamp_min_(locals_, -clip_value)
     torch._foreach_clamp_max_(locals_, clip_value)
+
+
+# --------------------------------------------------------------------------- plans
+
+
+class ClipPlan:
+    """One step's clipping, decided before any gradient changes: what every plan offers.
+
+    A policy makes a plan in two steps (``prepare``, then ``decide`` with the agreed
+    norm, see :mod:`~lightning_gradguard.functional.policies`); the caller then reads
+    what it needs from it and applies it. Subclasses: :class:`NormPlan` (scale by a
+    coefficient), :class:`ValuePlan` (clamp every element), :class:`AGCPlan` (scale
+    every output unit).
+
+    Attributes:
+        threshold: what the step clips to, a device tensor shaped like the norm, set
+            by ``decide``: a norm policy's threshold(s), or a direct clipper's fixed
+            bound (``clip_value``, AGC's ``clipping``). ``None`` before ``decide``.
+        coef: the norm-clipping coefficient(s), 1 where nothing clips; ``None`` for
+            plans that do not scale by a norm.
+    """
+
+    threshold: Tensor | None = None
+    coef: Tensor | None = None
+
+    def measured_norm(self) -> Tensor | None:
+        """The 2-norm of all the gradients, when preparing measured it on the way.
+
+        ``None`` (the default) when it did not, or when it is only this rank's part
+        (sharded gradients): the caller measures the norm itself.
+        """
+        return None
+
+    def needs_scaling(self) -> Tensor:  # pragma: no cover - abstract
+        """Which parts of :meth:`apply_` would change anything: a bool vector on the device.
+
+        A caller that reads flags to the host anyway (to skip a step) reads these with
+        them and passes them back to :meth:`apply_`, which then skips the passes that
+        would change nothing.
+        """
+        raise NotImplementedError
+
+    def apply_(self, parts: Sequence[bool] | None = None) -> None:  # pragma: no cover
+        """Clip in place: every part, or only those flagged in ``parts``."""
+        raise NotImplementedError
+
+    def clipped_norm(self, applied: bool = True) -> Tensor | None:
+        """The global norm of the gradients after this step, when known without a pass.
+
+        Args:
+            applied: ``False`` when :meth:`apply_` did not run (a skipped step): the
+                gradients kept their norm.
+
+        Returns:
+            A device tensor, or ``None`` (the default) when only a pass over the
+            gradients can tell.
+        """
+        return None
+
+
+@dataclass
+class NormPlan(ClipPlan):
+    """Norm clipping: multiply the gradients by ``coef`` (one per group), set by ``decide``.
+
+    Attributes:
+        parameters: the parameters (a policy may read the weights, as GuardClip does).
+        grads: the gradients it scales; empty for a policy that never clips.
+        group_index: the group of every gradient when the norm is one per group.
+        norm: the norm(s) it was decided with, set by ``decide`` with ``coef``.
+
+    Example:
+        >>> g = [torch.tensor([3.0, 4.0])]
+        >>> plan = NormPlan([], g)
+        >>> plan.norm, plan.coef = torch.tensor(5.0), torch.tensor(0.2)
+        >>> plan.needs_scaling(), float(plan.clipped_norm())
+        (tensor([True]), 1.0)
+        >>> plan.apply_()
+        >>> g[0]
+        tensor([0.6000, 0.8000])
+    """
+
+    parameters: list[Tensor]
+    grads: list[Tensor]
+    group_index: Tensor | None = None
+    norm: Tensor | None = None
+
+    def _coef(self) -> Tensor:
+        if self.coef is None:
+            raise RuntimeError("NormPlan: decide the plan first (ClipPolicy.decide sets coef).")
+        return self.coef
+
+    def needs_scaling(self) -> Tensor:
+        return (self._coef() < 1).any().view(1)
+
+    def apply_(self, parts: Sequence[bool] | None = None) -> None:
+        coef = self._coef()
+        if parts is None or any(parts):
+            scale_(self.grads, coef, self.group_index)
+
+    def clipped_norm(self, applied: bool = True) -> Tensor | None:
+        """From the norm(s) and coefficient(s) (no pass); one per group: combined."""
+        coef = self._coef()
+        if self.norm is None:
+            return None
+        after = self.norm * coef if applied else self.norm
+        return after.square().sum().sqrt() if after.dim() else after
+
+
+@dataclass
+class ValuePlan(ClipPlan):
+    """Value clipping: clamp every element of ``grads`` to ``[-clip_value, clip_value]``.
+
+    Example:
+        >>> g = [torch.tensor([0.5, -3.0])]
+        >>> plan = ValuePlan(g, 1.0)
+        >>> plan.needs_scaling()
+        tensor([True])
+        >>> plan.apply_()
+        >>> g[0]
+        tensor([ 0.5000, -1.0000])
+    """
+
+    grads: list[Tensor]
+    clip_value: float
+
+    def needs_scaling(self) -> Tensor:
+        device = self.grads[0].device if self.grads else None
+        return torch.ones(1, dtype=torch.bool, device=device)
+
+    def apply_(self, parts: Sequence[bool] | None = None) -> None:
+        if parts is None or any(parts):
+            clip_by_value_(self.grads, self.clip_value)
 
 
 def _norm_dtype(tensor: Tensor) -> torch.dtype | None:
@@ -255,14 +371,14 @@ are processed one by one (stacking them would only copy)."""
 
 
 @dataclass
-class AGCPlan:
+class AGCPlan(ClipPlan):
     """AGC's decisions for one step, made before any gradient is touched.
 
     :func:`agc_plan` makes it; :meth:`apply_` scales the gradients. In between,
-    :attr:`clips` says which batches have a unit to clip: a caller that reads flags
-    to the host anyway (to decide whether to skip the step) can read these with
-    them and leave the other batches alone. Scaling a batch where nothing clips
-    multiplies by exactly 1, so leaving it alone changes no value.
+    :attr:`clips` (:meth:`needs_scaling`) says which batches have a unit to clip: a
+    caller that reads flags to the host anyway (to decide whether to skip the step)
+    can read these with them and leave the other batches alone. Scaling a batch
+    where nothing clips multiplies by exactly 1, so leaving it alone changes no value.
 
     Attributes:
         grads: the local gradients, one list per batch (tensors of one shape,
@@ -293,6 +409,10 @@ class AGCPlan:
             return torch.zeros(0, dtype=torch.bool, device=self.scale.device)
         return torch.stack(smallest) < 1
 
+    def needs_scaling(self) -> Tensor:
+        """:attr:`clips`: one flag per batch, so :meth:`apply_` scales only those that clip."""
+        return self.clips
+
     def grad_norm(self) -> Tensor:
         """The 2-norm of all the gradients, from the unit norms (no pass over them).
 
@@ -300,14 +420,25 @@ class AGCPlan:
         """
         return self.unit_norms.double().square().sum().sqrt()
 
-    def clipped_norm(self) -> Tensor:
-        """The 2-norm the gradients have once :meth:`apply_` has run (no pass)."""
+    def measured_norm(self) -> Tensor | None:
+        """:meth:`grad_norm` when it is the global norm (:attr:`local`), else ``None``."""
+        return self.grad_norm() if self.local else None
+
+    def clipped_norm(self, applied: bool = True) -> Tensor | None:
+        """The 2-norm the gradients have after this step, from the unit norms (no pass).
+
+        ``None`` under sharding (the unit norms are this rank's part).
+        """
+        if not self.local:
+            return None
+        if not applied:
+            return self.grad_norm()
         return (self.unit_norms.double() * self.scale).square().sum().sqrt()
 
-    def apply_(self, batches: Sequence[bool] | None = None) -> None:
-        """Scale the gradients in place: every batch, or those where ``batches`` is true."""
+    def apply_(self, parts: Sequence[bool] | None = None) -> None:
+        """Scale the gradients in place: every batch, or those where ``parts`` is true."""
         for i, (grads, shape, piece) in enumerate(zip(self.grads, self.shapes, self._pieces())):
-            if batches is None or batches[i]:
+            if parts is None or parts[i]:
                 factors = piece.view(shape).to(grads[0].dtype).unbind(0)
                 torch._foreach_mul_(grads, list(factors))
 
@@ -423,8 +554,8 @@ def agc_plan(
         tensor([[0.0141, 0.0000],
                 [0.0000, 0.0010]])
     """
-    _check_positive(clipping, "clipping", "agc_")
-    _check_positive(eps, "eps", "agc_")
+    check_number(clipping, "clipping", "agc_", low=0, low_open=True)
+    check_number(eps, "eps", "agc_", low=0, low_open=True)
     items, known = _agc_inputs(parameters, layouts)
     pairs = [(p.detach(), p.grad) for p in items if p.grad is not None]
     if not pairs:

@@ -1,41 +1,89 @@
-"""Clipping policies: how the clipping threshold is chosen, with state as device tensors.
+"""Clipping policies: one small protocol, two kinds, state as device tensors.
 
-Every norm-based policy maps the current norm (a scalar for global clipping, or
-one norm per layer) to a threshold of the same shape and updates its state,
-using device operations only. :meth:`ClipPolicy.clip_` applies it in place;
-:meth:`ClipPolicy.decide` decides first and says which passes of the clipping
-would change anything, for callers that read that to the host anyway.
+Every policy answers three calls, in this order, once per optimizer step; the
+callback (:class:`~lightning_gradguard.AdaptiveGradClip`), the mixin and
+:func:`clip_with_policy_` make exactly these, with no case for any one policy:
+
+1. ``plan = policy.prepare(parameters, grads, group_index)``: the work that needs
+   no norm, before the norm is known. It returns a
+   :class:`~lightning_gradguard.functional.clipping.ClipPlan`, whose
+   :meth:`~lightning_gradguard.functional.clipping.ClipPlan.measured_norm` is the global
+   gradient norm when preparing measured it on the way (AGC), so nobody measures
+   it twice.
+2. ``policy.decide(plan, norm)``: given the norm (a scalar, or one per group of
+   ``group_index``; under DDP/FSDP the one every rank agreed on), fill in
+   ``plan.threshold`` and ``plan.coef`` and update the policy's state. Device
+   operations only.
+3. ``plan.apply_(parts)``: clip in place, every part or only those that
+   ``plan.needs_scaling()`` flagged (for callers that read flags to the host anyway).
+   ``plan.clipped_norm()`` gives the norm afterwards when it needs no pass.
+
+:meth:`ClipPolicy.clip_` does the three at once. The two kinds:
+
+- :class:`NormPolicy`: a threshold from the norm. A subclass implements
+  :meth:`NormPolicy.threshold` (``norm -> threshold``, updating its state), and
+  gets norm clipping (:class:`~lightning_gradguard.functional.clipping.NormPlan`):
+  :class:`FixedNorm`, :class:`AutoClip`, :class:`ZClip`, :class:`EMARatio`,
+  :class:`GuardClip` (whose threshold also reads the weights' norm) and
+  :class:`NoClip` (never touches the gradients).
+- :class:`DirectClipper`: clips without a norm, so ``prepare`` decides everything
+  and ``decide`` only records the fixed bound it reports as the threshold:
+  :class:`FixedValue` and :class:`AGC`. A subclass implements ``prepare`` and
+  :attr:`DirectClipper.bound`.
+
+Every policy also has ``bind(model)`` (once, before the first step),
+``typical_norm()`` (its running level of the norm, if it keeps one),
+``state_dict()`` / ``load_state_dict()`` (plain CPU tensors) and ``config()``.
 
 Example:
+    A custom norm policy: clip at three times the median of the recent norms.
+
     >>> import torch
-    >>> policy = AutoClip(percentile=50, window=4)
-    >>> [float(policy.threshold(torch.tensor(x, dtype=torch.float64))) for x in (1.0, 3.0, 2.0)]
-    [1.0, 2.0, 2.0]
+    >>> class ThreeMedians(NormPolicy):
+    ...     name = "three_medians"
+    ...     _state_names = ("history",)
+    ...     history = None
+    ...     def threshold(self, norm):
+    ...         norm = norm.double()
+    ...         if self.history is None:  # state is created on the first norm's device
+    ...             self.history = norm.new_full((0, *norm.shape), float("nan"))
+    ...         self.history = torch.cat([self.history, norm.unsqueeze(0)])[-8:]
+    ...         return 3 * self.history.nanmedian(0).values
+    >>> policy = ThreeMedians()
+    >>> g = torch.tensor([3.0, 4.0])
+    >>> plan = policy.decide(policy.prepare([g], [g]), torch.tensor(5.0))
+    >>> plan.threshold, plan.coef  # 3 x median(5) = 15: nothing to clip
+    (tensor(15., dtype=torch.float64), tensor(1., dtype=torch.float64))
+    >>> [float(policy.threshold(torch.tensor(x))) for x in (1.0, 1.0)]
+    [3.0, 3.0]
 """
 
 from __future__ import annotations
 
-import difflib
 import math
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_gradguard._checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    closest,
+)
 from lightning_gradguard.functional.clipping import (
     CLIP_EPS,
     AGCPlan,
-    _check_count,
-    _check_fraction,
-    _check_positive,
+    ClipPlan,
+    NormPlan,
+    ValuePlan,
     _not_rows,
     agc_plan,
-    clip_by_value_,
     clip_coefficients,
-    scale_,
 )
 from lightning_gradguard.functional.units import UnitLayout, map_layers
 
@@ -43,75 +91,39 @@ __all__ = [
     "AGC",
     "POLICIES",
     "AutoClip",
-    "ClipDecision",
     "ClipPolicy",
+    "DirectClipper",
     "EMARatio",
     "FixedNorm",
     "FixedValue",
     "GuardClip",
     "NoClip",
+    "NormPolicy",
     "ZClip",
     "clip_with_policy_",
     "make_policy",
 ]
 
 
-@dataclass
-class ClipDecision:
-    """What a policy decided for one step, before any gradient is changed.
+def _positive(value: Any, argument: str, owner: str) -> float:
+    return check_number(value, argument, owner, low=0, low_open=True)
 
-    Attributes:
-        threshold: the threshold(s), a device tensor shaped like the norm.
-        coef: the clip coefficient(s), 1 where nothing clips (NaN for policies
-            that do not scale by a norm: value clipping, AGC).
-        needs: computes :meth:`needs_scaling`, only when a caller asks.
-        scale: the in-place clipping, given which parts to do (``None``: all of
-            them); ``None`` when there is never anything to do.
 
-    Example:
-        >>> g = torch.tensor([3.0, 4.0])
-        >>> decision = FixedNorm(1.0).decide([g], [g], torch.tensor(5.0))
-        >>> decision.needs_scaling(), decision.coef
-        (tensor([True]), tensor(0.2000))
-        >>> decision.apply_([True])
-        >>> g
-        tensor([0.6000, 0.8000])
-    """
-
-    threshold: Tensor
-    coef: Tensor
-    needs: Callable[[], Tensor]
-    scale: Callable[[Sequence[bool] | None], None] | None
-
-    def needs_scaling(self) -> Tensor:
-        """Which parts of :meth:`apply_` would change anything: a bool vector on the device.
-
-        One entry per part, false where it would change nothing. A caller that reads
-        flags to the host anyway can read these with them and pass them back to
-        :meth:`apply_`, to skip the passes that would change nothing.
-        """
-        return self.needs()
-
-    def apply_(self, parts: Sequence[bool] | None = None) -> None:
-        """Clip in place: everything, or only the parts flagged in ``parts``."""
-        if self.scale is not None and (parts is None or any(parts)):
-            self.scale(parts)
+def _fraction(value: Any, argument: str, owner: str) -> float:
+    return check_number(value, argument, owner, low=0, high=1, low_open=True, high_open=True)
 
 
 class ClipPolicy:
-    """Base class. Subclasses set ``name`` and implement :meth:`threshold`.
+    """The protocol every policy follows (see the module): subclass a kind of it.
 
-    State tensors are created lazily, on the first norm's device and shape, so one
-    policy object serves a global (scalar) or per-layer (vector) scope.
+    Subclass :class:`NormPolicy` (implement ``threshold(norm)``) or
+    :class:`DirectClipper` (implement ``prepare`` and ``bound``). State tensors are
+    named in ``_state_names`` and created lazily, on the first norm's device and
+    shape, so one policy object serves a global (scalar) or per-layer (vector) scope.
     """
 
     name = "policy"
-    uses_norms = True
     _state_names: tuple[str, ...] = ()
-
-    def threshold(self, norm: Tensor) -> Tensor:  # pragma: no cover - abstract
-        """Return the threshold for ``norm`` and update the state. Device ops only."""
-        raise NotImplementedError
 
     def bind(self, model: nn.Module) -> None:
         """Read what the policy needs to know of the model (once, before the first step).
@@ -121,50 +133,36 @@ class ClipPolicy:
         """
         del model
 
-    def typical_norm(self) -> Tensor | None:
-        """The policy's running level of the norm so far (a device tensor), if it keeps one.
-
-        NaN while it is still warming up; ``None`` for policies without such a
-        statistic. ``SpikeRecovery`` compares the gradient norm against it.
-        """
-        return None
-
-    def prepare(self, parameters: Sequence[Tensor]) -> Any:
-        """Work on the gradients that does not need the norm, done before it is known.
-
-        Most policies need none and return ``None``. :class:`AGC` measures its
-        units here, which also gives the total gradient norm without another pass.
-        """
-        return None
-
-    def decide(
+    def prepare(
         self,
         parameters: Sequence[Tensor],
         grads: Sequence[Tensor],
-        norm: Tensor,
         group_index: Tensor | None = None,
-        prepared: Any = None,
-    ) -> ClipDecision:
-        """Decide how to clip, given the precomputed ``norm``(s); change nothing yet.
+    ) -> ClipPlan:
+        """Start this step's plan: the work that needs no norm, before it is known.
 
         Args:
             parameters: the parameters whose gradients are ``grads``.
-            grads: their gradients.
-            norm: the global norm (scalar) or one norm per group.
-            group_index: the group of every gradient when ``norm`` is per group.
-            prepared: what :meth:`prepare` returned for these parameters, if called.
+            grads: their gradients (``p.grad``), the tensors the plan changes.
+            group_index: the group of every gradient when the norm will be one per group.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__}: subclass NormPolicy (implement threshold(norm)) or "
+            "DirectClipper (implement prepare and bound), not ClipPolicy itself."
+        )
+
+    def decide(self, plan: Any, norm: Tensor) -> ClipPlan:
+        """Finish ``plan`` (from :meth:`prepare`) with the ``norm``(s); update the state.
+
+        Args:
+            plan: what :meth:`prepare` returned for this step.
+            norm: the global norm (scalar) or one norm per group; NaN for a step that
+                must not enter the statistics.
 
         Returns:
-            A :class:`ClipDecision`; its :meth:`~ClipDecision.apply_` clips.
+            ``plan``, with ``threshold`` (and ``coef`` and ``norm`` for norm clipping) set.
         """
-        threshold = self.threshold(norm)
-        coef = clip_coefficients(threshold, norm)
-        return ClipDecision(
-            threshold,
-            coef,
-            lambda: (coef < 1).any().view(1),
-            lambda parts: scale_(grads, coef, group_index),
-        )
+        raise NotImplementedError(f"{type(self).__name__}: subclass NormPolicy or DirectClipper.")
 
     def clip_(
         self,
@@ -173,14 +171,25 @@ class ClipPolicy:
         norm: Tensor,
         group_index: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Clip ``grads`` in place given their precomputed ``norm``(s).
+        """Prepare, decide and apply at once: clip ``grads`` in place given their ``norm``(s).
 
         Returns:
-            ``(threshold, coefficient)`` as device tensors.
+            ``(threshold, coefficient)`` as device tensors (the coefficient is NaN for
+            a direct clipper, which scales by no norm).
         """
-        decision = self.decide(parameters, grads, norm, group_index)
-        decision.apply_()
-        return decision.threshold, decision.coef
+        plan = self.decide(self.prepare(parameters, grads, group_index), norm)
+        plan.apply_()
+        assert plan.threshold is not None
+        coef = plan.coef if plan.coef is not None else torch.full_like(norm, math.nan)
+        return plan.threshold, coef
+
+    def typical_norm(self) -> Tensor | None:
+        """The policy's running level of the norm so far (a device tensor), if it keeps one.
+
+        NaN while it is still warming up; ``None`` for policies without such a
+        statistic. ``SpikeRecovery`` compares the gradient norm against it.
+        """
+        return None
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments (for logging and state keys)."""
@@ -211,7 +220,60 @@ class ClipPolicy:
         return f"{type(self).__name__}({args})"
 
 
-class FixedNorm(ClipPolicy):
+class NormPolicy(ClipPolicy):
+    """A threshold from the gradient norm; the gradients are scaled down to it.
+
+    A subclass implements :meth:`threshold`. The plan is a
+    :class:`~lightning_gradguard.functional.clipping.NormPlan`: the coefficient is
+    ``threshold / (norm + 1e-6)`` where the norm is above the threshold, 1 elsewhere
+    (NaN norms included), as in torch's ``clip_grad_norm_``.
+    """
+
+    def threshold(self, norm: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Return the threshold for ``norm`` (same shape) and update the state. Device ops only."""
+        raise NotImplementedError(f"{type(self).__name__} must implement threshold(norm).")
+
+    def threshold_for(self, plan: NormPlan, norm: Tensor) -> Tensor:
+        """This step's threshold: :meth:`threshold`, unless it also reads the parameters.
+
+        :class:`GuardClip` overrides it to pass the weights' norm.
+        """
+        del plan
+        return self.threshold(norm)
+
+    def prepare(
+        self,
+        parameters: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        group_index: Tensor | None = None,
+    ) -> NormPlan:
+        return NormPlan(list(parameters), list(grads), group_index)
+
+    def decide(self, plan: NormPlan, norm: Tensor) -> NormPlan:
+        plan.threshold = self.threshold_for(plan, norm)
+        plan.coef = clip_coefficients(plan.threshold, norm)
+        plan.norm = norm
+        return plan
+
+
+class DirectClipper(ClipPolicy):
+    """Clips without a norm (by value, per unit): ``prepare`` decides everything.
+
+    ``decide`` records :attr:`bound` as the plan's threshold, shaped like the norm;
+    the plan has no coefficient. A subclass implements ``prepare`` and :attr:`bound`.
+    """
+
+    @property
+    def bound(self) -> float:  # pragma: no cover - abstract
+        """The fixed bound reported as the threshold (``clip_value``, AGC's λ)."""
+        raise NotImplementedError
+
+    def decide(self, plan: ClipPlan, norm: Tensor) -> ClipPlan:
+        plan.threshold = torch.full_like(norm, self.bound)
+        return plan
+
+
+class FixedNorm(NormPolicy):
     """Clip to a fixed norm (what ``Trainer(gradient_clip_val=...)`` does).
 
     Args:
@@ -221,7 +283,7 @@ class FixedNorm(ClipPolicy):
     name = "norm"
 
     def __init__(self, max_norm: float = 1.0) -> None:
-        self.max_norm = _check_positive(max_norm, "max_norm", "FixedNorm")
+        self.max_norm = _positive(max_norm, "max_norm", "FixedNorm")
 
     def threshold(self, norm: Tensor) -> Tensor:
         return torch.full_like(norm, self.max_norm)
@@ -230,10 +292,10 @@ class FixedNorm(ClipPolicy):
         return {"max_norm": self.max_norm}
 
 
-class NoClip(ClipPolicy):
+class NoClip(NormPolicy):
     """Never clip: for step skipping alone (``AdaptiveGradClip(policy="none")``).
 
-    The threshold is infinite and the gradients are not touched (no pass over them).
+    The threshold is infinite and the plan holds no gradient (no pass over them).
 
     Example:
         >>> g = torch.tensor([3.0, 4.0])
@@ -248,59 +310,51 @@ class NoClip(ClipPolicy):
     def threshold(self, norm: Tensor) -> Tensor:
         return torch.full_like(norm, math.inf)
 
-    def decide(
+    def prepare(
         self,
         parameters: Sequence[Tensor],
         grads: Sequence[Tensor],
-        norm: Tensor,
         group_index: Tensor | None = None,
-        prepared: Any = None,
-    ) -> ClipDecision:
-        def nothing() -> Tensor:
-            return torch.zeros(1, dtype=torch.bool, device=norm.device)
-
-        return ClipDecision(self.threshold(norm), torch.ones_like(norm), nothing, None)
+    ) -> NormPlan:
+        return NormPlan([], [], group_index)
 
 
-class FixedValue(ClipPolicy):
+class FixedValue(DirectClipper):
     """Clamp every gradient element to ``[-clip_value, clip_value]``.
 
     Value clipping changes the gradient's direction; norm clipping keeps it.
+
+    Args:
+        clip_value: the largest absolute value of an element.
     """
 
     name = "value"
-    uses_norms = False
 
     def __init__(self, clip_value: float = 0.5) -> None:
-        self.clip_value = _check_positive(clip_value, "clip_value", "FixedValue")
+        self.clip_value = _positive(clip_value, "clip_value", "FixedValue")
 
-    def threshold(self, norm: Tensor) -> Tensor:
-        return torch.full_like(norm, self.clip_value)
+    @property
+    def bound(self) -> float:
+        return self.clip_value
 
-    def decide(
+    def prepare(
         self,
         parameters: Sequence[Tensor],
         grads: Sequence[Tensor],
-        norm: Tensor,
         group_index: Tensor | None = None,
-        prepared: Any = None,
-    ) -> ClipDecision:
-        def always() -> Tensor:
-            return torch.ones(1, dtype=torch.bool, device=norm.device)
-
-        return ClipDecision(
-            self.threshold(norm),
-            torch.full_like(norm, math.nan),
-            always,
-            lambda parts: clip_by_value_(grads, self.clip_value),
-        )
+    ) -> ValuePlan:
+        return ValuePlan(list(grads), self.clip_value)
 
     def config(self) -> dict[str, Any]:
         return {"clip_value": self.clip_value}
 
 
-class AGC(ClipPolicy):
+class AGC(DirectClipper):
     """Unit-wise adaptive gradient clipping (Brock et al., 2021); see :func:`agc_`.
+
+    ``prepare`` measures the unit norms of weights and gradients
+    (:func:`~lightning_gradguard.functional.agc_plan`); on unsharded gradients that
+    also gives the global gradient norm, so the callback makes no second pass.
 
     Args:
         clipping: λ, the largest allowed ratio ‖G‖ / max(‖W‖, eps) per unit.
@@ -308,15 +362,15 @@ class AGC(ClipPolicy):
     """
 
     name = "agc"
-    uses_norms = False
 
     def __init__(self, clipping: float = 0.01, eps: float = 1e-3) -> None:
-        self.clipping = _check_positive(clipping, "clipping", "AGC")
-        self.eps = _check_positive(eps, "eps", "AGC")
+        self.clipping = _positive(clipping, "clipping", "AGC")
+        self.eps = _positive(eps, "eps", "AGC")
         self._layouts: dict[int, UnitLayout] = {}  # by id(weight): no tensor in the state
 
-    def threshold(self, norm: Tensor) -> Tensor:
-        return torch.full_like(norm, self.clipping)
+    @property
+    def bound(self) -> float:
+        return self.clipping
 
     def bind(self, model: nn.Module) -> None:
         """Read the output units of every weight of ``model`` from the unit map.
@@ -345,33 +399,25 @@ class AGC(ClipPolicy):
                 stacklevel=2,
             )
 
-    def prepare(self, parameters: Sequence[Tensor]) -> AGCPlan:
-        """The unit norms of weights and gradients, and the scales (see :func:`agc_plan`)."""
-        layouts = self._layouts
-        known = {p: layouts[id(p)] for p in parameters if id(p) in layouts} if layouts else None
-        return agc_plan(parameters, self.clipping, self.eps, layouts=known)
-
-    def decide(
+    def prepare(
         self,
         parameters: Sequence[Tensor],
         grads: Sequence[Tensor],
-        norm: Tensor,
         group_index: Tensor | None = None,
-        prepared: Any = None,
-    ) -> ClipDecision:
-        plan = prepared if isinstance(prepared, AGCPlan) else self.prepare(parameters)
-        return ClipDecision(
-            self.threshold(norm),
-            torch.full_like(norm, math.nan),
-            lambda: plan.clips,
-            plan.apply_,
-        )
+    ) -> AGCPlan:
+        """The unit norms of weights and gradients, and the scales (see :func:`agc_plan`).
+
+        AGC reads each parameter's ``.grad`` (``grads`` are those tensors).
+        """
+        layouts = self._layouts
+        known = {p: layouts[id(p)] for p in parameters if id(p) in layouts} if layouts else None
+        return agc_plan(parameters, self.clipping, self.eps, layouts=known)
 
     def config(self) -> dict[str, Any]:
         return {"clipping": self.clipping, "eps": self.eps}
 
 
-class AutoClip(ClipPolicy):
+class AutoClip(NormPolicy):
     """AutoClip (Seetharaman et al., 2020): clip to a percentile of past norms.
 
     The history includes the current norm. The paper keeps every norm; this keeps
@@ -404,13 +450,8 @@ class AutoClip(ClipPolicy):
     _inf: Tensor
 
     def __init__(self, percentile: float = 10.0, window: int = 1000) -> None:
-        ok = isinstance(percentile, (int, float)) and not isinstance(percentile, bool)
-        if not ok or not 0 <= percentile <= 100:
-            raise ValueError(
-                f"AutoClip(percentile={percentile!r}): percentile must be in [0, 100]."
-            )
-        self.percentile = float(percentile)
-        self.window = _check_count(window, "window", "AutoClip")
+        self.percentile = check_number(percentile, "percentile", "AutoClip", low=0, high=100)
+        self.window = check_int(window, "window", "AutoClip", low=1)
 
     def threshold(self, norm: Tensor) -> Tensor:
         norm = norm.to(torch.float64)
@@ -496,7 +537,7 @@ class AutoClip(ClipPolicy):
         return {"percentile": self.percentile, "window": self.window}
 
 
-class ZClip(ClipPolicy):
+class ZClip(NormPolicy):
     """ZClip (Kumar et al., 2025): z-score spike clipping over an EMA of norms.
 
     Follows the authors' reference implementation step for step: for the first
@@ -531,30 +572,21 @@ class ZClip(ClipPolicy):
         clip_factor: float = 1.0,
         skip_update_on_spike: bool = False,
     ) -> None:
-        self.alpha = _check_fraction(alpha, "alpha", "ZClip")
-        self.z_thresh = _check_positive(z_thresh, "z_thresh", "ZClip")
-        self.max_grad_norm = (
-            None
-            if max_grad_norm is None
-            else _check_positive(max_grad_norm, "max_grad_norm", "ZClip")
+        self.alpha = _fraction(alpha, "alpha", "ZClip")
+        self.z_thresh = _positive(z_thresh, "z_thresh", "ZClip")
+        self.max_grad_norm = check_number(
+            max_grad_norm, "max_grad_norm", "ZClip", low=0, low_open=True, allow_none=True
         )
-        self.eps = _check_positive(eps, "eps", "ZClip")
-        self.warmup_steps = _check_count(warmup_steps, "warmup_steps", "ZClip")
-        if mode not in ("zscore", "percentile"):
-            raise ValueError(f"ZClip(mode={mode!r}): mode must be 'zscore' or 'percentile'.")
-        if clip_option not in ("adaptive_scaling", "mean"):
-            raise ValueError(
-                f"ZClip(clip_option={clip_option!r}): clip_option must be "
-                "'adaptive_scaling' or 'mean'."
-            )
-        self.mode = mode
-        self.clip_option = clip_option
-        self.clip_factor = _check_positive(clip_factor, "clip_factor", "ZClip")
-        if not isinstance(skip_update_on_spike, bool):
-            raise TypeError(
-                f"ZClip(skip_update_on_spike={skip_update_on_spike!r}) must be True or False."
-            )
-        self.skip_update_on_spike = skip_update_on_spike
+        self.eps = _positive(eps, "eps", "ZClip")
+        self.warmup_steps = check_int(warmup_steps, "warmup_steps", "ZClip", low=1)
+        self.mode = check_choice(mode, "mode", "ZClip", ("zscore", "percentile"))
+        self.clip_option = check_choice(
+            clip_option, "clip_option", "ZClip", ("adaptive_scaling", "mean")
+        )
+        self.clip_factor = _positive(clip_factor, "clip_factor", "ZClip")
+        self.skip_update_on_spike = check_bool(
+            skip_update_on_spike, "skip_update_on_spike", "ZClip"
+        )
 
     def _init_state(self, norm: Tensor) -> None:
         kw: dict[str, Any] = {"dtype": torch.float64, "device": norm.device}
@@ -630,7 +662,7 @@ class ZClip(ClipPolicy):
         }
 
 
-class EMARatio(ClipPolicy):
+class EMARatio(NormPolicy):
     """OLMo-style clipping to ``ratio ×`` an EMA of the norm.
 
     The EMA starts at the first norm and is updated with the *clipped* norm:
@@ -648,15 +680,10 @@ class EMARatio(ClipPolicy):
     started: Tensor
 
     def __init__(self, ratio: float = 2.0, decay: float = 0.95) -> None:
-        self.ratio = _check_positive(ratio, "ratio", "EMARatio")
-        if not self.ratio > 1:
-            # At or below 1 every step clips to at most the running level, and the level
-            # follows the clipped norm down: the gradients shrink geometrically.
-            raise ValueError(
-                f"EMARatio(ratio={ratio!r}): ratio must be greater than 1, e.g. 2.0: at or "
-                "below 1 the threshold only ever goes down and the gradients shrink to nothing."
-            )
-        self.decay = _check_fraction(decay, "decay", "EMARatio")
+        # At or below 1 every step clips to at most the running level, and the level
+        # follows the clipped norm down: the gradients would shrink geometrically.
+        self.ratio = check_number(ratio, "ratio", "EMARatio", low=1, low_open=True)
+        self.decay = _fraction(decay, "decay", "EMARatio")
 
     def threshold(self, norm: Tensor) -> Tensor:
         norm = norm.to(torch.float64)
@@ -682,7 +709,7 @@ class EMARatio(ClipPolicy):
         return {"ratio": self.ratio, "decay": self.decay}
 
 
-class GuardClip(ClipPolicy):
+class GuardClip(NormPolicy):
     """Clip only what is clearly abnormal: GradGuard's default policy.
 
     Two rules, each a bound that scales with the model instead of a fixed number:
@@ -726,8 +753,8 @@ class GuardClip(ClipPolicy):
         [inf, 2.0, 2.0, 2.0, 1.0, 2.0]
         >>> w = torch.nn.Parameter(torch.full((10, 10), 0.2))  # weight norm 2.0
         >>> w.grad = torch.full((10, 10), 66.0)  # gradient norm 660: an explosion
-        >>> decision = GuardClip().decide([w], [w.grad], torch.tensor(660.0))
-        >>> float(decision.threshold)  # max(0.01 * 2.0, 1.0)
+        >>> threshold, coef = GuardClip().clip_([w], [w.grad], torch.tensor(660.0))
+        >>> float(threshold)  # max(0.01 * 2.0, 1.0)
         1.0
     """
 
@@ -744,16 +771,14 @@ class GuardClip(ClipPolicy):
         cut_ratio: float = 0.01,
         min_cut: float = 1.0,
     ) -> None:
-        self.spike_ratio = _check_positive(spike_ratio, "spike_ratio", "GuardClip")
-        if self.spike_ratio <= 1:
-            raise ValueError(
-                f"GuardClip(spike_ratio={spike_ratio!r}): spike_ratio must be above 1 "
-                "(a norm at its median is no spike)."
-            )
-        self.window = _check_count(window, "window", "GuardClip")
-        self.weight_ratio = _check_positive(weight_ratio, "weight_ratio", "GuardClip")
-        self.cut_ratio = _check_positive(cut_ratio, "cut_ratio", "GuardClip")
-        self.min_cut = _check_positive(min_cut, "min_cut", "GuardClip")
+        # A norm at its median is no spike: the ratio must be above 1.
+        self.spike_ratio = check_number(
+            spike_ratio, "spike_ratio", "GuardClip", low=1, low_open=True
+        )
+        self.window = check_int(window, "window", "GuardClip", low=1)
+        self.weight_ratio = _positive(weight_ratio, "weight_ratio", "GuardClip")
+        self.cut_ratio = _positive(cut_ratio, "cut_ratio", "GuardClip")
+        self.min_cut = _positive(min_cut, "min_cut", "GuardClip")
 
     def weight_norms(
         self, parameters: Sequence[Tensor], norm: Tensor, group_index: Tensor | None = None
@@ -818,22 +843,9 @@ class GuardClip(ClipPolicy):
             return None
         return torch.nanmedian(self.history, dim=0).values
 
-    def decide(
-        self,
-        parameters: Sequence[Tensor],
-        grads: Sequence[Tensor],
-        norm: Tensor,
-        group_index: Tensor | None = None,
-        prepared: Any = None,
-    ) -> ClipDecision:
-        threshold = self.threshold(norm, self.weight_norms(parameters, norm, group_index))
-        coef = clip_coefficients(threshold, norm)
-        return ClipDecision(
-            threshold,
-            coef,
-            lambda: (coef < 1).any().view(1),
-            lambda parts: scale_(grads, coef, group_index),
-        )
+    def threshold_for(self, plan: NormPlan, norm: Tensor) -> Tensor:
+        """:meth:`threshold` with the weights' norm of the plan's parameters (the weight rule)."""
+        return self.threshold(norm, self.weight_norms(plan.parameters, norm, plan.group_index))
 
     def config(self) -> dict[str, Any]:
         return {
@@ -863,13 +875,17 @@ def make_policy(policy: str | ClipPolicy) -> ClipPolicy:
 
     Raises:
         ValueError: for an unknown shorthand, listing the valid ones.
+
+    Example:
+        >>> make_policy("zclip").name, make_policy(FixedNorm(2.0))
+        ('zclip', FixedNorm(max_norm=2.0))
     """
     if isinstance(policy, ClipPolicy):
         return policy
     if isinstance(policy, str) and policy in POLICIES:
         return POLICIES[policy]()
-    close = difflib.get_close_matches(str(policy), POLICIES, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    close = closest(policy, POLICIES)
+    hint = f" (did you mean {close!r}?)" if close else ""
     raise ValueError(
         f"policy={policy!r} is not a clipping policy{hint}: use one of {sorted(POLICIES)} "
         "or a policy object such as ZClip(z_thresh=3.0)."
@@ -899,7 +915,8 @@ def clip_with_policy_(
         grad_scale: the loss scale the gradients carry, or ``None``.
 
     Returns:
-        ``(norm, threshold, coefficient)`` of the unscaled gradients, device tensors.
+        ``(norm, threshold, coefficient)`` of the unscaled gradients, device tensors
+        (the coefficient is NaN for a direct clipper: value clipping, AGC).
 
     Example:
         >>> layer = torch.nn.Linear(4, 4)
@@ -921,24 +938,23 @@ def clip_with_policy_(
         parameters = list(parameters.parameters())
     params = [p for p in parameters if p.grad is not None]
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        zero = torch.zeros((), dtype=torch.float64)
-        return zero, policy.threshold(zero), torch.ones((), dtype=torch.float64)
-    locals_ = grads
-    if grad_scale is not None:
+    locals_: list[Tensor] = []
+    if grad_scale is not None and grads:
         from lightning_gradguard.functional.norms import local_tensors
 
         locals_, _ = local_tensors(grads)
         torch._foreach_mul_(locals_, grad_scale.reciprocal().to(locals_[0].dtype))
-    prepared = policy.prepare(params)
-    if isinstance(prepared, AGCPlan) and prepared.local:
-        norm = prepared.grad_norm()  # from AGC's unit norms: no second pass
-    else:
+    plan = policy.prepare(params, grads)
+    norm = plan.measured_norm()  # AGC's unit norms give it: no second pass
+    if norm is None and grads:
         index = torch.zeros(len(grads), dtype=torch.long, device=grads[0].device)
         norm = grouped_norms(grads, index, 1).total
-    decision = policy.decide(params, grads, norm, prepared=prepared)
-    decision.apply_()
-    threshold, coef = decision.threshold, decision.coef
-    if grad_scale is not None:
+    elif norm is None:
+        norm = torch.zeros((), dtype=torch.float64)
+    policy.decide(plan, norm)
+    plan.apply_()
+    if locals_ and grad_scale is not None:
         torch._foreach_mul_(locals_, grad_scale.to(locals_[0].dtype))
-    return norm, threshold, coef
+    assert plan.threshold is not None
+    coef = plan.coef if plan.coef is not None else torch.full_like(norm, math.nan)
+    return norm, plan.threshold, coef

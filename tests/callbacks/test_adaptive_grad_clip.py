@@ -16,7 +16,15 @@ from torch.overrides import TorchFunctionMode
 
 import lightning_gradguard.callbacks.adaptive_grad_clip as clip_module
 from lightning_gradguard import AdaptiveGradClip, GradNormMonitor
-from lightning_gradguard.functional import AGC, FixedNorm, ZClip
+from lightning_gradguard.functional import (
+    AGC,
+    ClipPlan,
+    DirectClipper,
+    FixedNorm,
+    NormPolicy,
+    ZClip,
+    clip_with_policy_,
+)
 
 
 class _Recording(TinyMLP):
@@ -206,6 +214,10 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
         ({"spike_sigma": 0}, "spike_sigma=0"),
         ({"max_consecutive_skips": 0}, "max_consecutive_skips=0"),
         ({"skip_nonfinite": "no"}, "skip_nonfinite='no'"),
+        ({"spike_window": 1}, "AdaptiveGradClip(spike_window=1): spike_window must be"),
+        ({"spike_min_samples": 200}, "spike_min_samples must be an integer in [2, 128]"),
+        ({"log_every_n_steps": 0}, "log_every_n_steps must be an integer >= 1 or None"),
+        ({"skip_spikes": 1}, "AdaptiveGradClip(skip_spikes=1): skip_spikes must be True or"),
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict, fragment: str) -> None:
@@ -412,3 +424,120 @@ def test_agc_reads_the_gradients_once_and_scales_only_what_clips(
         reference_agc_(reference, clipping, 1e-3)
         for name, r, g_used in zip(names, reference, used):
             torch.testing.assert_close(g_used, r.grad, rtol=1e-5, atol=1e-12, msg=name)
+
+
+# --------------------------------------------------------------------------- custom policies
+#
+# The callback treats every policy through the protocol alone (prepare, decide, the plan's
+# needs_scaling / apply_ / clipped_norm): a policy written here, of either kind, clips as an
+# independent computation of its rule says.
+
+SCHEDULE = (0.1, 0.05, 1e9, 0.02)  # clips at steps 0, 1 and 3 (norms ~0.2-0.4), not at 2
+
+
+class _Schedule(NormPolicy):
+    """A user's norm policy: the threshold of step ``k`` is ``SCHEDULE[k]``."""
+
+    name = "schedule"
+    _state_names = ("step",)
+    step: torch.Tensor | None = None
+
+    def threshold(self, norm: torch.Tensor) -> torch.Tensor:
+        if self.step is None:
+            self.step = torch.zeros((), dtype=torch.long, device=norm.device)
+        table = torch.tensor(SCHEDULE, dtype=torch.float64, device=norm.device)
+        threshold = table[self.step.clamp_max(len(SCHEDULE) - 1)].expand(norm.shape)
+        self.step = self.step + 1
+        return threshold
+
+
+class _TensorNormPlan(ClipPlan):
+    """Each tensor to a norm of at most ``bound``, one flag per tensor."""
+
+    def __init__(self, grads: list[torch.Tensor], bound: float) -> None:
+        self.grads, self.bound = grads, bound
+
+    def needs_scaling(self) -> torch.Tensor:
+        return torch.stack([g.norm() > self.bound for g in self.grads])
+
+    def apply_(self, parts: Any = None) -> None:
+        for i, g in enumerate(self.grads):
+            if parts is None or parts[i]:
+                g.mul_(torch.clamp(self.bound / (g.norm() + 1e-6), max=1.0))
+
+
+class _PerTensorNorm(DirectClipper):
+    """A user's direct clipper: every gradient tensor on its own, no global norm."""
+
+    name = "per_tensor"
+
+    def __init__(self, bound: float) -> None:
+        self._bound = bound
+
+    @property
+    def bound(self) -> float:
+        return self._bound
+
+    def prepare(
+        self, parameters: Any, grads: Any, group_index: torch.Tensor | None = None
+    ) -> _TensorNormPlan:
+        return _TensorNormPlan(list(grads), self._bound)
+
+
+def test_a_custom_norm_policy_clips_like_clip_grad_norm_at_its_threshold() -> None:
+    torch.manual_seed(0)
+    model = _Recording()
+    clipper = AdaptiveGradClip(policy=_Schedule(), log_every_n_steps=1)
+    logger = _fit(model, [clipper], steps=len(SCHEDULE))
+    clipped_steps = 0
+    for step, (raw, used) in enumerate(zip(model.raw, model.used, strict=True)):
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in raw]
+        for p, g in zip(params, raw):
+            p.grad = g.clone()
+        total = float(torch.nn.utils.clip_grad_norm_(params, SCHEDULE[step]))
+        clipped_steps += total > SCHEDULE[step]
+        for p, g in zip(params, used):
+            torch.testing.assert_close(g, p.grad)
+        logged = logger.at_step(step)
+        assert logged["clip/threshold"] == pytest.approx(SCHEDULE[step])
+        assert logged["clip/active"] == float(total > SCHEDULE[step])
+        expected = min(total, SCHEDULE[step])
+        assert logged["grad_norm/total_clipped"] == pytest.approx(expected, rel=1e-5)
+    assert clipped_steps == 3
+    # Its state is the callback's to checkpoint, as a built-in policy's is.
+    assert clipper.state_dict()["optimizer_0"]["policy"] == {"step": torch.tensor(4)}
+
+
+@pytest.mark.parametrize("skip_nonfinite", [True, False], ids=["flags-read", "no-read"])
+def test_a_custom_direct_clipper_clips_each_tensor_on_its_own(skip_nonfinite: bool) -> None:
+    torch.manual_seed(0)
+    model = _Recording()
+    bound = 0.05
+    clipper = AdaptiveGradClip(
+        policy=_PerTensorNorm(bound), skip_nonfinite=skip_nonfinite, log_every_n_steps=1
+    )
+    logger = _fit(model, [clipper], steps=3)
+    changed = []
+    for step, (raw, used) in enumerate(zip(model.raw, model.used, strict=True)):
+        for g_raw, g_used in zip(raw, used):
+            p = torch.nn.Parameter(torch.zeros_like(g_raw))
+            p.grad = g_raw.clone()
+            torch.nn.utils.clip_grad_norm_([p], bound)  # the tensor on its own
+            torch.testing.assert_close(g_used, p.grad)
+            changed.append(not torch.equal(g_used, g_raw))
+        logged = logger.at_step(step)
+        assert logged["clip/threshold"] == bound
+        assert "clip/coef" not in logged and "clip/active" not in logged  # no norm scaling
+        after = float(torch.nn.utils.get_total_norm(used))  # measured: the plan cannot tell
+        assert logged["grad_norm/total_clipped"] == pytest.approx(after, rel=1e-5)
+    assert any(changed) and not all(changed)  # some tensors clip, others are left alone
+
+    # The same policy object in a plain loop: clip_with_policy_ makes the same calls.
+    layer = torch.nn.Linear(4, 3)
+    layer(torch.randn(8, 4)).pow(2).sum().backward()
+    raw = [p.grad.clone() for p in layer.parameters()]
+    norm, threshold, coef = clip_with_policy_(_PerTensorNorm(bound), layer)
+    assert float(norm) == pytest.approx(float(torch.nn.utils.get_total_norm(raw)), rel=1e-6)
+    assert float(threshold) == bound and coef.isnan()
+    for p, g in zip(layer.parameters(), raw):
+        assert float(p.grad.norm()) == pytest.approx(min(bound, float(g.norm())), rel=1e-5)

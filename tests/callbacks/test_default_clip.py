@@ -262,9 +262,11 @@ def test_guard_clip_per_layer_uses_each_layer_weight_norm() -> None:
         float(torch.nn.utils.get_total_norm([p.detach() for p in params[:2]])),
         float(torch.nn.utils.get_total_norm([p.detach() for p in params[2:]])),
     ]
-    decision = GuardClip(cut_ratio=0.5, min_cut=1e-3).decide(params, grads, norm, groups)
-    assert decision.threshold.tolist() == pytest.approx([0.5 * weights[0], weights[1]])
-    decision.apply_()
+    policy = GuardClip(cut_ratio=0.5, min_cut=1e-3)
+    plan = policy.decide(policy.prepare(params, grads, groups), norm)
+    assert plan.threshold is not None
+    assert plan.threshold.tolist() == pytest.approx([0.5 * weights[0], weights[1]])
+    plan.apply_()
     after = float(torch.nn.utils.get_total_norm([p.grad for p in params[:2]]))
     assert after == pytest.approx(0.5 * weights[0], rel=1e-5)  # the big layer is cut
     assert all(torch.equal(p.grad, r) for p, r in zip(params[2:], raw[2:]))  # the other not

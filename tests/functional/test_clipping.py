@@ -29,6 +29,7 @@ from lightning_gradguard.functional.policies import (
     AGC,
     POLICIES,
     AutoClip,
+    ClipPolicy,
     EMARatio,
     FixedNorm,
     FixedValue,
@@ -867,9 +868,23 @@ def test_policies_do_not_sync_with_host(name: str, shape: tuple[int, ...]) -> No
 
     policy = ALL_POLICIES[name]()
     with SyncCounter() as counter:
-        for norm in norms:
-            policy.threshold(norm)
+        for norm in norms:  # the whole protocol but the application
+            plan = policy.decide(policy.prepare(params, grads, group_index), norm)
+            plan.needs_scaling()
+            plan.clipped_norm()
         for norm in norms[:5]:
             policy.clip_(params, grads, norm, group_index)
         clip_by_norm_(grads, norms[0].new_tensor(1.0), norms[0].new_tensor(2.0))
     assert counter.counts == Counter(), counter.counts
+
+
+def test_a_policy_must_be_of_a_kind() -> None:
+    """ClipPolicy is the protocol; a subclass of it alone is told which kind to subclass."""
+
+    class Bare(ClipPolicy):
+        def threshold(self, norm: torch.Tensor) -> torch.Tensor:
+            return norm
+
+    g = torch.ones(3)
+    with pytest.raises(NotImplementedError, match=r"subclass NormPolicy .* or DirectClipper"):
+        Bare().clip_([g], [g], torch.tensor(1.0))

@@ -144,14 +144,16 @@ def run(pl: Any, mode: str, policy_name: str, out_dir: Path) -> dict[str, Any]:
             return torch.optim.SGD(self.parameters(), lr=h.LR)
 
     policy = _policy(policy_name)
-    threshold = policy.threshold
+    threshold = getattr(policy, "threshold", None)  # norm policies only; AGC has none
 
     def recording_threshold(norm: torch.Tensor, *args: Any) -> torch.Tensor:
+        assert threshold is not None
         value = threshold(norm, *args)
         record["threshold"].append(_plain(float(value)))
         return value
 
-    policy.threshold = recording_threshold  # type: ignore[method-assign]
+    if threshold is not None:
+        policy.threshold = recording_threshold  # type: ignore[method-assign]
     clipper = AdaptiveGradClip(policy=policy, log_every_n_steps=1)
 
     if mode == "fsdp":
