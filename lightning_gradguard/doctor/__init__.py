@@ -10,7 +10,7 @@ exploding, non-finite, dying, deep sigmoid stacks, BatchNorm on tiny batches,
 weight scale, unused layers), each with a severity and concrete remedies, and an
 exit code a CI job can use.
 
-- :mod:`~lightning_gradguard.doctor.diagnose`: :func:`diagnose`, in steps (validate,
+- :mod:`~lightning_gradguard.doctor.checkup`: :func:`diagnose`, in steps (validate,
   prepare the copy and the batches, measure, run the rules, report);
 - :mod:`~lightning_gradguard.doctor.measure`: the passes and the rows; unit activity
   through :class:`~lightning_gradguard.functional.ActivityTracker`, data flow from
@@ -37,8 +37,8 @@ Example:
 """
 
 from lightning_gradguard.doctor.architecture import Architecture
+from lightning_gradguard.doctor.checkup import diagnose
 from lightning_gradguard.doctor.cli import main
-from lightning_gradguard.doctor.diagnose import diagnose
 from lightning_gradguard.doctor.inputs import default_loss
 from lightning_gradguard.doctor.report import (
     FAIL_ON,

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_gradguard.doctor.diagnose import diagnose
+from lightning_gradguard.doctor.checkup import diagnose
 from lightning_gradguard.doctor.report import FAIL_ON
 
 __all__ = ["main"]
