@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from lightning_gradguard._checks import check_int, check_number
 from lightning_gradguard.doctor.architecture import Architecture
 from lightning_gradguard.doctor.coverage import not_checked
+from lightning_gradguard.doctor.evidence import Evidence, Thresholds, first_last_ratio
 from lightning_gradguard.doctor.inputs import (
     batches,
     default_loss,
@@ -22,7 +23,7 @@ from lightning_gradguard.doctor.inputs import (
 )
 from lightning_gradguard.doctor.measure import Measurements, Subject, measure
 from lightning_gradguard.doctor.report import Diagnosis
-from lightning_gradguard.doctor.rules import Evidence, Thresholds, find_problems, first_last_ratio
+from lightning_gradguard.doctor.rules import find_problems
 
 __all__ = ["diagnose"]
 

@@ -1,12 +1,14 @@
 """The rules: small functions from the measured evidence to findings, run in order.
 
-Each rule takes an :class:`Evidence` (the rows of :func:`~lightning_gradguard.doctor.diagnose`,
-the losses, the batch size, ... and the thresholds) and returns one
+Each rule takes an :class:`~lightning_gradguard.doctor.evidence.Evidence` (the rows of
+:func:`~lightning_gradguard.doctor.diagnose`, the losses, the batch size, ... and the
+thresholds) and returns one
 :class:`~lightning_gradguard.doctor.Finding` or ``None``. :data:`RULES` lists them in
 the order their findings are reported (before sorting by severity); :func:`find_problems`
 runs them all. An evidence can be built by hand, without a model, to test a rule alone.
 
 Example:
+    >>> from lightning_gradguard.doctor.evidence import Evidence
     >>> from lightning_gradguard.doctor.report import LayerRow
     >>> rows = [LayerRow("0", "Linear", grad_norm=float("nan"), param_norm=1.0)]
     >>> nonfinite(Evidence(rows, losses=[2.3])).message
@@ -18,23 +20,18 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 
-from lightning_gradguard.doctor.architecture import Architecture
+from lightning_gradguard.doctor.evidence import RELU_ACTIVATIONS, Evidence
 from lightning_gradguard.doctor.report import SEVERITIES, Finding, LayerRow, _fmt
 
 __all__ = [
-    "RELU_ACTIVATIONS",
     "RULES",
-    "Evidence",
     "Rule",
-    "Thresholds",
     "batchnorm_small_batch",
     "dying",
     "exploding",
     "find_problems",
-    "first_last_ratio",
     "nonfinite",
     "saturating",
     "unused",
@@ -42,144 +39,8 @@ __all__ = [
     "weight_scale",
 ]
 
-RELU_ACTIVATIONS = ("ReLU", "ReLU6", "F.relu", "F.relu6")
-"""Activations whose gradient is exactly 0 below zero: a unit that is never positive is dead."""
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Where :func:`~lightning_gradguard.doctor.diagnose` draws the lines (see its arguments).
-
-    ``scale_band``: a weight std between these multiples of the He (or Glorot)
-    std counts as well scaled.
-    """
-
-    vanishing_ratio: float = 1e-4
-    vanishing_threshold: float = 1e-7
-    exploding_threshold: float = 100.0
-    exploding_ratio: float = 1.0
-    dead_threshold: float = 0.5
-    small_batch: int = 8
-    scale_band: tuple[float, float] = (0.5, 2.0)
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """What the rules read: the measurements of one diagnosis, and the thresholds.
-
-    Attributes:
-        rows: the layers, in forward order.
-        losses: the loss of every step.
-        batch_size: the batch size, if known.
-        samples: the fewest positions any measured ReLU-like activation saw (a dead
-            fraction from few samples is flagged as such).
-        bias_means: the mean bias of every layer that has one.
-        trainable: the layers with a trainable parameter of their own.
-        architecture: what the model already has: no advice to add what is there.
-        thresholds: the lines the rules draw.
-    """
-
-    rows: Sequence[LayerRow]
-    losses: Sequence[float] = ()
-    batch_size: int | None = None
-    samples: int = 16
-    bias_means: Mapping[str, float] = field(default_factory=dict)
-    trainable: frozenset[str] = frozenset()
-    architecture: Architecture = field(default_factory=Architecture)
-    thresholds: Thresholds = field(default_factory=Thresholds)
-
-    # -- views the rules share
-
-    @property
-    def with_grad(self) -> list[LayerRow]:
-        """Rows with a gradient."""
-        return [r for r in self.rows if r.grad_norm is not None]
-
-    @property
-    def matrix(self) -> list[LayerRow]:
-        """Linear/Conv rows with a gradient."""
-        return [r for r in self.with_grad if r.is_matrix_layer]
-
-    @property
-    def finite_matrix(self) -> list[LayerRow]:
-        """Linear/Conv rows with a finite gradient (the depth profile)."""
-        return [r for r in self.matrix if r.grad_norm is not None and math.isfinite(r.grad_norm)]
-
-    @property
-    def nonfinite_rows(self) -> list[LayerRow]:
-        """Rows whose gradient is inf or NaN."""
-        return [r for r in self.with_grad if not math.isfinite(r.grad_norm or 0.0)]
-
-    @property
-    def bad_loss_steps(self) -> list[int]:
-        """Steps whose loss is inf or NaN."""
-        return [i for i, v in enumerate(self.losses) if not math.isfinite(v)]
-
-    @property
-    def first_last(self) -> float | None:
-        """The depth profile: see :func:`first_last_ratio`."""
-        return first_last_ratio(self.rows)
-
-    def fed(self, activation: str) -> list[LayerRow]:
-        """Linear/Conv rows (with or without gradient) consumed by ``activation`` unnormalized."""
-        return [
-            r
-            for r in self.rows
-            if r.is_matrix_layer and r.activation == activation and not r.normalized
-        ]
-
-    def off_he(self, low: bool) -> list[LayerRow]:
-        """Rows whose weight std is below (``low``) or above the He band."""
-        band = self.thresholds.scale_band
-        return [
-            r
-            for r in self.rows
-            if r.he_ratio is not None and (r.he_ratio < band[0] if low else r.he_ratio > band[1])
-        ]
-
-    def normalize(self, where: str) -> str:
-        """The advice to normalize ``where``, fitting the batch size."""
-        small, size = self.thresholds.small_batch, self.batch_size
-        if size is not None and size < small:
-            return (
-                f"Normalize {where} with GroupNorm or LayerNorm: at batch size {size} "
-                f"BatchNorm's batch statistics are too noisy (it needs about {small} or more)."
-            )
-        return (
-            f"Normalize {where}: Linear -> BatchNorm1d -> activation (Conv -> BatchNorm2d); "
-            f"GroupNorm or LayerNorm when batches are small (under {small})."
-        )
-
-    def structural(self) -> list[str]:
-        """Normalization and skip connections, for what the model lacks."""
-        arch = self.architecture
-        return ([] if arch.normalization else [self.normalize("before the activation")]) + (
-            [] if arch.residual else [_SKIP]
-        )
-
-
 Rule = Callable[[Evidence], "Finding | None"]
 """A rule: the evidence in, a finding (or ``None``) out."""
-
-
-def first_last_ratio(rows: Sequence[LayerRow]) -> float | None:
-    """Gradient norm of the first Linear/Conv layer over the last one's (finite ones only).
-
-    ``None`` with fewer than two such layers, or a last one whose norm is 0.
-
-    Example:
-        >>> rows = [LayerRow(n, "Linear", g, 1, weight_std=0.1) for n, g in (("a", 1e-6), ("b", 1))]
-        >>> first_last_ratio(rows)
-        1e-06
-    """
-    finite = [
-        r
-        for r in rows
-        if r.is_matrix_layer and r.grad_norm is not None and math.isfinite(r.grad_norm)
-    ]
-    if len(finite) < 2 or not finite[-1].grad_norm:
-        return None
-    return (finite[0].grad_norm or 0.0) / finite[-1].grad_norm
 
 
 # --------------------------------------------------------------------------- advice
@@ -200,6 +61,28 @@ _CLIP = (
     "(AutoClip) cannot clip the first steps: it has no history yet."
 )
 _LR = "Lower the learning rate, or warm it up over the first steps."
+
+
+def _normalize(e: Evidence, where: str) -> str:
+    """The advice to normalize ``where``, fitting the batch size."""
+    small, size = e.thresholds.small_batch, e.batch_size
+    if size is not None and size < small:
+        return (
+            f"Normalize {where} with GroupNorm or LayerNorm: at batch size {size} "
+            f"BatchNorm's batch statistics are too noisy (it needs about {small} or more)."
+        )
+    return (
+        f"Normalize {where}: Linear -> BatchNorm1d -> activation (Conv -> BatchNorm2d); "
+        f"GroupNorm or LayerNorm when batches are small (under {small})."
+    )
+
+
+def _structural(e: Evidence) -> list[str]:
+    """Normalization and skip connections, for what the model lacks."""
+    arch = e.architecture
+    return ([] if arch.normalization else [_normalize(e, "before the activation")]) + (
+        [] if arch.residual else [_SKIP]
+    )
 
 
 def _names(rows: Sequence[LayerRow], limit: int = 6) -> str:
@@ -274,14 +157,14 @@ def _vanishing_advice(e: Evidence) -> list[str]:
             "init_(model, 'kaiming_normal') infers the gain).",
             "Glorot init alone does not rescue a deep sigmoid stack: with any weights the "
             "sigmoid's slope (at most 0.25) shrinks the gradient layer after layer.",
-            e.normalize("before each sigmoid"),
+            _normalize(e, "before each sigmoid"),
             *([] if e.architecture.residual else [_SKIP]),
         ]
     if tanh_fed:
         return [
             "Initialize the tanh layers with Glorot (Xavier) init and tanh's gain 5/3: "
             "lightning_gradguard.functional.init_(model, 'xavier_uniform') infers the gain.",
-            *e.structural(),
+            *_structural(e),
         ]
     recs: list[str] = []
     relu_fed = [r for r in e.rows if r.is_matrix_layer and r.activation in RELU_ACTIVATIONS]
@@ -292,7 +175,7 @@ def _vanishing_advice(e: Evidence) -> list[str]:
         )
     if _dead(e):
         recs.append("Dead ReLU units pass no gradient: see the 'dying' finding.")
-    return recs + e.structural()
+    return recs + _structural(e)
 
 
 def vanishing(e: Evidence) -> Finding | None:
@@ -351,7 +234,7 @@ def saturating(e: Evidence) -> Finding | None:
         _layer_names(sigmoid_fed),
         (
             "Replace the sigmoids by ReLU with He init.",
-            e.normalize("before each sigmoid"),
+            _normalize(e, "before each sigmoid"),
             *([] if e.architecture.residual else [_SKIP]),
         ),
     )
@@ -402,7 +285,10 @@ def exploding(e: Evidence) -> Finding | None:
                 f"which compounds to about {mean ** len(hidden):.2g}x over {len(hidden)} "
                 "layers (He init for ReLU, Glorot for tanh)."
             )
-    recs += [_LR] + ([] if e.architecture.normalization else [e.normalize("before the activation")])
+    if not e.architecture.normalization:
+        recs += [_LR, _normalize(e, "before the activation")]
+    else:
+        recs.append(_LR)
     return Finding("exploding", "error", "; ".join(parts) + ".", _layer_names(steep), tuple(recs))
 
 

@@ -14,16 +14,14 @@ import lightning_gradguard.doctor as doctor
 from lightning_gradguard.doctor import Architecture, Diagnosis, LayerRow, diagnose
 from lightning_gradguard.doctor import cli as doctor_cli
 from lightning_gradguard.doctor.coverage import dead_units, depth_profile, not_checked
+from lightning_gradguard.doctor.evidence import Evidence, Thresholds, first_last_ratio
 from lightning_gradguard.doctor.flow import gain
 from lightning_gradguard.doctor.rules import (
     RULES,
-    Evidence,
-    Thresholds,
     batchnorm_small_batch,
     dying,
     exploding,
     find_problems,
-    first_last_ratio,
     nonfinite,
     saturating,
     unused,
