@@ -218,6 +218,11 @@ def _evidence(
         samples=measured.samples,
         bias_means=bias_means,
         trainable=frozenset(trainable),
+        batch_norms=tuple(
+            name
+            for name, module in subject.model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        ),
         architecture=architecture,
         thresholds=thresholds,
     )

@@ -60,6 +60,7 @@ class Evidence:
             fraction from few samples is flagged as such).
         bias_means: the mean bias of every layer that has one.
         trainable: the layers with a trainable parameter of their own.
+        batch_norms: the paths of the BatchNorm modules (batch statistics in training).
         architecture: what the model already has: no advice to add what is there.
         thresholds: the lines the rules draw.
     """
@@ -70,6 +71,7 @@ class Evidence:
     samples: int = 16
     bias_means: Mapping[str, float] = field(default_factory=dict)
     trainable: frozenset[str] = frozenset()
+    batch_norms: tuple[str, ...] = ()
     architecture: Architecture = field(default_factory=Architecture)
     thresholds: Thresholds = field(default_factory=Thresholds)
 

@@ -85,11 +85,14 @@ def _structural(e: Evidence) -> list[str]:
     )
 
 
+def _quoted(names: Sequence[str], limit: int = 6) -> str:
+    listed = [f"'{name}'" for name in names]
+    more = f" and {len(listed) - limit} more" if len(listed) > limit else ""
+    return ", ".join(listed[:limit]) + more
+
+
 def _names(rows: Sequence[LayerRow], limit: int = 6) -> str:
-    names = [f"'{r.name}'" for r in rows]
-    return ", ".join(names[:limit]) + (
-        f" and {len(names) - limit} more" if len(names) > limit else ""
-    )
+    return _quoted([r.name for r in rows], limit)
 
 
 def _dead(e: Evidence) -> list[LayerRow]:
@@ -359,22 +362,22 @@ def dying(e: Evidence) -> Finding | None:
 
 
 def batchnorm_small_batch(e: Evidence) -> Finding | None:
-    """The model has BatchNorm and the batch is smaller than ``small_batch`` (warning).
+    """The model has BatchNorm (any ``nn.modules.batchnorm._BatchNorm``: batch statistics in
+    training) and the batch is smaller than ``small_batch`` (warning).
 
     Example:
-        >>> row = LayerRow("bn", "BatchNorm1d", 1.0, 1.0)
-        >>> batchnorm_small_batch(Evidence([row], batch_size=4)).layers
+        >>> batchnorm_small_batch(Evidence([], batch_size=4, batch_norms=("bn",))).layers
         ('bn',)
     """
-    batch_norms = [r for r in e.rows if r.kind.startswith("BatchNorm")]
-    if not batch_norms or e.batch_size is None or e.batch_size >= e.thresholds.small_batch:
+    names = e.batch_norms
+    if not names or e.batch_size is None or e.batch_size >= e.thresholds.small_batch:
         return None
     return Finding(
         "batchnorm_small_batch",
         "warning",
-        f"{_names(batch_norms, 3)} normalize with statistics of {e.batch_size} samples: "
+        f"{_quoted(names, 3)} normalize with statistics of {e.batch_size} samples: "
         "noisy in training, and different from the running statistics used in evaluation.",
-        _layer_names(batch_norms),
+        tuple(names),
         (
             "Use GroupNorm or LayerNorm, which do not depend on the batch size.",
             "Or use larger batches (SyncBatchNorm when the global batch is large but "

@@ -209,13 +209,20 @@ def test_dying_severity_bias_advice_scale_and_few_samples() -> None:
 
 
 def test_batchnorm_small_batch_below_the_threshold_only() -> None:
-    rows = [layer("fc", 1.0), layer("bn", 1.0, kind="BatchNorm1d", weight_std=None)]
-    finding = batchnorm_small_batch(Evidence(rows, batch_size=7))
-    assert finding is not None and finding.layers == ("bn",) and finding.severity == "warning"
-    assert "statistics of 7 samples" in finding.message
-    assert batchnorm_small_batch(Evidence(rows, batch_size=8)) is None
-    assert batchnorm_small_batch(Evidence(rows, batch_size=None)) is None
-    assert batchnorm_small_batch(Evidence(rows[:1], batch_size=2)) is None
+    norms = ("bn", "sync")
+    finding = batchnorm_small_batch(Evidence([], batch_size=7, batch_norms=norms))
+    assert finding is not None and finding.layers == norms and finding.severity == "warning"
+    assert finding.message.startswith("'bn', 'sync' normalize with statistics of 7 samples")
+    assert batchnorm_small_batch(Evidence([], batch_size=8, batch_norms=norms)) is None
+    assert batchnorm_small_batch(Evidence([], batch_size=None, batch_norms=norms)) is None
+    assert batchnorm_small_batch(Evidence([], batch_size=2)) is None
+    # read by type: SyncBatchNorm and a BatchNorm without affine parameters count too
+    torch.manual_seed(0)
+    layers = [nn.Linear(8, 8), nn.SyncBatchNorm(8), nn.ReLU(), nn.Linear(8, 8)]
+    model = nn.Sequential(*layers, nn.BatchNorm1d(8, affine=False))  # no parameters, no row
+    found = diagnose(model, torch.randn(4, 8), loss_fn=lambda m, b: m(b).pow(2).mean(), steps=1)
+    finding = next(f for f in found.findings if f.kind == "batchnorm_small_batch")
+    assert finding.layers == ("1", "4")
 
 
 def test_weight_scale_outside_both_bands_and_the_transformer_wording() -> None:
@@ -249,7 +256,7 @@ def test_find_problems_sorts_by_severity_keeping_the_rule_order() -> None:
         layer("bn", 1.0, kind="BatchNorm1d", weight_std=None),
         layer("spare", None),
     ]
-    evidence = Evidence(rows, batch_size=4, trainable=frozenset({"spare"}))
+    evidence = Evidence(rows, batch_size=4, trainable=frozenset({"spare"}), batch_norms=("bn",))
     found = [(f.kind, f.severity) for f in find_problems(evidence)]
     assert found == [
         ("vanishing", "error"),
