@@ -1,5 +1,6 @@
-"""``diagnose(model, batch)``: validate, prepare the copy and the batches, measure, run the
-rules, report. Each step is a small function below."""
+"""``diagnose(model, batch)`` in steps, each a small function: validate the arguments,
+prepare the private copy, build the loss and the batches, measure, gather the evidence,
+run the rules, report."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from lightning_gradguard.doctor.inputs import (
     to_device,
 )
 from lightning_gradguard.doctor.measure import Measurements, Subject, measure
-from lightning_gradguard.doctor.report import Diagnosis
+from lightning_gradguard.doctor.report import Diagnosis, Finding
 from lightning_gradguard.doctor.rules import find_problems
 
 __all__ = ["diagnose"]
@@ -111,10 +112,10 @@ def diagnose(
     )
     subject = _prepare(model)
     loss, source = _loss_and_batches(subject, batch, loss_fn)
-    measured = measure(subject, loss, source, steps, seed)
-    architecture = Architecture.of(subject.model, subject.layer_map)
-    evidence = _evidence(subject, measured, architecture, thresholds)
-    return _report(subject, measured, evidence, steps)
+    measured = measure(subject, loss, source, steps, seed)  # step 4
+    evidence = _evidence(subject, measured, thresholds)
+    findings = find_problems(evidence)
+    return _report(subject, measured, evidence, findings, steps)
 
 
 def _validate(model: Any, *, loss_fn: Any, seed: Any, steps: Any, **thresholds: Any) -> Thresholds:
@@ -196,13 +197,11 @@ def _loss_and_batches(
     return (lambda b, step: compute(prepared(b), step)), batches(batch)
 
 
-def _evidence(
-    subject: Subject,
-    measured: Measurements,
-    architecture: Architecture,
-    thresholds: Thresholds,
-) -> Evidence:
-    """Step 4: what the rules read, from the measurements and the copy's layers."""
+def _evidence(subject: Subject, measured: Measurements, thresholds: Thresholds) -> Evidence:
+    """Step 5: what the rules read, from the measurements and the copy's layers.
+
+    (Step 6 runs the rules on it: :func:`~lightning_gradguard.doctor.rules.find_problems`.)
+    """
     bias_means: dict[str, float] = {}
     trainable: set[str] = set()
     for name, module in subject.owners.items():
@@ -223,13 +222,19 @@ def _evidence(
             for name, module in subject.model.named_modules()
             if isinstance(module, nn.modules.batchnorm._BatchNorm)
         ),
-        architecture=architecture,
+        architecture=Architecture.of(subject.model, subject.layer_map),
         thresholds=thresholds,
     )
 
 
-def _report(subject: Subject, measured: Measurements, evidence: Evidence, steps: int) -> Diagnosis:
-    """Step 5: run the rules, list what could not be checked, and build the diagnosis."""
+def _report(
+    subject: Subject,
+    measured: Measurements,
+    evidence: Evidence,
+    findings: list[Finding],
+    steps: int,
+) -> Diagnosis:
+    """Step 7: list what could not be checked, and build the diagnosis."""
     owner_names = {id(module): name for name, module in subject.owners.items()}
     unknown = [
         name or "(root)" for name in subject.layer_map.unknown if name in subject.owners or not name
@@ -241,7 +246,7 @@ def _report(subject: Subject, measured: Measurements, evidence: Evidence, steps:
     ]
     return Diagnosis(
         rows=measured.rows,
-        findings=find_problems(evidence),
+        findings=findings,
         steps=steps,
         batch_size=measured.batch_size,
         losses=measured.losses,
