@@ -57,7 +57,7 @@ class Evidence:
         losses: the loss of every step.
         batch_size: the batch size, if known.
         samples: the fewest positions any measured ReLU-like activation saw (a dead
-            fraction from few samples is flagged as such).
+            fraction from fewer than 16 is flagged as such; the default, 16, is not).
         bias_means: the mean bias of every layer that has one.
         trainable: the layers with a trainable parameter of their own.
         batch_norms: the paths of the BatchNorm modules (batch statistics in training).

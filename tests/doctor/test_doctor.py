@@ -522,6 +522,12 @@ def test_resnet_downsampling_block_data_flow_and_no_false_alarm() -> None:
     conv2 = diagnosis.row("layer2.0.conv2")
     assert conv2.he_std == pytest.approx(math.sqrt(2) / math.sqrt(16 * 9), rel=1e-12)
     assert "BatchNorm" not in _advice(diagnosis) and "skip connections" not in _advice(diagnosis)
+    # what the advice assumed, and from which module, in the text and the JSON
+    assumed = (
+        "normalization: BatchNorm2d 'bn1'; skip connections: BasicBlock 'layer1.0' (class name)"
+    )
+    assert f"advice fits: {assumed}" in str(diagnosis)
+    assert diagnosis.to_dict()["architecture"]["evidence"] == assumed.split("; ")
     unchecked = {entry.check: entry for entry in diagnosis.not_checked}
     assert "conv1" in unchecked["grad/param ratio"].layers
 
