@@ -3,15 +3,21 @@
 A few forward/backward passes on a *copy* of the model (no optimizer step; the
 user's model, its buffers, gradients, modes and hooks are never touched), then
 one row per layer (every module that owns parameters): gradient norm,
-parameter norm, their ratio, the dead fraction of the activation that consumes
-the layer, that activation, and the weight std against what He and Glorot
-initialization would give. From the rows come findings (vanishing, exploding,
-non-finite, dying, deep sigmoid stacks, BatchNorm on tiny batches, weight
-scale, unused layers), each with a severity and concrete remedies, and an exit
-code a CI job can use.
+parameter norm, their ratio, the dead fraction of the activation call site that
+consumes the layer, that activation, and the weight std against what He and
+Glorot initialization would give. From the rows come findings (vanishing,
+exploding, non-finite, dying, deep sigmoid stacks, BatchNorm on tiny batches,
+weight scale, unused layers), each with a severity and concrete remedies, and an
+exit code a CI job can use.
 
-- :mod:`~lightning_gradguard.doctor.measure`: :func:`diagnose`, the passes and the rows;
-- :mod:`~lightning_gradguard.doctor.findings`: the rules and their recommendations;
+- :mod:`~lightning_gradguard.doctor.checkup`: :func:`diagnose`, in steps (validate,
+  prepare the copy and the batches, measure, run the rules, report);
+- :mod:`~lightning_gradguard.doctor.measure`: the passes and the rows; unit activity
+  through :class:`~lightning_gradguard.functional.ActivityTracker`, data flow from
+  :mod:`~lightning_gradguard.doctor.flow`;
+- :mod:`~lightning_gradguard.doctor.rules`: the rules, one function each, and
+  :mod:`~lightning_gradguard.doctor.coverage`: what could not be checked;
+- :mod:`~lightning_gradguard.doctor.architecture`: what the model already has;
 - :mod:`~lightning_gradguard.doctor.report`: :class:`Diagnosis`, text table and JSON;
 - :mod:`~lightning_gradguard.doctor.cli`: :func:`main`, the ``doctor`` subcommand
   (also ``python -m lightning_gradguard.doctor``).
@@ -30,9 +36,10 @@ Example:
     0
 """
 
+from lightning_gradguard.doctor.architecture import Architecture
+from lightning_gradguard.doctor.checkup import diagnose
 from lightning_gradguard.doctor.cli import main
-from lightning_gradguard.doctor.findings import Architecture, Thresholds, find_problems
-from lightning_gradguard.doctor.measure import default_loss, diagnose
+from lightning_gradguard.doctor.inputs import default_loss
 from lightning_gradguard.doctor.report import (
     FAIL_ON,
     SEVERITIES,
@@ -49,10 +56,8 @@ __all__ = [
     "Diagnosis",
     "Finding",
     "LayerRow",
-    "Thresholds",
     "Unchecked",
     "default_loss",
     "diagnose",
-    "find_problems",
     "main",
 ]

@@ -13,30 +13,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_gradguard.doctor.measure import diagnose
+from lightning_gradguard.doctor.checkup import diagnose
 from lightning_gradguard.doctor.report import FAIL_ON
 
-__all__ = [
-    "UsageError",
-    "import_object",
-    "main",
-]
+__all__ = ["main"]
 
 # --------------------------------------------------------------------------- command line
 
 
-class UsageError(Exception):
+class _UsageError(Exception):
     """A mistake in the command line or the config: reported in one line, exit code 2."""
 
 
-def import_object(path: str, argument: str) -> Any:
+def _import_object(path: str, argument: str) -> Any:
     """Import ``"package.module:Name"`` (or ``"package.module.Name"``).
 
     Raises:
-        UsageError: naming ``argument`` when the module or the name cannot be found.
+        _UsageError: naming ``argument`` when the module or the name cannot be found.
 
     Example:
-        >>> import_object("torch.nn:Linear", "--model").__name__
+        >>> _import_object("torch.nn:Linear", "--model").__name__
         'Linear'
     """
     if ":" in path:
@@ -44,17 +40,19 @@ def import_object(path: str, argument: str) -> Any:
     else:
         module_name, _, attribute = path.rpartition(".")
     if not module_name or not attribute:
-        raise UsageError(
+        raise _UsageError(
             f"{argument} {path!r} is not an import path: use 'package.module:ClassName'."
         )
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise UsageError(f"{argument} {path!r}: cannot import {module_name!r} ({error}).") from None
+        raise _UsageError(
+            f"{argument} {path!r}: cannot import {module_name!r} ({error})."
+        ) from None
     obj: Any = module
     for part in attribute.split("."):
         if not hasattr(obj, part):
-            raise UsageError(f"{argument} {path!r}: module {module_name!r} has no {attribute!r}.")
+            raise _UsageError(f"{argument} {path!r}: module {module_name!r} has no {attribute!r}.")
         obj = getattr(obj, part)
     return obj
 
@@ -65,19 +63,19 @@ def _json_arguments(text: str | None, argument: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        raise UsageError(f"{argument} is not valid JSON ({error}): {text!r}") from None
+        raise _UsageError(f"{argument} is not valid JSON ({error}): {text!r}") from None
     if not isinstance(value, dict):
-        raise UsageError(f"{argument} must be a JSON object of keyword arguments, got {text!r}.")
+        raise _UsageError(f"{argument} must be a JSON object of keyword arguments, got {text!r}.")
     return value
 
 
 def _construct(cls: Any, kwargs: dict[str, Any], argument: str) -> Any:
     if not callable(cls):
-        raise UsageError(f"{argument}: {cls!r} is not a class.")
+        raise _UsageError(f"{argument}: {cls!r} is not a class.")
     try:
         return cls(**kwargs)
     except TypeError as error:
-        raise UsageError(
+        raise _UsageError(
             f"{argument}: {getattr(cls, '__name__', cls)}(**{kwargs}) failed: {error}"
         ) from None
 
@@ -106,21 +104,21 @@ def _from_config(path: str, model_class: Any, data_class: Any) -> tuple[Any, Any
     try:
         from jsonargparse import ArgumentParser
     except ImportError:  # pragma: no cover - jsonargparse comes with lightning's CLI extra
-        raise UsageError(
+        raise _UsageError(
             "--config needs jsonargparse: pip install 'jsonargparse[signatures]'."
         ) from None
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as error:
-        raise UsageError(f"--config {path!r}: {error.strerror or error}.") from None
+        raise _UsageError(f"--config {path!r}: {error.strerror or error}.") from None
     except yaml.YAMLError as error:
-        raise UsageError(f"--config {path!r} is not valid YAML: {error}".splitlines()[0]) from None
+        raise _UsageError(f"--config {path!r} is not valid YAML: {error}".splitlines()[0]) from None
     if not isinstance(raw, dict) or "model" not in raw:
-        raise UsageError(f"--config {path!r} has no 'model' section (class_path and init_args).")
+        raise _UsageError(f"--config {path!r} has no 'model' section (class_path and init_args).")
     for section in ("model", "data"):  # a clear message for a bad class_path
         entry = raw.get(section)
         if isinstance(entry, dict) and isinstance(entry.get("class_path"), str):
-            import_object(entry["class_path"], f"--config {section}.class_path")
+            _import_object(entry["class_path"], f"--config {section}.class_path")
     parser = ArgumentParser(exit_on_error=False)
     if model_class is not None:
         parser.add_class_arguments(model_class, "model", fail_untyped=False, sub_configs=True)
@@ -142,7 +140,7 @@ def _from_config(path: str, model_class: Any, data_class: Any) -> tuple[Any, Any
         built = parser.instantiate_classes(config)
     except Exception as error:  # jsonargparse reports bad paths and arguments this way
         first = " ".join(str(error).split()) or type(error).__name__  # one line
-        raise UsageError(f"--config {path!r}: {first}") from None
+        raise _UsageError(f"--config {path!r}: {first}") from None
     seed = raw.get("seed_everything")
     return (
         built.get("model"),
@@ -188,12 +186,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    model_class = import_object(args.model, "--model") if args.model else None
-    data_class = import_object(args.datamodule, "--datamodule") if args.datamodule else None
+    model_class = _import_object(args.model, "--model") if args.model else None
+    data_class = _import_object(args.datamodule, "--datamodule") if args.datamodule else None
     torch.manual_seed(args.seed)
     if args.config:
         if args.model_args or args.datamodule_args:
-            raise UsageError(
+            raise _UsageError(
                 "--model-args/--datamodule-args do not combine with --config: "
                 "put init_args in the config."
             )
@@ -203,14 +201,14 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
             model, datamodule, _ = _from_config(args.config, model_class, data_class)
     else:
         if model_class is None:
-            raise UsageError("give --model package.module:ClassName (or --config config.yaml).")
+            raise _UsageError("give --model package.module:ClassName (or --config config.yaml).")
         model = _construct(model_class, _json_arguments(args.model_args, "--model-args"), "--model")
         datamodule = None
         if data_class is not None:
             kwargs = _json_arguments(args.datamodule_args, "--datamodule-args")
             datamodule = _construct(data_class, kwargs, "--datamodule")
     if not isinstance(model, nn.Module):
-        raise UsageError(f"--model built a {type(model).__name__}, not a torch.nn.Module.")
+        raise _UsageError(f"--model built a {type(model).__name__}, not a torch.nn.Module.")
     source: Any = datamodule if datamodule is not None else model
     hook_owners: tuple[Any, ...] = (datamodule, model)  # Lightning's order in fit
     for owner in hook_owners:
@@ -220,7 +218,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
         if owner is not None and callable(getattr(owner, "setup", None)):
             owner.setup("fit")
     if not callable(getattr(source, "train_dataloader", None)):
-        raise UsageError(f"{type(source).__name__} has no train_dataloader(): give --datamodule.")
+        raise _UsageError(f"{type(source).__name__} has no train_dataloader(): give --datamodule.")
     try:
         loader = source.train_dataloader()
     except Exception as error:
@@ -228,7 +226,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
         # must be implemented"): no data is a usage error (exit 2), not a finding (exit 1).
         if not isinstance(error, NotImplementedError) and "implemented" not in str(error):
             raise
-        raise UsageError(
+        raise _UsageError(
             f"{type(source).__name__}.train_dataloader() is not implemented: give --datamodule."
         ) from None
     return model, loader
@@ -257,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, loader = _load(args)
         diagnosis = diagnose(model, loader, steps=args.steps, seed=args.seed)
-    except UsageError as error:
+    except _UsageError as error:
         print(f"gradguard doctor: error: {error}", file=sys.stderr)
         return 2
     except (TypeError, ValueError, RuntimeError) as error:

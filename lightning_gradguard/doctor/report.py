@@ -7,6 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_gradguard._checks import check_choice
+from lightning_gradguard.doctor.architecture import Architecture
+
 __all__ = [
     "FAIL_ON",
     "SEVERITIES",
@@ -40,10 +43,13 @@ class LayerRow:
         dead_fraction: fraction of units of the consuming activation that were
             never positive on any sample of any step (ReLU-like activations
             only; ``None`` otherwise).
-        activation: the consuming activation (``"ReLU"``, ``"LeakyReLU(0.01)"``,
-            ``"Sigmoid"``...), ``None`` when no activation module follows the
+        activation: the consuming activation: a module's class (``"ReLU"``,
+            ``"LeakyReLU(0.01)"``, ``"Sigmoid"``...) or a functional activation
+            (``"F.relu"``, ``"F.gelu"``...); ``None`` when no activation follows the
             layer before the next layer.
-        activation_module: the dotted path of that activation module.
+        activation_module: the activation's call site, named as
+            :class:`~lightning_gradguard.callbacks.DeadUnitMonitor` names it
+            (``"net.1"``, ``"layer1.0.relu#1"``, ``"encoder.layers.0:relu"``).
         weight_std: std of the weight entries (Linear and Conv layers only).
         he_std: ``gain / sqrt(fan_in)``, He (Kaiming) init's std for this layer.
         glorot_std: ``gain * sqrt(2 / (fan_in + fan_out))``, Glorot (Xavier) init's std.
@@ -176,6 +182,8 @@ class Diagnosis:
             of the last one (``None`` with fewer than two such layers).
         not_checked: the checks that could not run, or not on every layer
             (:class:`Unchecked`). "No problem found" covers only the checks that ran.
+        architecture: what the model was found to have (normalization, skip
+            connections, attention) and why: the advice fits it.
     """
 
     rows: list[LayerRow]
@@ -185,6 +193,7 @@ class Diagnosis:
     losses: list[float]
     first_last_ratio: float | None = None
     not_checked: list[Unchecked] = field(default_factory=list)
+    architecture: Architecture = field(default_factory=Architecture)
 
     @property
     def exit_code(self) -> int:
@@ -201,7 +210,7 @@ class Diagnosis:
         Args:
             fail_on: ``"warning"``, ``"error"`` or ``"never"`` (always 0).
         """
-        _check_choice(fail_on, "fail_on", FAIL_ON)
+        check_choice(fail_on, "fail_on", "Diagnosis.exit_code_for", FAIL_ON)
         if fail_on == "never":
             return 0
         least = SEVERITIES.index(fail_on)
@@ -230,6 +239,7 @@ class Diagnosis:
             "rows": [row.to_dict() for row in self.rows],
             "findings": [finding.to_dict() for finding in self.findings],
             "not_checked": [entry.to_dict() for entry in self.not_checked],
+            "architecture": self.architecture.to_dict(),
         }
 
     def format_table(self) -> str:
@@ -308,9 +318,11 @@ class Diagnosis:
             f"loss {loss}{ratio}"
         )
         verdict = "healthy" if self.healthy else "problems found"
+        evidence = self.architecture.evidence
         return "\n".join(
             [
                 summary,
+                *([f"advice fits: {'; '.join(evidence)}"] if evidence else []),
                 "",
                 self.format_table(),
                 "",
@@ -350,8 +362,3 @@ def _fmt(value: float | None, style: str) -> str:
     if style == "f":
         return f"{value:.2f}"
     return f"{value:.3g}"
-
-
-def _check_choice(value: Any, name: str, choices: Sequence[str]) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid: use one of {list(choices)}.")

@@ -241,6 +241,7 @@ class ActivityTracker:
         self._mode_on_stack = False
         self._warned: set[str] = set()
         self._agreed: dict[SiteKey, int] | None = None  # the sites of the last reduction
+        self._observer: Callable[[SiteKey, Tensor], None] | None = None
 
     @classmethod
     def for_module(
@@ -325,6 +326,26 @@ class ActivityTracker:
     def measures_anything(self) -> bool:
         """Whether there is an activation module or a functional activation to measure."""
         return bool(self.modules) or bool(self.functions)
+
+    def observe(self, callback: Callable[[SiteKey, Tensor], None] | None) -> None:
+        """Also hand the output of every call the tracker sees to ``callback(key, output)``.
+
+        ``key`` is the site before it is named, ``(module path, function or None, call
+        index)`` (:meth:`call_sites` names it); ``output`` is the activation's output as
+        the forward pass made it (with its autograd history). ``None`` stops. A callback
+        that raises is reported as a warning naming the site; the measurement goes on.
+
+        Example:
+            >>> relu = nn.ReLU()
+            >>> tracker, seen = ActivityTracker([("act", relu)]), []
+            >>> tracker.observe(lambda key, output: seen.append((key, tuple(output.shape))))
+            >>> tracker.attach()
+            >>> _ = relu(torch.randn(3, 2)), relu(torch.randn(3, 2))
+            >>> tracker.detach()
+            >>> seen
+            [(('act', None, 0), (3, 2)), (('act', None, 1), (3, 2))]
+        """
+        self._observer = callback
 
     # ------------------------------------------------------------------ hooks
 
@@ -435,6 +456,19 @@ class ActivityTracker:
         self._counts[prefix] = index + 1
         key = (prefix[0], prefix[1], index)
         site = self._sites.get(key)
+        if self._observer is not None and isinstance(output, Tensor):
+            try:
+                self._observer(key, output)
+            except Exception as error:  # an observer never stops the user's forward pass
+                name = site_name(key[0], key[1], key[2], key[2] + 1)
+                if f"observer:{name}" not in self._warned:
+                    self._warned.add(f"observer:{name}")
+                    warnings.warn(
+                        f"ActivityTracker: the observer failed at call site {name!r} "
+                        f"({type(error).__name__}: {error}); the measurement goes on.",
+                        UserWarning,
+                        stacklevel=2,
+                    )
         try:
             if not isinstance(output, Tensor) or output.dim() == 0:
                 self._fail(key, site, f"its output is {_describe(output)}, not a batch of units")

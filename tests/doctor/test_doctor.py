@@ -19,6 +19,7 @@ from torch import nn
 
 from lightning_gradguard import Diagnosis, diagnose
 from lightning_gradguard.doctor import main
+from lightning_gradguard.functional import trace_call_sites
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
@@ -498,11 +499,15 @@ def test_resnet_downsampling_block_data_flow_and_no_false_alarm() -> None:
     diagnosis = diagnose(model, batch)
     assert kinds(diagnosis, "error") == kinds(diagnosis, "warning") == []
     assert diagnosis.exit_code == 0
-    # torchvision's BasicBlock: relu(bn2(conv2(.)) + downsample(x)), one relu called twice
+    # torchvision's BasicBlock: relu(bn2(conv2(.)) + downsample(x)), one relu called twice:
+    # two call sites, named as DeadUnitMonitor names them (relu#0 after bn1, relu#1 after the add)
     for layer in ("layer2.0.conv2", "layer2.0.downsample.0", "layer1.0.conv2"):
         assert diagnosis.row(layer).activation == "ReLU"
-        assert diagnosis.row(layer).activation_module == layer.split(".")[0] + ".0.relu"
+        assert diagnosis.row(layer).activation_module == layer.split(".")[0] + ".0.relu#1"
         assert diagnosis.row(layer).normalized
+    assert diagnosis.row("layer2.0.conv1").activation_module == "layer2.0.relu#0"
+    sites = {site.name for site in trace_call_sites(resnet_tiny(), batch[0])}
+    assert {r.activation_module for r in diagnosis.rows if r.activation_module} <= sites
     # the dead fraction of the block's second relu call, counted by hand (train-mode BN)
     net = resnet_tiny()
     block = net.layer2[0]
@@ -517,6 +522,12 @@ def test_resnet_downsampling_block_data_flow_and_no_false_alarm() -> None:
     conv2 = diagnosis.row("layer2.0.conv2")
     assert conv2.he_std == pytest.approx(math.sqrt(2) / math.sqrt(16 * 9), rel=1e-12)
     assert "BatchNorm" not in _advice(diagnosis) and "skip connections" not in _advice(diagnosis)
+    # what the advice assumed, and from which module, in the text and the JSON
+    assumed = (
+        "normalization: BatchNorm2d 'bn1'; skip connections: BasicBlock 'layer1.0' (class name)"
+    )
+    assert f"advice fits: {assumed}" in str(diagnosis)
+    assert diagnosis.to_dict()["architecture"]["evidence"] == assumed.split("; ")
     unchecked = {entry.check: entry for entry in diagnosis.not_checked}
     assert "conv1" in unchecked["grad/param ratio"].layers
 
@@ -579,6 +590,8 @@ def test_transformer_encoder_out_proj_is_not_the_last_layer() -> None:
     from models import sequence_batch, transformer_encoder
 
     model, batch = transformer_encoder(), sequence_batch(8)
+    with torch.no_grad():
+        model.encoder.layers[0].linear1.bias[:10] -= 50.0  # 10 of 32 units never positive
     diagnosis = diagnose(model, batch)
     assert kinds(diagnosis, "error") == kinds(diagnosis, "warning") == []
     names = [r.name for r in diagnosis.rows]
@@ -589,8 +602,21 @@ def test_transformer_encoder_out_proj_is_not_the_last_layer() -> None:
     first = _grad_norm(model, loss, "encoder.layers.0.self_attn")
     last = _grad_norm(model, loss, "head")
     assert diagnosis.first_last_ratio == pytest.approx(first / last, rel=1e-5)
-    functional = next(e for e in diagnosis.not_checked if e.check == "dead units")
-    assert "encoder.layers.0.linear1" in functional.layers  # F.relu is not measured
+    # F.relu inside TransformerEncoderLayer is a functional call site, measured like a module
+    row = diagnosis.row("encoder.layers.0.linear1")
+    assert (row.activation, row.activation_module) == ("F.relu", "encoder.layers.0:relu")
+    assert row.he_std == pytest.approx(math.sqrt(2) / math.sqrt(16), rel=1e-12)  # ReLU's gain
+    outputs: list[torch.Tensor] = []
+    handle = model.encoder.layers[0].linear1.register_forward_hook(
+        lambda m, i, o: outputs.append(o.detach().reshape(-1, o.shape[-1]))
+    )
+    with torch.no_grad():
+        model(batch[0])  # dropout 0: the doctor's training-mode passes see the same values
+    handle.remove()
+    expected = float((outputs[0] <= 0).all(dim=0).double().mean())
+    assert 10 / 32 <= expected < 0.5 and row.dead_fraction == expected
+    unmeasured = {n for e in diagnosis.not_checked if e.check == "dead units" for n in e.layers}
+    assert "encoder.layers.0.linear1" not in unmeasured
 
     # a real problem is still found, with advice that fits a transformer
     with torch.no_grad():
