@@ -133,10 +133,9 @@ def _validate(model: Any, *, loss_fn: Any, seed: Any, steps: Any, **thresholds: 
     check_int(steps, "steps", _OWNER, low=1)
 
     def positive(name: str, high: float | None = None, high_open: bool = False) -> float:
-        value = check_number(
+        return check_number(
             thresholds[name], name, _OWNER, low=0, high=high, low_open=True, high_open=high_open
         )
-        return float(value)  # type: ignore[arg-type]  # never None without allow_none
 
     return Thresholds(
         vanishing_ratio=positive("vanishing_ratio", high=1, high_open=True),
