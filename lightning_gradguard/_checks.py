@@ -24,7 +24,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 __all__ = [
     "check_bool",
@@ -65,6 +65,30 @@ def _span(low: float | None, high: float | None, low_open: bool, high_open: bool
     return "finite"
 
 
+@overload
+def check_number(
+    value: Any,
+    argument: str,
+    owner: str,
+    *,
+    low: float | None = ...,
+    high: float | None = ...,
+    low_open: bool = ...,
+    high_open: bool = ...,
+    allow_none: Literal[False] = ...,
+) -> float: ...
+@overload
+def check_number(
+    value: Any,
+    argument: str,
+    owner: str,
+    *,
+    low: float | None = ...,
+    high: float | None = ...,
+    low_open: bool = ...,
+    high_open: bool = ...,
+    allow_none: bool,
+) -> float | None: ...
 def check_number(
     value: Any,
     argument: str,
@@ -110,6 +134,26 @@ def check_number(
     return float(value)
 
 
+@overload
+def check_int(
+    value: Any,
+    argument: str,
+    owner: str,
+    *,
+    low: int | None = ...,
+    high: int | None = ...,
+    allow_none: Literal[False] = ...,
+) -> int: ...
+@overload
+def check_int(
+    value: Any,
+    argument: str,
+    owner: str,
+    *,
+    low: int | None = ...,
+    high: int | None = ...,
+    allow_none: bool,
+) -> int | None: ...
 def check_int(
     value: Any,
     argument: str,

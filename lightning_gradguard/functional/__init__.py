@@ -28,13 +28,12 @@ from lightning_gradguard.functional.health import GradientHealth
 from lightning_gradguard.functional.init import (
     SCHEMES,
     InitReport,
-    LSUVReport,
     consumer_nonlinearities,
     init_,
     init_layer_,
     init_weight_,
-    lsuv_,
 )
+from lightning_gradguard.functional.lsuv import LSUVReport, lsuv_
 from lightning_gradguard.functional.norms import (
     TINY_NORM,
     GroupedNorms,
@@ -48,6 +47,7 @@ from lightning_gradguard.functional.norms import (
     parse_norm_type,
     tensor_norms,
 )
+from lightning_gradguard.functional.optimizer_state import reset_optimizer_state_
 from lightning_gradguard.functional.policies import (
     AGC,
     POLICIES,
@@ -158,6 +158,7 @@ __all__ = [
     "recycle_units_",
     "register_activation",
     "register_layer",
+    "reset_optimizer_state_",
     "shrink_perturb_",
     "swap_activations",
     "swap_functional_relu",

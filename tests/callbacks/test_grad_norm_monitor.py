@@ -68,7 +68,9 @@ def test_update_ratio_matches_sgd_update() -> None:
             params.append(module_param_norms(m)),
         ),
     )
-    logger = _fit(model, GradNormMonitor(log_every_n_steps=2, update_ratio_every=1), max_steps=6)
+    logger = _fit(
+        model, GradNormMonitor(log_every_n_steps=2, update_ratio_every_n_steps=1), max_steps=6
+    )
     logged_steps = sorted(
         {s for s, m in logger.calls if any(k.startswith("update_ratio/") for k in m)}
     )

@@ -228,7 +228,7 @@ def test_init_at_start_equals_torch_init_with_the_seeded_generator(
 
 
 def test_init_at_start_validates_its_arguments_early() -> None:
-    with pytest.raises(ValueError, match="scheme='he' is not an init scheme"):
+    with pytest.raises(ValueError, match=r"InitAtStart\(scheme='he'\): scheme must be one of"):
         InitAtStart("he")
     with pytest.raises(ValueError, match="n_layers=None"):
         InitAtStart("normal", residual_projections=["*.c_proj"])
