@@ -25,6 +25,8 @@ from pytorch_lightning.utilities.model_helpers import is_overridden as _pl_is_ov
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_gradguard.functional.optimizer_state import optimizer_parameters
+
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
@@ -107,18 +109,6 @@ def log_interval(trainer: pl.Trainer, every_n_steps: int | None) -> int:
     if every_n_steps is not None:
         return every_n_steps
     return max(1, int(getattr(trainer, "log_every_n_steps", 50) or 1))
-
-
-def optimizer_parameters(optimizer: Optimizer) -> list[Tensor]:
-    """Every parameter of ``optimizer``, in parameter-group order.
-
-    Example:
-        >>> import torch
-        >>> w = torch.nn.Parameter(torch.zeros(2))
-        >>> optimizer_parameters(torch.optim.SGD([w], lr=0.1))[0] is w
-        True
-    """
-    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def optimizer_index(trainer: pl.Trainer, optimizer: Any) -> int:

@@ -27,6 +27,7 @@ from lightning_gradguard._compat import Callback, rank_zero_warn
 from lightning_gradguard.callbacks._parts import flat_callbacks
 from lightning_gradguard.callbacks._trainer import is_deepspeed
 from lightning_gradguard.functional.norms import NormGrouping, grad_norms
+from lightning_gradguard.functional.optimizer_state import optimizer_parameters
 from lightning_gradguard.functional.snapshot import StateSnapshot, _restore_into, live_state
 from lightning_gradguard.functional.spikes import SPIKE_MODES, SPIKE_STATISTICS, RunningSpikeTest
 from lightning_gradguard.loggers import log_to_loggers
@@ -448,7 +449,7 @@ class SpikeRecovery(Callback):
             if found is not None:
                 return found[1].total
         if self._grouping is None:
-            params = [p for group in optimizer.param_groups for p in group["params"]]
+            params = optimizer_parameters(optimizer)
             self._grouping = NormGrouping.from_named_parameters(
                 pl_module.named_parameters(), lambda name: "all", only=params
             )

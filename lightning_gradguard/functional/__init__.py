@@ -47,7 +47,10 @@ from lightning_gradguard.functional.norms import (
     parse_norm_type,
     tensor_norms,
 )
-from lightning_gradguard.functional.optimizer_state import reset_optimizer_state_
+from lightning_gradguard.functional.optimizer_state import (
+    optimizer_parameters,
+    reset_optimizer_state_,
+)
 from lightning_gradguard.functional.policies import (
     AGC,
     POLICIES,
@@ -153,6 +156,7 @@ __all__ = [
     "lsuv_",
     "make_policy",
     "map_layers",
+    "optimizer_parameters",
     "param_norms",
     "parse_norm_type",
     "recycle_units_",
