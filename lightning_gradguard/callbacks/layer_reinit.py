@@ -63,9 +63,9 @@ class LayerReinit(Callback):
     before this callback (its norms and its ``vanishing_threshold``/``patience``
     detection: no second pass over the gradients), every ``check_every_n_steps``
     steps. A re-initialized layer gets a fresh weight (``scheme``, gain of its
-    consuming activation), zero bias, and its optimizer state dropped (the
-    optimizer starts it afresh, Adam's ``step`` from 0:
-    :func:`~lightning_gradguard.functional.reset_optimizer_state_`); the monitor's
+    consuming activation), zero bias, and its optimizer state zeroed, Adam's
+    ``step`` included, so its next update is a fresh Adam's
+    (:func:`~lightning_gradguard.functional.reset_optimizer_state_`); the monitor's
     streak for it restarts.
     Every re-initialization is a ``reinit`` event of the run record; ``events``
     lists them (step, kind, layer, detail).

@@ -8,9 +8,11 @@ entries (:func:`~lightning_gradguard.functional.recycle_units_`).
 The rule for Adam's ``step`` (and any per-tensor counter): it belongs to the
 whole tensor, so it restarts only when the whole tensor restarts.
 
-- Whole tensor (``index=None``): the state is dropped. The optimizer builds it
-  again at its next step exactly as for a new parameter: zero moments and
-  ``step`` 0, so the first update is a fresh Adam's (bias-corrected).
+- Whole tensor (``index=None``): every tensor of the state is zeroed, ``step``
+  included (a plain-number ``step`` too). Adam's and AdamW's next update is then
+  exactly a new optimizer's first (bias-corrected from step 1); so is RMSprop's,
+  and SGD momentum's without dampening. The state keeps its tensors (and
+  devices), so every rank and a checkpoint see the same entries as before.
 - Some entries: those entries of every state tensor shaped like the parameter
   (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``momentum_buffer``, ...)
   are zeroed; ``step`` and everything else are kept. The untouched entries'
@@ -36,8 +38,8 @@ Example:
     >>> adam.state[w]["exp_avg"][:, 0].tolist(), int(adam.state[w]["step"])
     ([0.0, 0.10000000149011612], 1)
     >>> reset_optimizer_state_(adam, w)
-    >>> w in adam.state
-    False
+    >>> int(adam.state[w]["step"]), float(adam.state[w]["exp_avg_sq"].abs().sum())
+    (0, 0.0)
 """
 
 from __future__ import annotations
@@ -81,9 +83,14 @@ def reset_optimizer_state_(
     """
     if optimizer is None or parameter not in optimizer.state:
         return
+    state = optimizer.state[parameter]
     if index is None:
-        del optimizer.state[parameter]
+        for key, value in state.items():
+            if isinstance(value, Tensor):
+                value.zero_()
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                state[key] = type(value)(0)
         return
-    for key, value in optimizer.state[parameter].items():
+    for key, value in state.items():
         if key != "step" and isinstance(value, Tensor) and value.shape == parameter.shape:
             value[index] = 0.0

@@ -2,8 +2,8 @@
 
 The rule under test: some entries reset -> their moments are zero and Adam's
 ``step`` is kept (the untouched entries' updates are exactly what they would have
-been); the whole tensor reset -> the state is dropped and the next update is a
-fresh Adam's first (bias-corrected) step.
+been); the whole tensor reset -> every state tensor is zeroed, ``step`` included, and
+the next update is a fresh Adam's first (bias-corrected) step.
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def test_resetting_the_whole_tensor_gives_a_fresh_adams_first_step() -> None:
     for g in grads[:3]:
         _step(weight, adam, g)
     reset_optimizer_state_(adam, weight)
-    assert weight not in adam.state
+    assert int(adam.state[weight]["step"]) == 0
+    assert all(torch.count_nonzero(v) == 0 for v in adam.state[weight].values())
     start = weight.detach().double().clone()
     _step(weight, adam, grads[3])
     # Step 1 of Adam: m_hat = g, v_hat = g^2, so the update is lr * g / (|g| + eps).
