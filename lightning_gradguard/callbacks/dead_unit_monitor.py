@@ -251,6 +251,7 @@ class DeadUnitMonitor(WindowedCallback):
         if self._tracker is not None:
             self._tracker.pause()  # no activation in backward; the next forward resumes
 
+    @override
     def on_window_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, tracker: ActivityTracker
     ) -> None:

@@ -292,6 +292,7 @@ class UnitRecycler(WindowedCallback):
             self._finish_trace(trainer, pl_module)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
+    @override
     def on_window_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, tracker: Any
     ) -> None:
