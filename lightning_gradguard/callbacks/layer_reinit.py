@@ -49,11 +49,7 @@ def _check_steps(at_steps: Any) -> list[int] | None:
             f"LayerReinit(at_steps={at_steps!r}): at_steps must be a list of global steps, "
             "e.g. [10, 500]."
         )
-    if not all(not isinstance(s, bool) and isinstance(s, int) and s >= 0 for s in at_steps):
-        raise ValueError(
-            f"LayerReinit(at_steps={at_steps!r}): at_steps must be a list of integers >= 0."
-        )
-    return sorted(at_steps)
+    return sorted(check_int(step, "at_steps", "LayerReinit", low=0) for step in at_steps)
 
 
 class LayerReinit(Callback):

@@ -191,7 +191,10 @@ class UnitRecycler(WindowedCallback):
         modules = dict(pl_module.named_modules())
         missing = sorted({n for p in self.pairs for n in (p[:2] + p[3:]) if n not in modules})
         if missing:
-            raise ValueError(f"pairs name modules that do not exist: {missing}.")
+            raise ValueError(
+                f"UnitRecycler(pairs={self.pairs!r}): pairs name modules that do not exist: "
+                f"{missing}."
+            )
         for pair in self.unit_pairs:
             _refuse_impossible_pair(pl_module, pair)
         self._tracker = PairActivity(pl_module, self.unit_pairs)
