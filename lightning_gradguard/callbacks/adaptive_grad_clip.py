@@ -342,9 +342,7 @@ class AdaptiveGradClip(Callback):
                     )
                 break
 
-    def _warn_about_other_clippers(
-        self, callbacks: list[Any], pl_module: pl.LightningModule
-    ) -> None:
+    def _warn_about_other_clippers(self, callbacks: list[Any], pl_module: Any) -> None:
         """Two owners of clipping clip twice: say so, once, naming both."""
         clippers = [cb for cb in callbacks if getattr(cb, "clips_gradients", False)]
         if len(clippers) > 1 and clippers[0] is self:
@@ -473,9 +471,7 @@ class AdaptiveGradClip(Callback):
 
     # ------------------------------------------------------------------ the step
 
-    def _state(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
-    ) -> tuple[int, _ClipState]:
+    def _state(self, trainer: Any, pl_module: Any, optimizer: Any) -> tuple[int, _ClipState]:
         index = optimizer_index(trainer, optimizer)
         state = self._states.get(index)
         if state is None:
@@ -677,7 +673,7 @@ class AdaptiveGradClip(Callback):
 
     def _log(
         self,
-        trainer: pl.Trainer,
+        trainer: Any,
         state: _ClipState,
         index: int,
         threshold: Tensor,
