@@ -447,7 +447,9 @@ def _bundle(ctx: BenchContext) -> VariantSetup:
 
 
 def _gradguard_ratio_every_step(ctx: BenchContext) -> VariantSetup:
-    return VariantSetup(callbacks=[GradNormMonitor(log_every_n_steps=1, update_ratio_every=1)])
+    return VariantSetup(
+        callbacks=[GradNormMonitor(log_every_n_steps=1, update_ratio_every_n_steps=1)]
+    )
 
 
 # ---- clipping: AdaptiveGradClip

@@ -28,11 +28,11 @@ _LAZY = {
     "GradNormMonitor": "lightning_gradguard.callbacks.grad_norm_monitor",
     "GradGuardMixin": "lightning_gradguard.mixin",
     "HealthReport": "lightning_gradguard.callbacks.health_report",
-    "InitAtStart": "lightning_gradguard.callbacks.reinit",
-    "LayerReinit": "lightning_gradguard.callbacks.reinit",
+    "InitAtStart": "lightning_gradguard.callbacks.init_at_start",
+    "LayerReinit": "lightning_gradguard.callbacks.layer_reinit",
     "RunRecord": "lightning_gradguard.record",
     "SpikeRecovery": "lightning_gradguard.callbacks.spike_recovery",
-    "UnitRecycler": "lightning_gradguard.callbacks.reinit",
+    "UnitRecycler": "lightning_gradguard.callbacks.unit_recycler",
     "diagnose": "lightning_gradguard.doctor",
     "run_record": "lightning_gradguard.record",
 }
@@ -52,8 +52,10 @@ if TYPE_CHECKING:
     from lightning_gradguard.callbacks.grad_norm_monitor import GradNormMonitor
     from lightning_gradguard.callbacks.gradguard import GradGuard
     from lightning_gradguard.callbacks.health_report import HealthReport
-    from lightning_gradguard.callbacks.reinit import InitAtStart, LayerReinit, UnitRecycler
+    from lightning_gradguard.callbacks.init_at_start import InitAtStart
+    from lightning_gradguard.callbacks.layer_reinit import LayerReinit
     from lightning_gradguard.callbacks.spike_recovery import SpikeRecovery
+    from lightning_gradguard.callbacks.unit_recycler import UnitRecycler
     from lightning_gradguard.doctor import Diagnosis, diagnose
     from lightning_gradguard.mixin import GradGuardMixin
     from lightning_gradguard.record import RunRecord, run_record

@@ -44,12 +44,18 @@ import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
+from lightning_gradguard._checks import check_choice, check_int
 from lightning_gradguard._compat import Callback, rank_zero_warn
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
 
 __all__ = [
     "EVENT_COLUMNS",
@@ -343,12 +349,6 @@ class MetricHistory:
 # --------------------------------------------------------------------------- the record
 
 
-def _positive_int(value: Any, argument: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"RunRecord({argument}={value!r}) must be a positive integer.")
-    return value
-
-
 class RunRecord(Callback):
     """Events, counts and metric history of one run, shared by every lightning_gradguard part.
 
@@ -374,8 +374,10 @@ class RunRecord(Callback):
     """
 
     def __init__(self, max_events_per_kind: int = 1000, history_rows: int = 512) -> None:
-        self.max_events_per_kind = _positive_int(max_events_per_kind, "max_events_per_kind")
-        self.history_rows = _positive_int(history_rows, "history_rows")
+        self.max_events_per_kind = check_int(
+            max_events_per_kind, "max_events_per_kind", "RunRecord", low=1
+        )
+        self.history_rows = check_int(history_rows, "history_rows", "RunRecord", low=1)
         self.history = MetricHistory(history_rows)
         self.thresholds: dict[str, float] = {}
         self._events: dict[str, deque[tuple[int, Event]]] = {}
@@ -411,11 +413,7 @@ class RunRecord(Callback):
             values: named numbers; their sums per kind are kept exactly.
             detail: a short sentence for people.
         """
-        if kind not in EVENT_KINDS:
-            raise ValueError(
-                f"RunRecord.add(kind={kind!r}) is not an event kind: use one of "
-                f"{list(EVENT_KINDS)}."
-            )
+        check_choice(kind, "kind", "RunRecord.add", EVENT_KINDS)
         event = Event(
             kind=kind,
             step=int(step),
@@ -499,10 +497,12 @@ class RunRecord(Callback):
         self._totals = {}
         self._sequence = 0
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":  # a new fit starts a new record; a resume restores it after this
             self.reset()
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Events, exact counts, thresholds and history: tensors and Python primitives."""
         return {
@@ -515,6 +515,7 @@ class RunRecord(Callback):
             "history": self.history.state_dict(),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (a newer layout is refused with a warning)."""
         version = state_dict.get("version")
@@ -539,7 +540,7 @@ class RunRecord(Callback):
         self.history.load_state_dict(state_dict.get("history", {}))
 
 
-def find_run_record(trainer: Any) -> RunRecord | None:
+def find_run_record(trainer: pl.Trainer) -> RunRecord | None:
     """The trainer's :class:`RunRecord` (inside a bundle too), or ``None``."""
     for callback in getattr(trainer, "callbacks", None) or []:
         if isinstance(callback, RunRecord):
@@ -550,7 +551,7 @@ def find_run_record(trainer: Any) -> RunRecord | None:
     return None
 
 
-def run_record(trainer: Any) -> RunRecord:
+def run_record(trainer: pl.Trainer) -> RunRecord:
     """The trainer's :class:`RunRecord`; one is appended to ``trainer.callbacks`` if none.
 
     This is the one way the callbacks find the record: a ``RunRecord`` listed in

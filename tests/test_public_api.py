@@ -132,7 +132,7 @@ FUNCTIONAL_PUBLIC = {
     # initialization and recycling
     "init_", "lsuv_", "InitReport", "LSUVReport", "consumer_nonlinearities",
     "infer_unit_pairs", "trace_unit_pairs", "PairInference", "UnitPair", "PairActivity",
-    "recycle_units_", "shrink_perturb_",
+    "recycle_units_", "shrink_perturb_", "reset_optimizer_state_",
     # layers and units
     "map_layers", "LayerMap", "Layer", "LayerSpec", "UnitLayout", "register_layer",
     "unregister_layer",
@@ -151,6 +151,7 @@ FUNCTIONAL_INTERNAL = {
     "surgery": ("activation_types",),
     "init": ("init_weight_", "init_layer_", "SCHEMES"),
     "redo": ("check_pair", "PairTracer"),
+    "optimizer_state": ("optimizer_parameters",),
     "units": ("fan_in_and_fan_out", "weight_layouts", "KINDS"),
 }  # fmt: skip
 """Helpers that stay in their submodule (and importable from there), not re-exported."""
@@ -160,7 +161,7 @@ def test_functional_exports_exactly_its_public_names() -> None:
     import lightning_gradguard.functional as F
 
     assert set(F.__all__) == FUNCTIONAL_PUBLIC
-    assert len(F.__all__) == len(FUNCTIONAL_PUBLIC) == 55
+    assert len(F.__all__) == len(FUNCTIONAL_PUBLIC) == 56
     star: dict[str, object] = {}
     exec("from lightning_gradguard.functional import *", star)
     assert set(star) - {"__builtins__"} == FUNCTIONAL_PUBLIC

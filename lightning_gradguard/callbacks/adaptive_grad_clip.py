@@ -15,15 +15,22 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_gradguard._checks import check_bool, check_choice, check_int, check_number
 from lightning_gradguard._compat import Callback, rank_zero_warn
 from lightning_gradguard.callbacks._parts import flat_callbacks
+from lightning_gradguard.callbacks._trainer import (
+    is_deepspeed,
+    log_interval,
+    optimizer_index,
+    optimizer_parameters,
+)
 from lightning_gradguard.functional.clipping import ClipPlan
 from lightning_gradguard.functional.norms import (
     GroupBy,
@@ -36,6 +43,10 @@ from lightning_gradguard.functional.policies import ClipPolicy, make_policy
 from lightning_gradguard.functional.spikes import SpikeWindow
 from lightning_gradguard.loggers import log_to_loggers, to_host
 from lightning_gradguard.record import run_record
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
 
 __all__ = [
     "SCOPES",
@@ -230,6 +241,7 @@ class AdaptiveGradClip(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(policy=repr(self.policy), scope=self.scope)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Policy state per optimizer and counters: CPU tensors and Python primitives."""
         state: dict[str, Any] = {"skipped_steps": self.skipped_steps}
@@ -242,6 +254,7 @@ class AdaptiveGradClip(Callback):
             }
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (applied when each optimizer is first seen)."""
         self._loaded = dict(state_dict)
@@ -261,7 +274,8 @@ class AdaptiveGradClip(Callback):
 
     # ------------------------------------------------------------------ lifecycle
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             # A second fit with the same callback (sweeps, notebooks) starts afresh: no
             # policy statistics, skip counts or saved state of the first. A resumed fit
@@ -271,8 +285,7 @@ class AdaptiveGradClip(Callback):
             self._own_skips = 0
         self._trainer = trainer
         run_record(trainer)  # in place before a checkpoint is restored
-        strategy = type(trainer.strategy).__name__
-        if "DeepSpeed" in strategy:
+        if is_deepspeed(trainer):
             raise RuntimeError(
                 "AdaptiveGradClip does not work under DeepSpeed: DeepSpeed owns the gradients and "
                 "clips them itself. Remove AdaptiveGradClip and set DeepSpeed's own "
@@ -285,9 +298,7 @@ class AdaptiveGradClip(Callback):
                 "both clipping gradients: Lightning clips after AdaptiveGradClip, so both "
                 "apply. Remove gradient_clip_val to let AdaptiveGradClip own clipping."
             )
-        self._interval = self.log_every_n_steps or max(
-            1, int(getattr(trainer, "log_every_n_steps", 50) or 50)
-        )
+        self._interval = log_interval(trainer, self.log_every_n_steps)
         scaler = getattr(trainer.strategy.precision_plugin, "scaler", None)
         self._uses_scaler = scaler is not None
         self._monitor = None
@@ -327,7 +338,8 @@ class AdaptiveGradClip(Callback):
                 "gradguard_clip = None on the module, or remove the callback."
             )
 
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._states = {}
         if not (self.skip_nonfinite or self.skip_spikes):
             return
@@ -340,7 +352,8 @@ class AdaptiveGradClip(Callback):
                 continue
             self._wrap_step(optimizer, index)
 
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Put back exactly what was there (torch's LR-scheduler wrapper, another library's),
         # and only where our wrapper is still the outermost one.
         for optimizer, previous, wrapper in self._wrapped.values():
@@ -435,10 +448,10 @@ class AdaptiveGradClip(Callback):
     # ------------------------------------------------------------------ the step
 
     def _state(self, trainer: Any, pl_module: Any, optimizer: Any) -> tuple[int, _ClipState]:
-        index = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
+        index = optimizer_index(trainer, optimizer)
         state = self._states.get(index)
         if state is None:
-            params = [p for group in optimizer.param_groups for p in group["params"]]
+            params = optimizer_parameters(optimizer)
             layer_scope = self.scope == "layer"
             group_by = self.group_by if layer_scope else (lambda name: "all")
             grouping = NormGrouping.from_named_parameters(
@@ -507,8 +520,11 @@ class AdaptiveGradClip(Callback):
             return GroupedNorms(groups=measured.view(1), total=measured, norm_type=2.0)
         return grad_norms(state.grouping)
 
+    @override
     @torch.no_grad()
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
         index, state = self._state(trainer, pl_module, optimizer)
         if not state.grouping.parameters:
             return  # nothing matched include/exclude (warned once when the state was made)

@@ -10,15 +10,18 @@ Example:
 from __future__ import annotations
 
 import functools
-import math
 import statistics
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
+from typing_extensions import override
 
-from lightning_gradguard._compat import Callback, rank_zero_warn
-from lightning_gradguard.functional.activity import ActivityTracker, MeasuringWindows
+from lightning_gradguard._checks import check_choice, check_int, check_names, check_number
+from lightning_gradguard._compat import rank_zero_warn
+from lightning_gradguard.callbacks._trainer import strategy_kind
+from lightning_gradguard.callbacks._windows import WindowedCallback
+from lightning_gradguard.functional.activity import ActivityTracker
 from lightning_gradguard.functional.call_sites import (
     FUNCTION_NAMES,
     is_activation_module,
@@ -30,25 +33,36 @@ from lightning_gradguard.functional.surgery import swap_activations
 from lightning_gradguard.loggers import log_to_loggers
 from lightning_gradguard.record import RunRecord, run_record
 
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+
 __all__ = [
     "RESCUE_MODES",
     "DeadUnitMonitor",
 ]
 
 RESCUE_MODES = ("never", "start", "threshold")
+LAYOUTS = ("auto", "channels_first", "channels_last")
 
 
-def _check_activation_names(names: list[str] | None) -> None:
-    if names is None:
-        return
-    unknown = [n for n in names if not (n in FUNCTION_NAMES or is_activation_name(n))]
+def _check_activation_names(names: Any) -> list[str] | None:
+    names = check_names(names, "activations", "DeadUnitMonitor", example="['ReLU', 'gelu']")
+    unknown = [n for n in names or [] if not (n in FUNCTION_NAMES or is_activation_name(n))]
     if unknown:
         raise ValueError(
-            f"activations={names!r}: {unknown} are neither activation module class names "
-            f"(torch's {sorted(t.__name__ for t in registered_activations())}, a registered "
-            "type, or a name the activation name rule matches, such as 'NewGELUActivation') "
-            f"nor functional activations {list(FUNCTION_NAMES)}."
+            f"DeadUnitMonitor(activations={names!r}): {unknown} are neither activation module "
+            f"class names (torch's {sorted(t.__name__ for t in registered_activations())}, a "
+            "registered type, or a name the activation name rule matches, such as "
+            f"'NewGELUActivation') nor functional activations {list(FUNCTION_NAMES)}."
         )
+    return names
+
+
+def _check_fraction(value: Any, argument: str) -> float:
+    return check_number(
+        value, argument, "DeadUnitMonitor", low=0, high=1, low_open=True, high_open=True
+    )
 
 
 def _selection(names: list[str] | None) -> Callable[[str, nn.Module], bool]:
@@ -65,7 +79,7 @@ def _functions(names: list[str] | None) -> list[str] | None:
     return [f for f in FUNCTION_NAMES if f in names or f.replace("_", "") in squeezed]
 
 
-class DeadUnitMonitor(Callback):
+class DeadUnitMonitor(WindowedCallback):
     """Log the fraction of dead (and dormant) units per activation call site; optionally rescue.
 
     Every ``every_n_steps`` optimizer steps, the activation call sites are measured
@@ -132,63 +146,23 @@ class DeadUnitMonitor(Callback):
         max_layers_logged: int = 64,
         extreme_layers: int = 3,
     ) -> None:
-        for name, value in (
-            ("every_n_steps", every_n_steps),
-            ("window", window),
-            ("max_layers_logged", max_layers_logged),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer.")
-        if window > every_n_steps:
-            raise ValueError(f"window={window} must not exceed every_n_steps={every_n_steps}.")
-        if rescue not in RESCUE_MODES:
-            raise ValueError(
-                f"rescue={rescue!r} is not a rescue mode: use one of {list(RESCUE_MODES)}."
-            )
-        for argument, fraction in (
-            ("dead_threshold", dead_threshold),
-            ("negative_slope", negative_slope),
-        ):
-            ok = isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
-            if not ok or not 0 < fraction < 1:
-                raise ValueError(f"{argument}={fraction!r} must be a number in (0, 1).")
-        if (
-            isinstance(dormant_tau, bool)
-            or not isinstance(dormant_tau, (int, float))
-            or not 0 <= dormant_tau < math.inf
-        ):
-            raise ValueError(
-                f"DeadUnitMonitor(dormant_tau={dormant_tau!r}): dormant_tau must be a "
-                "non-negative finite number."
-            )
-        if layout not in ("auto", "channels_first", "channels_last"):
-            raise ValueError(
-                f"layout={layout!r} is not a unit layout: use 'auto', 'channels_first' or "
-                "'channels_last'."
-            )
-        if (
-            isinstance(extreme_layers, bool)
-            or not isinstance(extreme_layers, int)
-            or extreme_layers < 0
-        ):
-            raise ValueError(f"extreme_layers={extreme_layers!r} must be a non-negative integer.")
-        _check_activation_names(activations)
-        self.every_n_steps = every_n_steps
-        self.window = window
-        self.rescue = rescue
-        self.dead_threshold = float(dead_threshold)
-        self.dormant_tau = float(dormant_tau)
-        self.negative_slope = float(negative_slope)
-        self.activations = None if activations is None else list(activations)
-        self.layout = layout
-        self.max_layers_logged = max_layers_logged
-        self.extreme_layers = extreme_layers
+        owner = "DeadUnitMonitor"
+        check_int(every_n_steps, "every_n_steps", owner, low=1)
+        check_int(window, "window", owner, low=1, high=every_n_steps)
+        self.rescue = check_choice(rescue, "rescue", owner, RESCUE_MODES)
+        self.dead_threshold = _check_fraction(dead_threshold, "dead_threshold")
+        self.dormant_tau = check_number(dormant_tau, "dormant_tau", owner, low=0)
+        self.negative_slope = _check_fraction(negative_slope, "negative_slope")
+        self.activations = _check_activation_names(activations)
+        self.layout = check_choice(layout, "layout", owner, LAYOUTS)
+        self.max_layers_logged = check_int(max_layers_logged, "max_layers_logged", owner, low=1)
+        self.extreme_layers = check_int(extreme_layers, "extreme_layers", owner, low=0)
+        super().__init__(every_n_steps, window)
+        self.every_n_steps, self.window = every_n_steps, window
         self.not_covered: dict[str, str] = {}
         self.swapped: list[str] = []
         self._record: RunRecord | None = None
         self.last_stats: dict[str, dict[str, float]] = {}
-        self._tracker: ActivityTracker | None = None
-        self._windows = MeasuringWindows(every_n_steps, window)
         self._reported_dying: set[str] = set()
         self._warned_functional: set[str] = set()
         self._warned_empty = False
@@ -197,17 +171,16 @@ class DeadUnitMonitor(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(rescue=self.rescue, activations=self.activations)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Swapped layers and the measuring window: Python primitives only."""
-        return {
-            "swapped": list(self.swapped),
-            "window_started_at": self._windows.started_at,
-        }
+        return {"swapped": list(self.swapped), **self._window_state()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore; the swaps are re-applied to the model before the first step."""
         self.swapped = list(state_dict.get("swapped", []))
-        self._windows.started_at = int(state_dict.get("window_started_at", -1))
+        self._load_window_state(state_dict)
 
     @property
     def events(self) -> list[dict[str, Any]]:
@@ -218,20 +191,22 @@ class DeadUnitMonitor(Callback):
 
     # ------------------------------------------------------------------ lifecycle
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             # A second fit with the same callback starts afresh: the first run's swaps are
             # not re-applied to another model. A resumed fit gets them from
             # load_state_dict, which Lightning calls after setup.
             self.swapped, self.last_stats = [], {}
             self._reported_dying = set()
-            self._windows = MeasuringWindows(self.every_n_steps, self.window)
+            self._restart_windows()
         self._record = run_record(trainer)  # in place before a checkpoint is restored
 
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._record = run_record(trainer)
         self._record.thresholds["dead_units"] = self.dead_threshold
-        wrapped = "DDP" in type(trainer.strategy).__name__
+        wrapped = strategy_kind(trainer) == "ddp"
         pending = [
             name for name in self.swapped if isinstance(pl_module.get_submodule(name), nn.ReLU)
         ]
@@ -256,23 +231,8 @@ class DeadUnitMonitor(Callback):
                 self._record_swaps(trainer, names, "rescue at start")
         self._build_tracker(pl_module)
 
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        if self._tracker is not None:
-            self._windows.close(self._tracker)
-
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if self._tracker is not None:
-            self._windows.close(self._tracker)
-
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        # Lightning does not call ``teardown`` after an exception: leave no hook, no
-        # TorchFunctionMode and no compiler stance behind in the user's process.
-        if self._tracker is not None:
-            self._windows.close(self._tracker)
-
-    def _build_tracker(self, pl_module: Any) -> None:
-        if self._tracker is not None:
-            self._windows.close(self._tracker)
+    def _build_tracker(self, pl_module: pl.LightningModule) -> None:
+        self._close_window()
         self._tracker = ActivityTracker.for_module(
             pl_module,
             _selection(self.activations),
@@ -284,22 +244,17 @@ class DeadUnitMonitor(Callback):
 
     # ------------------------------------------------------------------ windows
 
-    def on_train_batch_start(
-        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    @override
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any
     ) -> None:
-        if self._tracker is not None:
-            self._windows.maybe_open(int(trainer.global_step), self._tracker)
-
-    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         if self._tracker is not None:
             self._tracker.pause()  # no activation in backward; the next forward resumes
 
-    def on_train_batch_end(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    @override
+    def on_window_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, tracker: ActivityTracker
     ) -> None:
-        tracker = self._tracker
-        if tracker is None or not self._windows.maybe_close(tracker):
-            return
         stats = tracker.stats()
         if not stats:
             self._warn_nothing_measured(pl_module)
@@ -332,7 +287,9 @@ class DeadUnitMonitor(Callback):
         if self.rescue == "threshold":
             self._rescue(trainer, pl_module, tracker)
 
-    def _rescue(self, trainer: Any, pl_module: Any, tracker: ActivityTracker) -> None:
+    def _rescue(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, tracker: ActivityTracker
+    ) -> None:
         sites = {site.name: site for site in tracker.call_sites()}
         dying: list[str] = []
         for name, values in self.last_stats.items():
@@ -353,7 +310,7 @@ class DeadUnitMonitor(Callback):
             ):
                 dying.append(site.module)
         if dying:
-            wrapped = "DDP" in type(trainer.strategy).__name__
+            wrapped = strategy_kind(trainer) == "ddp"
             swap_activations(
                 pl_module,
                 dying,
@@ -377,7 +334,7 @@ class DeadUnitMonitor(Callback):
             metrics[f"{prefix}/{names[i]}"] = values[i]
         return metrics
 
-    def _warn_nothing_measured(self, pl_module: Any) -> None:
+    def _warn_nothing_measured(self, pl_module: pl.LightningModule) -> None:
         if self._warned_empty:
             return
         self._warned_empty = True
@@ -390,7 +347,7 @@ class DeadUnitMonitor(Callback):
             "from other ops (a custom x * torch.sigmoid(x)) are not measured."
         )
 
-    def _record_swaps(self, trainer: Any, names: list[str], reason: str) -> None:
+    def _record_swaps(self, trainer: pl.Trainer, names: list[str], reason: str) -> None:
         step = int(trainer.global_step)
         record = run_record(trainer)
         for name in names:

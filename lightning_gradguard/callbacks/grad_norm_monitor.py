@@ -14,13 +14,21 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from typing_extensions import override
 
+from lightning_gradguard._checks import check_bool, check_int, check_number
 from lightning_gradguard._compat import Callback, rank_zero_warn
+from lightning_gradguard.callbacks._trainer import (
+    log_interval,
+    optimizer_index,
+    optimizer_parameters,
+    overrides,
+)
 from lightning_gradguard.functional.health import GradientHealth
 from lightning_gradguard.functional.norms import (
     TINY_NORM,
@@ -36,6 +44,9 @@ from lightning_gradguard.functional.norms import (
 )
 from lightning_gradguard.loggers import log_to_loggers, to_host
 from lightning_gradguard.record import run_record
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 __all__ = [
     "REMEDIES_EXPLODING",
@@ -53,19 +64,6 @@ REMEDIES_EXPLODING = (
     "or lightning_gradguard's adaptive clipping), a lower learning rate or a warm-up, a smaller "
     "initialization (He/Glorot), normalization layers."
 )
-
-
-def _positive_int(value: Any, argument: str, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"{argument}={value!r} must be a positive integer{extra}.")
-
-
-def _positive_float(value: Any, argument: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"{argument}={value!r} must be a positive finite number.")
 
 
 def _agree_on_nonfinite(norms: GroupedNorms) -> GroupedNorms:
@@ -118,7 +116,8 @@ class GradNormMonitor(Callback):
     - ``grad_norm/total`` and ``grad_norm/<layer>`` (every logging step),
     - ``param_norm/<layer>`` (on logging steps at least ``param_norm_every_n_steps``
       optimizer steps apart) and ``update_ratio/<layer>``
-      (‖Δθ‖ / ‖θ‖ of that step, every ``update_ratio_every``-th logging step),
+      (‖Δθ‖ / ‖θ‖ of that step, on logging steps at least ``update_ratio_every_n_steps``
+      optimizer steps apart),
     - ``grad_norm/total_clipped`` when Lightning clips (``gradient_clip_val`` or an
       overridden ``configure_gradient_clipping``; ``AdaptiveGradClip`` logs it itself),
     - ``grad_norm/nonfinite_steps``, the number of steps with a non-finite gradient.
@@ -143,11 +142,13 @@ class GradNormMonitor(Callback):
         norm_type: 2.0 (L2), any positive order, or ``"inf"``.
         log_param_norms: also log ``param_norm/<layer>``.
         log_update_ratio: also log ``update_ratio/<layer>``.
-        update_ratio_every: compute update ratios on every this many logging steps
-            (the first included). They need a temporary copy of the parameters and
-            two more passes over them, the most expensive thing the monitor does:
-            with ``log_every_n_steps=1`` the default 10 keeps the monitor within a
-            few percent of the bare step.
+        update_ratio_every_n_steps: update ratios are computed on logging steps at
+            least this many optimizer steps apart (the first included): every logging
+            step with the Trainer's default interval of 50, every 10th step when
+            logging every step. They need a temporary copy of the parameters and two
+            more passes over them, the most expensive thing the monitor does: with
+            ``log_every_n_steps=1`` the default 10 keeps the monitor within a few
+            percent of the bare step.
         param_norm_every_n_steps: parameter norms move slowly and cost one more pass
             over the weights, so they are computed on logging steps at least this
             many optimizer steps apart: every logging step with the Trainer's
@@ -178,7 +179,7 @@ class GradNormMonitor(Callback):
         norm_type: float | str = 2.0,
         log_param_norms: bool = True,
         log_update_ratio: bool = True,
-        update_ratio_every: int = 10,
+        update_ratio_every_n_steps: int = 10,
         param_norm_every_n_steps: int = 10,
         max_layers_logged: int = 64,
         extreme_layers: int = 3,
@@ -188,55 +189,36 @@ class GradNormMonitor(Callback):
         patience: int = 10,
         warmup_steps: int = 20,
     ) -> None:
-        _positive_int(log_every_n_steps, "log_every_n_steps", allow_none=True)
+        owner = "GradNormMonitor"
+        self.log_every_n_steps = check_int(
+            log_every_n_steps, "log_every_n_steps", owner, low=1, allow_none=True
+        )
         validate_group_by(group_by, depth)
         # Validates include/exclude now rather than at the first training step.
         NormGrouping.from_named_parameters([], group_by, depth, include, exclude)
-        self.depth = depth
-        self.norm_type = parse_norm_type(norm_type)
-        _positive_int(max_layers_logged, "max_layers_logged")
-        if (
-            isinstance(extreme_layers, bool)
-            or not isinstance(extreme_layers, int)
-            or extreme_layers < 0
-        ):
-            raise ValueError(f"extreme_layers={extreme_layers!r} must be a non-negative integer.")
-        _positive_float(vanishing_threshold, "vanishing_threshold")
-        if (
-            isinstance(explosion_factor, bool)
-            or not isinstance(explosion_factor, (int, float))
-            or not explosion_factor > 1
-        ):
-            raise ValueError(
-                f"explosion_factor={explosion_factor!r} must be a number greater than 1."
-            )
-        _positive_int(patience, "patience")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps={warmup_steps!r} must be a non-negative integer.")
-        for name, flag in (
-            ("log_param_norms", log_param_norms),
-            ("log_update_ratio", log_update_ratio),
-            ("detect", detect),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name}={flag!r} must be True or False.")
-        self.log_every_n_steps = log_every_n_steps
-        self.group_by = group_by
+        self.group_by, self.depth = group_by, depth
         self.include = None if include is None else list(include)
         self.exclude = None if exclude is None else list(exclude)
-        self.log_param_norms = log_param_norms
-        self.log_update_ratio = log_update_ratio
-        _positive_int(update_ratio_every, "update_ratio_every")
-        self.update_ratio_every = update_ratio_every
-        _positive_int(param_norm_every_n_steps, "param_norm_every_n_steps")
-        self.param_norm_every_n_steps = param_norm_every_n_steps
-        self.max_layers_logged = max_layers_logged
-        self.extreme_layers = extreme_layers
-        self.detect = detect
-        self.vanishing_threshold = float(vanishing_threshold)
-        self.explosion_factor = float(explosion_factor)
-        self.patience = patience
-        self.warmup_steps = warmup_steps
+        self.norm_type = parse_norm_type(norm_type)
+        self.log_param_norms = check_bool(log_param_norms, "log_param_norms", owner)
+        self.log_update_ratio = check_bool(log_update_ratio, "log_update_ratio", owner)
+        self.update_ratio_every_n_steps = check_int(
+            update_ratio_every_n_steps, "update_ratio_every_n_steps", owner, low=1
+        )
+        self.param_norm_every_n_steps = check_int(
+            param_norm_every_n_steps, "param_norm_every_n_steps", owner, low=1
+        )
+        self.max_layers_logged = check_int(max_layers_logged, "max_layers_logged", owner, low=1)
+        self.extreme_layers = check_int(extreme_layers, "extreme_layers", owner, low=0)
+        self.detect = check_bool(detect, "detect", owner)
+        self.vanishing_threshold = check_number(
+            vanishing_threshold, "vanishing_threshold", owner, low=0, low_open=True
+        )
+        self.explosion_factor = check_number(
+            explosion_factor, "explosion_factor", owner, low=1, low_open=True
+        )
+        self.patience = check_int(patience, "patience", owner, low=1)
+        self.warmup_steps = check_int(warmup_steps, "warmup_steps", owner, low=0)
         self._views: dict[int, _OptimizerView] = {}
         self._loaded_state: dict[str, Any] = {}
         self._hook_handles: list[Any] = []
@@ -259,6 +241,7 @@ class GradNormMonitor(Callback):
             norm_type=self.norm_type,
         )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Detection state per optimizer, as CPU tensors and Python primitives."""
         state: dict[str, Any] = {}
@@ -273,6 +256,7 @@ class GradNormMonitor(Callback):
             }
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; applied when each optimizer is first seen."""
         self._loaded_state = dict(state_dict)
@@ -297,16 +281,16 @@ class GradNormMonitor(Callback):
 
     # ------------------------------------------------------------------ lifecycle
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         run_record(trainer)  # in place before a checkpoint is restored
-        if self.log_every_n_steps is None:
-            self._interval = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
-        else:
-            self._interval = self.log_every_n_steps
-        # Logging steps between two parameter-norm measurements (ceil division).
+        self._interval = log_interval(trainer, self.log_every_n_steps)
+        # Logging steps between two parameter-norm / update-ratio measurements (ceil division).
         self._param_norm_every = -(-self.param_norm_every_n_steps // self._interval)
+        self._ratio_every = -(-self.update_ratio_every_n_steps // self._interval)
 
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._views = {}
         run_record(trainer).thresholds["grad_norm"] = self.vanishing_threshold
         self._clipping_configured = self._detect_clipping(trainer, pl_module)
@@ -315,12 +299,14 @@ class GradNormMonitor(Callback):
             handle = optimizer.register_step_post_hook(self._make_post_step_hook(trainer, index))
             self._hook_handles.append(handle)
 
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for view in self._views.values():
             self._flush(trainer, view)
         self._remove_hooks()
 
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
 
     def _remove_hooks(self) -> None:
@@ -329,27 +315,20 @@ class GradNormMonitor(Callback):
         self._hook_handles = []
 
     @staticmethod
-    def _detect_clipping(trainer: Any, pl_module: Any) -> bool:
-        if getattr(trainer, "gradient_clip_val", None):
-            return True
+    def _detect_clipping(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         # lightning_gradguard's own clippers log grad_norm/total_clipped themselves.
-        method = type(pl_module).configure_gradient_clipping
-        defaults = []
-        for module_name in ("pytorch_lightning", "lightning.pytorch"):
-            try:
-                package = __import__(module_name, fromlist=["LightningModule"])
-                defaults.append(package.LightningModule.configure_gradient_clipping)
-            except ImportError:
-                pass
-        return method not in defaults
+        clip_val = getattr(trainer, "gradient_clip_val", None)
+        return bool(clip_val) or overrides(pl_module, "configure_gradient_clipping")
 
     # ------------------------------------------------------------------ the step
 
-    def _view(self, trainer: Any, pl_module: Any, optimizer: Any) -> tuple[int, _OptimizerView]:
-        index = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
+    def _view(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> tuple[int, _OptimizerView]:
+        index = optimizer_index(trainer, optimizer)
         view = self._views.get(index)
         if view is None:
-            params = [p for group in optimizer.param_groups for p in group["params"]]
+            params = optimizer_parameters(optimizer)
             grouping = NormGrouping.from_named_parameters(
                 pl_module.named_parameters(),
                 self.group_by,
@@ -451,8 +430,11 @@ class GradNormMonitor(Callback):
                 return view.grouping, view.last_norms
         return None
 
+    @override
     @torch.no_grad()
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
         self._optimizers = list(trainer.optimizers)
         _, view = self._view(trainer, pl_module, optimizer)
         if view.pending is not None:  # the previous step was skipped (e.g. by the AMP scaler)
@@ -481,11 +463,11 @@ class GradNormMonitor(Callback):
             pending.update({f"health/{k}": v for k, v in view.health.flags().items()})
         view.pending = pending
         view.step_for_log = int(trainer.global_step)
-        if self.log_update_ratio and log_index % self.update_ratio_every == 0:
+        if self.log_update_ratio and log_index % self._ratio_every == 0:
             view.snapshot = ParameterSnapshot.take(view.grouping)
             view.snapshot_norms = l2_param_norms
 
-    def _make_post_step_hook(self, trainer: Any, index: int) -> Any:
+    def _make_post_step_hook(self, trainer: pl.Trainer, index: int) -> Any:
         def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
             view = self._views.get(index)
             if view is None or view.pending is None:
@@ -506,8 +488,14 @@ class GradNormMonitor(Callback):
 
         return hook
 
+    @override
     def on_train_batch_end(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         # A logging step whose optimizer step did not run (AMP inf skip): log what we have.
         for view in self._views.values():
@@ -516,7 +504,7 @@ class GradNormMonitor(Callback):
 
     # ------------------------------------------------------------------ host side
 
-    def _flush(self, trainer: Any, view: _OptimizerView) -> None:
+    def _flush(self, trainer: pl.Trainer, view: _OptimizerView) -> None:
         pending, view.pending, view.snapshot = view.pending, None, None
         if pending is None or not trainer.is_global_zero:
             return
@@ -585,7 +573,9 @@ class GradNormMonitor(Callback):
             metrics[f"{prefix}/{names[i]}"] = values[i]
         return metrics
 
-    def _warn(self, trainer: Any, view: _OptimizerView, host: dict[str, list[float]]) -> None:
+    def _warn(
+        self, trainer: pl.Trainer, view: _OptimizerView, host: dict[str, list[float]]
+    ) -> None:
         names = view.grouping.names
         vanishing = [
             n

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
+from typing_extensions import override
 
+from lightning_gradguard._checks import check_bool, check_choice, check_int, closest
 from lightning_gradguard._compat import Callback, rank_zero_warn
 from lightning_gradguard.callbacks.adaptive_grad_clip import AdaptiveGradClip
 from lightning_gradguard.callbacks.dead_unit_monitor import RESCUE_MODES, DeadUnitMonitor
@@ -39,17 +40,23 @@ def _build(part: type[Callback], argument: str, options: dict[str, Any] | None) 
 
 def _check_clip(clip: Any) -> None:
     """``clip`` must be a shorthand, a policy object or None; a typo names ``clip``."""
-    if clip is None or isinstance(clip, ClipPolicy):
-        return
-    if isinstance(clip, str) and clip in POLICIES:
+    if clip is None or isinstance(clip, ClipPolicy) or (isinstance(clip, str) and clip in POLICIES):
         return
     choices = sorted(POLICIES)
-    close = difflib.get_close_matches(str(clip), choices, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    hint = closest(clip, choices)
     raise ValueError(
-        f"GradGuard(clip={clip!r}) is not a clipping policy{hint}: use one of {choices}, a "
-        "policy object such as ZClip(z_thresh=3.0), or None for no clipping."
+        f"GradGuard(clip={clip!r}): clip must be one of {choices}, a policy object such as "
+        "ZClip(z_thresh=3.0), or None for no clipping."
+        + (f" Did you mean {hint!r}?" if hint else "")
     )
+
+
+def _check_options(options: Any, argument: str) -> dict[str, Any] | None:
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(
+            f"GradGuard({argument}={options!r}): {argument} must be a dict of keyword arguments."
+        )
+    return options
 
 
 def _refuse_conflicts(
@@ -166,84 +173,58 @@ class GradGuard(Callback):
         spike_recovery: bool = False,
         spike_recovery_args: dict[str, Any] | None = None,
     ) -> None:
-        for name, flag in (
-            ("monitor", monitor),
-            ("skip_nonfinite", skip_nonfinite),
-            ("skip_spikes", skip_spikes),
-            ("dead_units", dead_units),
-            ("report", report),
-            ("spike_recovery", spike_recovery),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"GradGuard({name}={flag!r}) must be True or False.")
-        if rescue not in RESCUE_MODES:
-            close = difflib.get_close_matches(str(rescue), RESCUE_MODES, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(
-                f"GradGuard(rescue={rescue!r}) is not a rescue mode: use one of "
-                f"{list(RESCUE_MODES)}.{hint}"
-            )
-        for name, options in (
-            ("monitor_args", monitor_args),
-            ("clip_args", clip_args),
-            ("dead_unit_args", dead_unit_args),
-            ("report_args", report_args),
-            ("spike_recovery_args", spike_recovery_args),
-        ):
-            if options is not None and not isinstance(options, dict):
-                raise TypeError(
-                    f"GradGuard({name}={options!r}) must be a dict of keyword arguments."
-                )
+        owner = "GradGuard"
+        self.monitor = check_bool(monitor, "monitor", owner)
         _check_clip(clip)
-        _refuse_conflicts(
-            "clip_args",
-            clip_args,
-            {"skip_nonfinite": skip_nonfinite, "skip_spikes": skip_spikes},
-            {"policy": "clip"},
-        )
-        _refuse_conflicts("dead_unit_args", dead_unit_args, {"rescue": rescue}, {})
-        self.monitor = monitor
         self.clip = clip
-        self.skip_nonfinite = skip_nonfinite
-        self.skip_spikes = skip_spikes
-        self.dead_units = dead_units
-        self.rescue = rescue
-        self.report = report
-        self.log_every_n_steps = log_every_n_steps
-        self.monitor_args = monitor_args
-        self.clip_args = clip_args
-        self.dead_unit_args = dead_unit_args
-        self.report_args = report_args
-        self.spike_recovery = spike_recovery
-        self.spike_recovery_args = spike_recovery_args
-        interval = {"log_every_n_steps": log_every_n_steps}
+        self.skip_nonfinite = check_bool(skip_nonfinite, "skip_nonfinite", owner)
+        self.skip_spikes = check_bool(skip_spikes, "skip_spikes", owner)
+        self.dead_units = check_bool(dead_units, "dead_units", owner)
+        self.rescue = check_choice(rescue, "rescue", owner, RESCUE_MODES)
+        self.report = check_bool(report, "report", owner)
+        self.log_every_n_steps = check_int(
+            log_every_n_steps, "log_every_n_steps", owner, low=1, allow_none=True
+        )
+        self.monitor_args = _check_options(monitor_args, "monitor_args")
+        self.clip_args = _check_options(clip_args, "clip_args")
+        self.dead_unit_args = _check_options(dead_unit_args, "dead_unit_args")
+        self.report_args = _check_options(report_args, "report_args")
+        self.spike_recovery = check_bool(spike_recovery, "spike_recovery", owner)
+        self.spike_recovery_args = _check_options(spike_recovery_args, "spike_recovery_args")
+        self._build_parts()
+
+    def _build_parts(self) -> None:
+        """Construct the parts from the arguments; an error names the GradGuard argument."""
+        clip_args, dead_unit_args = self.clip_args, self.dead_unit_args
+        skips = {"skip_nonfinite": self.skip_nonfinite, "skip_spikes": self.skip_spikes}
+        _refuse_conflicts("clip_args", clip_args, skips, {"policy": "clip"})
+        _refuse_conflicts("dead_unit_args", dead_unit_args, {"rescue": self.rescue}, {})
+        interval = {"log_every_n_steps": self.log_every_n_steps}
         self.norm_monitor: GradNormMonitor | None = (
-            _build(GradNormMonitor, "monitor_args", {**interval, **(monitor_args or {})})
-            if monitor
+            _build(GradNormMonitor, "monitor_args", {**interval, **(self.monitor_args or {})})
+            if self.monitor
             else None
         )
         clip_options = {
-            "policy": "none" if clip is None else clip,  # "none": only skips bad steps
-            "skip_nonfinite": skip_nonfinite,
-            "skip_spikes": skip_spikes,
+            "policy": "none" if self.clip is None else self.clip,  # "none": only skips bad steps
+            **skips,
             **interval,
             **(clip_args or {}),
         }
-        wants_clipper = clip is not None or skip_nonfinite or skip_spikes
+        wants_clipper = self.clip is not None or self.skip_nonfinite or self.skip_spikes
         self.clipper: AdaptiveGradClip | None = (
             _build(AdaptiveGradClip, "clip_args", clip_options) if wants_clipper else None
         )
+        unit_options = {"rescue": self.rescue, **(dead_unit_args or {})}
         self.unit_monitor: DeadUnitMonitor | None = (
-            _build(DeadUnitMonitor, "dead_unit_args", {"rescue": rescue, **(dead_unit_args or {})})
-            if dead_units
-            else None
+            _build(DeadUnitMonitor, "dead_unit_args", unit_options) if self.dead_units else None
         )
         self.health_report: HealthReport | None = (
-            _build(HealthReport, "report_args", report_args) if report else None
+            _build(HealthReport, "report_args", self.report_args) if self.report else None
         )
         self.recovery: SpikeRecovery | None = (
-            _build(SpikeRecovery, "spike_recovery_args", spike_recovery_args)
-            if spike_recovery
+            _build(SpikeRecovery, "spike_recovery_args", self.spike_recovery_args)
+            if self.spike_recovery
             else None
         )
         self.gradguard_parts: list[Any] = [
@@ -276,10 +257,12 @@ class GradGuard(Callback):
         """``"GradGuard"``: the settings are in each part's own key, inside the entry."""
         return "GradGuard"
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Each part's state under the part's ``state_key`` (tensors and Python primitives)."""
         return {part.state_key: part.state_dict() for part in self.gradguard_parts}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Give each part the state saved under its own key.
 
@@ -308,7 +291,10 @@ class GradGuard(Callback):
                 f"({', '.join(sorted(saved))}); it is not restored."
             )
 
-    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         """Also read a checkpoint of earlier versions: one entry for all parts, by class name.
 
         Its key named every part's settings; a part whose settings match is restored,

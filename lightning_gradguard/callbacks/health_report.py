@@ -15,11 +15,13 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
+from lightning_gradguard._checks import check_bool, check_int
 from lightning_gradguard._compat import Callback, rank_zero_warn
 from lightning_gradguard.callbacks._parts import flat_callbacks
 from lightning_gradguard.callbacks.adaptive_grad_clip import AdaptiveGradClip
@@ -27,6 +29,10 @@ from lightning_gradguard.callbacks.spike_recovery import SpikeRecovery
 from lightning_gradguard.functional.norms import NormGrouping, local_tensors
 from lightning_gradguard.loggers import tensorboard_writers, to_host, wandb_runs
 from lightning_gradguard.record import EVENT_COLUMNS, Event, RunRecord, run_record
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
 
 __all__ = [
     "ALERT_LEVELS",
@@ -202,40 +208,23 @@ class HealthReport(Callback):
         alerts: bool = True,
         max_alerts_per_hour: int = 5,
     ) -> None:
-        for argument, value in (
-            ("picture_every_n_steps", picture_every_n_steps),
-            ("histogram_every_n_steps", histogram_every_n_steps),
-        ):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise ValueError(f"{argument}={value!r} must be a positive integer or None.")
-        if (
-            isinstance(histogram_bins, bool)
-            or not isinstance(histogram_bins, int)
-            or histogram_bins < 2
-        ):
-            raise ValueError(f"histogram_bins={histogram_bins!r} must be an integer >= 2.")
-        if (
-            isinstance(max_alerts_per_hour, bool)
-            or not isinstance(max_alerts_per_hour, int)
-            or max_alerts_per_hour < 0
-        ):
-            raise ValueError(
-                f"max_alerts_per_hour={max_alerts_per_hour!r} must be an integer >= 0."
-            )
+        owner = "HealthReport"
+        self.picture_every_n_steps = check_int(
+            picture_every_n_steps, "picture_every_n_steps", owner, low=1, allow_none=True
+        )
+        self.histogram_every_n_steps = check_int(
+            histogram_every_n_steps, "histogram_every_n_steps", owner, low=1, allow_none=True
+        )
+        self.histogram_bins = check_int(histogram_bins, "histogram_bins", owner, low=2)
         if out_dir is not None and not isinstance(out_dir, (str, os.PathLike)):
             raise TypeError(
                 f"HealthReport(out_dir={out_dir!r}): out_dir must be a folder path (str) or None."
             )
-        if not isinstance(alerts, bool):
-            raise TypeError(f"HealthReport(alerts={alerts!r}): alerts must be True or False.")
-        self.picture_every_n_steps = picture_every_n_steps
-        self.histogram_every_n_steps = histogram_every_n_steps
-        self.histogram_bins = histogram_bins
         self.out_dir = out_dir
-        self.alerts = alerts
-        self.max_alerts_per_hour = max_alerts_per_hour
+        self.alerts = check_bool(alerts, "alerts", owner)
+        self.max_alerts_per_hour = check_int(
+            max_alerts_per_hour, "max_alerts_per_hour", owner, low=0
+        )
         self.pictures: dict[str, Path] = {}
         self.files: dict[str, Path] = {}
         self._grouping: NormGrouping | None = None
@@ -247,13 +236,15 @@ class HealthReport(Callback):
 
     # ------------------------------------------------------------------ set-up
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":  # a reused report draws and warns for its new run
             self._last_picture_step = -1
             self._warned_no_matplotlib = self._warned_write = False
         run_record(trainer)  # in place before a checkpoint is restored
 
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._limiter = AlertLimiter(self.max_alerts_per_hour if self.alerts else 0)
         # Events restored from a checkpoint were alerted in the run that recorded them.
         _, self._alerted_up_to = run_record(trainer).events_since(0)
@@ -272,7 +263,7 @@ class HealthReport(Callback):
             for prefix in METRIC_PREFIXES:
                 run.define_metric(f"{prefix}/*", step_metric="trainer/global_step")
 
-    def _folder(self, trainer: Any) -> Path:
+    def _folder(self, trainer: pl.Trainer) -> Path:
         if self.out_dir is not None:
             return Path(self.out_dir)
         for logger in getattr(trainer, "loggers", []):
@@ -283,7 +274,7 @@ class HealthReport(Callback):
 
     # ------------------------------------------------------------------ alerts
 
-    def _send_alerts(self, trainer: Any) -> None:
+    def _send_alerts(self, trainer: pl.Trainer) -> None:
         """A W&B alert for each new event of an alert kind, within the hourly budget."""
         record = run_record(trainer)
         events, self._alerted_up_to = record.events_since(self._alerted_up_to)
@@ -309,8 +300,11 @@ class HealthReport(Callback):
 
     # ------------------------------------------------------------------ histograms
 
+    @override
     @torch.no_grad()
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
         every = self.histogram_every_n_steps
         if every is None or int(trainer.global_step) % every or not trainer.is_global_zero:
             return  # only rank zero logs: the others skip the work too
@@ -332,7 +326,7 @@ class HealthReport(Callback):
             host = to_host(rows)  # one transfer for every layer
             self._log_histograms(trainer, host, int(trainer.global_step))
 
-    def _log_histograms(self, trainer: Any, host: dict[str, list[float]], step: int) -> None:
+    def _log_histograms(self, trainer: pl.Trainer, host: dict[str, list[float]], step: int) -> None:
         import numpy as np
 
         for run in wandb_runs(trainer):
@@ -372,8 +366,14 @@ class HealthReport(Callback):
 
     # ------------------------------------------------------------------ pictures
 
+    @override
     def on_train_batch_end(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         self._send_alerts(trainer)
         every = self.picture_every_n_steps
@@ -384,7 +384,8 @@ class HealthReport(Callback):
         if trainer.is_global_zero:
             self._draw_and_log(trainer, step)
 
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._send_alerts(trainer)
         if not trainer.is_global_zero:
             return
@@ -396,7 +397,10 @@ class HealthReport(Callback):
         summary = self._log_summary(trainer)
         self._write_files(trainer, summary)
 
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         """Write the pictures, the events table and the summary so far; the error then goes on.
 
         Nothing here may replace the error that stopped the run: a failure is a warning.
@@ -417,7 +421,7 @@ class HealthReport(Callback):
                 f"{self._folder(trainer)}: {type(error).__name__}: {error}"
             )
 
-    def _series(self, trainer: Any, name: str) -> tuple[list[int], list[str], Any]:
+    def _series(self, trainer: pl.Trainer, name: str) -> tuple[list[int], list[str], Any]:
         """Steps, column names and values of one series of the run record's history.
 
         The values are a ``numpy.ma`` masked array: a value not logged at a step is
@@ -432,7 +436,7 @@ class HealthReport(Callback):
         values = series.values.numpy()
         return series.steps, series.names, np.ma.masked_array(values, mask=~series.logged.numpy())
 
-    def _draw_and_log(self, trainer: Any, step: int, log: bool = True) -> None:
+    def _draw_and_log(self, trainer: pl.Trainer, step: int, log: bool = True) -> None:
         plots = _plots_or_none()
         if plots is None:
             if not self._warned_no_matplotlib:
@@ -497,7 +501,7 @@ class HealthReport(Callback):
                     "Set HealthReport(out_dir=...) to a writable folder."
                 )
 
-    def _log_images(self, trainer: Any, drawn: dict[str, Path], step: int) -> None:
+    def _log_images(self, trainer: pl.Trainer, drawn: dict[str, Path], step: int) -> None:
         if not drawn:
             return
         for run in wandb_runs(trainer):
@@ -519,7 +523,7 @@ class HealthReport(Callback):
 
     # ------------------------------------------------------------------ end of fit
 
-    def _log_events(self, trainer: Any, step: int) -> None:
+    def _log_events(self, trainer: pl.Trainer, step: int) -> None:
         events = [event.row() for event in run_record(trainer).events]
         for run in wandb_runs(trainer):
             import wandb
@@ -535,7 +539,7 @@ class HealthReport(Callback):
             ]
             writer.add_text("gradguard/events", "\n".join(lines), step)
 
-    def summary(self, trainer: Any) -> dict[str, Any]:
+    def summary(self, trainer: pl.Trainer) -> dict[str, Any]:
         """Totals of the whole run (resumed parts included), from the run record.
 
         Skipped steps, swapped / re-initialized layers, recycled units, exact event
@@ -568,7 +572,7 @@ class HealthReport(Callback):
             totals["gradguard/strongest_layers"] = [n for _, n in ranked[-3:][::-1]]
         return totals
 
-    def _log_summary(self, trainer: Any, stopped_by: str | None = None) -> dict[str, Any]:
+    def _log_summary(self, trainer: pl.Trainer, stopped_by: str | None = None) -> dict[str, Any]:
         totals = self.summary(trainer)
         if stopped_by is not None:
             totals["gradguard/stopped_by"] = stopped_by
@@ -577,7 +581,7 @@ class HealthReport(Callback):
                 run.summary[key] = value
         return totals
 
-    def _write_files(self, trainer: Any, summary: dict[str, Any]) -> None:
+    def _write_files(self, trainer: pl.Trainer, summary: dict[str, Any]) -> None:
         """``events.csv`` and ``summary.json`` in the output folder (a failure is a warning)."""
         folder = self._folder(trainer)
         events_path, summary_path = folder / "events.csv", folder / "summary.json"

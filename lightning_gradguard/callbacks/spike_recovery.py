@@ -10,25 +10,32 @@ Example:
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
+from typing_extensions import override
 
+from lightning_gradguard._checks import check_bool, check_choice, check_int, check_number
 from lightning_gradguard._compat import Callback, rank_zero_warn
 from lightning_gradguard.callbacks._parts import flat_callbacks
+from lightning_gradguard.callbacks._trainer import is_deepspeed
 from lightning_gradguard.functional.norms import NormGrouping, grad_norms
+from lightning_gradguard.functional.optimizer_state import optimizer_parameters
 from lightning_gradguard.functional.snapshot import StateSnapshot, _restore_into, live_state
 from lightning_gradguard.functional.spikes import SPIKE_MODES, SPIKE_STATISTICS, RunningSpikeTest
 from lightning_gradguard.loggers import log_to_loggers
 from lightning_gradguard.record import run_record
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
 
 __all__ = [
     "SIGNALS",
@@ -41,28 +48,16 @@ SIGNALS = ("loss", "grad_norm", "nonfinite")
 STORAGES = ("host", "disk")
 
 
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"SpikeRecovery({name}={value!r}) must be an integer >= {low}.")
-
-
-def _check_float(name: str, value: Any, low: float, high: float | None = None) -> None:
-    bad = isinstance(value, bool) or not isinstance(value, (int, float))
-    if bad or not value > low or (high is not None and value > high):
-        span = f"in ({low:g}, {high:g}]" if high is not None else f"> {low:g}"
-        raise ValueError(f"SpikeRecovery({name}={value!r}) must be a number {span}.")
-
-
-def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        close = difflib.get_close_matches(str(value), allowed, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"SpikeRecovery({name}={value!r}) is not allowed: use one of {list(allowed)}.{hint}"
+def _check_signals(signals: Any) -> list[str]:
+    if isinstance(signals, str) or not isinstance(signals, Sequence) or not signals:
+        raise TypeError(
+            f"SpikeRecovery(signals={signals!r}): signals must be a non-empty list of "
+            f"{list(SIGNALS)}."
         )
+    return [check_choice(signal, "signals", "SpikeRecovery", SIGNALS) for signal in signals]
 
 
-def record_rollback(trainer: Any, step: int, detail: str, values: dict[str, float]) -> None:
+def record_rollback(trainer: pl.Trainer, step: int, detail: str, values: dict[str, float]) -> None:
     """Write one rollback to the run record (events table row, alert, picture marker)."""
     run_record(trainer).add("rollback", step, values=values, detail=detail)
 
@@ -187,59 +182,41 @@ class SpikeRecovery(Callback):
         snapshot_dir: str | None = None,
         checkpoint_snapshot: bool = True,
     ) -> None:
-        if isinstance(signals, str) or not isinstance(signals, Sequence) or not signals:
-            raise TypeError(
-                f"SpikeRecovery(signals={signals!r}) must be a non-empty list of {list(SIGNALS)}."
-            )
-        for signal in signals:
-            _choice("signals", signal, SIGNALS)
-        _choice("statistic", statistic, SPIKE_STATISTICS)
-        _choice("mode", mode, SPIKE_MODES)
-        _choice("storage", storage, STORAGES)
-        for name, value, low in (
-            ("every_n_steps", every_n_steps, 1),
-            ("min_age", min_age, 0),
-            ("consecutive", consecutive, 1),
-            ("window", window, 2),
-            ("warmup", warmup, 1),
-            ("cooldown_steps", cooldown_steps, 0),
-            ("max_rollbacks", max_rollbacks, 1),
-            ("max_rollbacks_in_window", max_rollbacks_in_window, 1),
-            ("rollback_window", rollback_window, 1),
-        ):
-            _check_int(name, value, low)
-        for name, bound in (("atol", atol), ("rtol", rtol)):
-            if bound is not None:
-                _check_float(name, bound, 0.0)
-        _check_float("sigma", sigma, 0.0)
-        _check_float("grad_factor", grad_factor, 1.0)
-        _check_float("cooldown_factor", cooldown_factor, 0.0, 1.0)
-        if not isinstance(checkpoint_snapshot, bool):
-            raise TypeError(
-                f"SpikeRecovery(checkpoint_snapshot={checkpoint_snapshot!r}) must be True or False."
-            )
-        self.signals = list(signals)
-        self.every_n_steps = every_n_steps
-        self.min_age = min_age
-        self.consecutive = consecutive
-        self.statistic = statistic
-        self.mode = mode
-        self.window = window
-        self.warmup = warmup
-        self.atol = atol
-        self.rtol = rtol
-        self.sigma = sigma
-        self.grad_factor = float(grad_factor)
-        self.cooldown_steps = cooldown_steps
-        self.cooldown_factor = float(cooldown_factor)
-        self.max_rollbacks = max_rollbacks
-        self.max_rollbacks_in_window = max_rollbacks_in_window
-        self.rollback_window = rollback_window
-        self.storage = storage
+        owner = "SpikeRecovery"
+        self.signals = _check_signals(signals)
+        self.statistic = check_choice(statistic, "statistic", owner, SPIKE_STATISTICS)
+        self.mode = check_choice(mode, "mode", owner, SPIKE_MODES)
+        self.storage = check_choice(storage, "storage", owner, STORAGES)
+        self.every_n_steps = check_int(every_n_steps, "every_n_steps", owner, low=1)
+        self.min_age = check_int(min_age, "min_age", owner, low=0)
+        self.consecutive = check_int(consecutive, "consecutive", owner, low=1)
+        self.window = check_int(window, "window", owner, low=2)
+        self.warmup = check_int(warmup, "warmup", owner, low=1)
+        self.atol = check_number(atol, "atol", owner, low=0, low_open=True, allow_none=True)
+        self.rtol = check_number(rtol, "rtol", owner, low=0, low_open=True, allow_none=True)
+        self.sigma = check_number(sigma, "sigma", owner, low=0, low_open=True)
+        self.grad_factor = check_number(grad_factor, "grad_factor", owner, low=1, low_open=True)
+        self.cooldown_steps = check_int(cooldown_steps, "cooldown_steps", owner, low=0)
+        self.cooldown_factor = check_number(
+            cooldown_factor, "cooldown_factor", owner, low=0, high=1, low_open=True
+        )
+        self.max_rollbacks = check_int(max_rollbacks, "max_rollbacks", owner, low=1)
+        self.max_rollbacks_in_window = check_int(
+            max_rollbacks_in_window, "max_rollbacks_in_window", owner, low=1
+        )
+        self.rollback_window = check_int(rollback_window, "rollback_window", owner, low=1)
         self.snapshot_dir = snapshot_dir
-        self.checkpoint_snapshot = checkpoint_snapshot
-        self._loss_test = RunningSpikeTest(statistic, mode, window, warmup, atol, rtol, sigma)
-        self._norm_test = RunningSpikeTest("ratio", "min", window, warmup, None, grad_factor - 1)
+        self.checkpoint_snapshot = check_bool(checkpoint_snapshot, "checkpoint_snapshot", owner)
+        self._loss_test = RunningSpikeTest(
+            statistic, mode, window, warmup, self.atol, self.rtol, self.sigma
+        )
+        self._norm_test = RunningSpikeTest(
+            "ratio", "min", window, warmup, None, self.grad_factor - 1
+        )
+        self._reset_run_state()
+
+    def _reset_run_state(self) -> None:
+        """The state of a run (snapshots, streaks, hooks), empty."""
         self.rollbacks: list[dict[str, Any]] = []
         self._snapshots: list[Any] = []
         self._taken_at: list[int] = []  # the global step each snapshot's age counts from
@@ -272,6 +249,7 @@ class SpikeRecovery(Callback):
         """Batches whose updates were rolled back (and not replayed)."""
         return sum(len(r["batches"]) for r in self.rollbacks)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Detection statistics, rollbacks and (host storage) the snapshots: plain values."""
         snapshots = []
@@ -291,6 +269,7 @@ class SpikeRecovery(Callback):
             "taken_at": list(self._taken_at) if snapshots else [],
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output."""
         self._loss_test.load_state_dict(state_dict.get("loss_test", {}))
@@ -303,7 +282,8 @@ class SpikeRecovery(Callback):
 
     # ------------------------------------------------------------------ lifecycle
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         run_record(trainer)  # in place before a checkpoint is restored
@@ -314,8 +294,7 @@ class SpikeRecovery(Callback):
                 "training_step: lightning_gradguard.functional.StateSnapshot (take/restore) and "
                 "RunningSpikeTest (is_spike/record)."
             )
-        strategy = type(trainer.strategy).__name__
-        if "DeepSpeed" in strategy:
+        if is_deepspeed(trainer):
             raise RuntimeError(
                 "SpikeRecovery does not support DeepSpeed (DeepSpeed owns the optimizer state); "
                 "use DDP or ModelParallelStrategy (FSDP2)."
@@ -333,7 +312,7 @@ class SpikeRecovery(Callback):
         if self.consecutive > 1 and "save_checkpoint" not in vars(trainer):
             self._defer_checkpoints(trainer)
 
-    def _defer_checkpoints(self, trainer: Any) -> None:
+    def _defer_checkpoints(self, trainer: pl.Trainer) -> None:
         """A checkpoint due while a spike streak is open is written once it is decided."""
         original = trainer.save_checkpoint
 
@@ -343,14 +322,15 @@ class SpikeRecovery(Callback):
                 return
             original(*args, **kwargs)
 
-        trainer.save_checkpoint = save_checkpoint
+        trainer.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
 
-    def _flush_deferred(self, trainer: Any) -> None:
+    def _flush_deferred(self, trainer: pl.Trainer) -> None:
         deferred, self._deferred = self._deferred, []
         for args, kwargs in deferred:
             trainer.save_checkpoint(*args, **kwargs)
 
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for optimizer in trainer.optimizers:
             self._hooks.append(optimizer.register_step_post_hook(self._after_step))
         loaded, self._loaded = self._loaded, None
@@ -364,11 +344,13 @@ class SpikeRecovery(Callback):
         elif not self._snapshots:
             self._take(trainer, pl_module)  # the starting state is the first good one
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._streak = []
         self._flush_deferred(trainer)
 
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
@@ -377,8 +359,11 @@ class SpikeRecovery(Callback):
 
     # ------------------------------------------------------------------ detection
 
+    @override
     @torch.no_grad()
-    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
+    ) -> None:
         value = loss.detach().to(torch.float64)
         scaler = getattr(trainer.strategy.precision_plugin, "scaler", None)
         scale = getattr(scaler, "_scale", None)
@@ -434,8 +419,11 @@ class SpikeRecovery(Callback):
         if total is not None:
             self._norm_test.record(total, keep.to(total.device))
 
+    @override
     @torch.no_grad()
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
         if self._cooldown_left > 0 and self._saved_lrs is None:
             self._start_cooldown_step(trainer)
         if self._via_clipper or optimizer is not trainer.optimizers[0]:
@@ -453,13 +441,15 @@ class SpikeRecovery(Callback):
     def _clip_level(self) -> Tensor | None:
         return None if self._clipper is None else self._clipper.typical_norm(0)
 
-    def _total_norm(self, trainer: Any, pl_module: Any, optimizer: Any) -> Tensor:
+    def _total_norm(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> Tensor:
         if self._monitor is not None:
             found = self._monitor.norms_for(optimizer)
             if found is not None:
                 return found[1].total
         if self._grouping is None:
-            params = [p for group in optimizer.param_groups for p in group["params"]]
+            params = optimizer_parameters(optimizer)
             self._grouping = NormGrouping.from_named_parameters(
                 pl_module.named_parameters(), lambda name: "all", only=params
             )
@@ -467,7 +457,7 @@ class SpikeRecovery(Callback):
 
     # ------------------------------------------------------------------ cool-down
 
-    def _start_cooldown_step(self, trainer: Any) -> None:
+    def _start_cooldown_step(self, trainer: pl.Trainer) -> None:
         done = self.cooldown_steps - self._cooldown_left
         factor = self.cooldown_factor + (1.0 - self.cooldown_factor) * done / self.cooldown_steps
         self._saved_lrs = []
@@ -476,7 +466,7 @@ class SpikeRecovery(Callback):
             for group in optimizer.param_groups:
                 group["lr"] = group["lr"] * factor
 
-    def _end_cooldown_step(self, trainer: Any) -> None:
+    def _end_cooldown_step(self, trainer: pl.Trainer) -> None:
         if self._saved_lrs is None:
             return
         for optimizer, lrs in zip(trainer.optimizers, self._saved_lrs):
@@ -492,14 +482,21 @@ class SpikeRecovery(Callback):
 
     # ------------------------------------------------------------------ after the step
 
+    @override
     def on_train_batch_start(
-        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._batches.append([int(trainer.global_step), int(trainer.current_epoch), batch_idx])
 
+    @override
     @torch.no_grad()
     def on_train_batch_end(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         self._end_cooldown_step(trainer)  # the step was skipped: the post-step hook did not run
         if not self._stepped:
@@ -513,7 +510,7 @@ class SpikeRecovery(Callback):
         if not self._streak:
             self._flush_deferred(trainer)
 
-    def _snapshot_due(self, trainer: Any) -> bool:
+    def _snapshot_due(self, trainer: pl.Trainer) -> bool:
         if not self._snapshots:
             return True
         step = int(trainer.global_step)
@@ -523,7 +520,7 @@ class SpikeRecovery(Callback):
 
     # ------------------------------------------------------------------ snapshots
 
-    def _new_snapshot(self, trainer: Any, slot: int) -> Any:
+    def _new_snapshot(self, trainer: pl.Trainer, slot: int) -> Any:
         if self.storage == "host":
             return StateSnapshot()
         default = os.path.join(trainer.default_root_dir, "spike_snapshots")
@@ -533,7 +530,7 @@ class SpikeRecovery(Callback):
         snapshot._io = trainer.strategy.checkpoint_io
         return snapshot
 
-    def _take(self, trainer: Any, pl_module: Any) -> None:
+    def _take(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = int(trainer.global_step)
         slots = 1 if self.min_age == 0 else 2
         if len(self._snapshots) < slots:
@@ -561,7 +558,7 @@ class SpikeRecovery(Callback):
             )
             log_to_loggers(trainer, {"spike/snapshot_mb": megabytes}, step=step)
 
-    def _part_states(self, trainer: Any) -> dict[str, Any]:
+    def _part_states(self, trainer: pl.Trainer) -> dict[str, Any]:
         """Small device copies of the parts' statistics and the GradScaler's state."""
         extra: dict[str, Any] = {}
         scaler = getattr(trainer.strategy.precision_plugin, "scaler", None)
@@ -573,7 +570,7 @@ class SpikeRecovery(Callback):
             extra.update(self._monitor.detection_snapshot())
         return extra
 
-    def _restore_parts(self, trainer: Any, extra: dict[str, Any]) -> None:
+    def _restore_parts(self, trainer: pl.Trainer, extra: dict[str, Any]) -> None:
         scaler = getattr(trainer.strategy.precision_plugin, "scaler", None)
         if scaler is not None and "scaler" in extra:
             scaler.load_state_dict(copy.deepcopy(extra["scaler"]))
@@ -590,7 +587,9 @@ class SpikeRecovery(Callback):
                 return position
         return 0
 
-    def _rollback(self, trainer: Any, pl_module: Any, signals: list[str]) -> None:
+    def _rollback(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, signals: list[str]
+    ) -> None:
         step = int(trainer.global_step)
         if not self._snapshots or not self._snapshots[0].taken:
             rank_zero_warn(f"SpikeRecovery: a spike at step {step - 1} but no snapshot yet.")

@@ -41,11 +41,10 @@ from lightning_gradguard.functional.clipping import (
 from lightning_gradguard.functional.health import GradientHealth
 from lightning_gradguard.functional.init import (
     InitReport,
-    LSUVReport,
     consumer_nonlinearities,
     init_,
-    lsuv_,
 )
+from lightning_gradguard.functional.lsuv import LSUVReport, lsuv_
 from lightning_gradguard.functional.norms import (
     GroupedNorms,
     NormGrouping,
@@ -53,6 +52,7 @@ from lightning_gradguard.functional.norms import (
     grad_norms,
     param_norms,
 )
+from lightning_gradguard.functional.optimizer_state import reset_optimizer_state_
 from lightning_gradguard.functional.policies import (
     AGC,
     AutoClip,
@@ -138,6 +138,7 @@ __all__ = [
     "recycle_units_",
     "register_activation",
     "register_layer",
+    "reset_optimizer_state_",
     "shrink_perturb_",
     "swap_activations",
     "swap_functional_relu",

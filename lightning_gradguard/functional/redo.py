@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from lightning_gradguard.functional.activity import ActivityTracker, UnitStats
 from lightning_gradguard.functional.init import WEIGHT_LAYERS, _activation_of, init_weight_
+from lightning_gradguard.functional.optimizer_state import reset_optimizer_state_
 from lightning_gradguard.functional.pairs import (
     PairInference,
     PairTracer,
@@ -102,20 +103,6 @@ def _refuse_dtensors(layers: Sequence[Layer]) -> None:
         )
 
 
-def _reset_optimizer_entries(
-    optimizer: torch.optim.Optimizer | None, parameter: Tensor, index: tuple[Any, ...]
-) -> None:
-    if optimizer is None:
-        return
-    state = optimizer.state.get(parameter)
-    if not state:
-        return
-    for key, value in state.items():
-        if key == "step" or not isinstance(value, Tensor) or value.shape != parameter.shape:
-            continue
-        value[index] = 0.0  # exp_avg, exp_avg_sq, max_exp_avg_sq, momentum_buffer, ...
-
-
 def _zero_grad_entries(parameter: Tensor, index: tuple[Any, ...]) -> None:
     """Drop gradients already accumulated for recycled entries (mid-accumulation recycling)."""
     if parameter.grad is not None:
@@ -139,7 +126,7 @@ def _reset_norm_units(
         tensor = getattr(norm, name, None)
         if isinstance(tensor, Tensor):
             tensor[mask] = value
-            _reset_optimizer_entries(optimizer, tensor, (mask,))
+            reset_optimizer_state_(optimizer, tensor, (mask,))
 
 
 @torch.no_grad()
@@ -162,9 +149,8 @@ def recycle_units_(
     running mean 0, variance 1; weight 1, bias 0); and the optimizer state of
     exactly those entries zeroed (SGD ``momentum_buffer``, Adam/AdamW
     ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), as are any gradients
-    already accumulated for them. Adam's ``step`` is per tensor and is left as it
-    is: the fresh entries restart from zero moments with the tensor's bias
-    correction.
+    already accumulated for them. Adam's ``step`` is per tensor and is kept (the
+    rule and its reason: :func:`~lightning_gradguard.functional.reset_optimizer_state_`).
 
     The draw is the same as ``scheme`` on an empty ``[units, inputs, ...]`` weight
     with ``generator``: identical on every rank given the same seed.
@@ -210,15 +196,15 @@ def recycle_units_(
     init_weight_(fresh, scheme, nonlinearity, slope, generator=generator)
     rows[mask] = fresh[mask]
     incoming = _unit_index(producer.unit_dim, mask)
-    _reset_optimizer_entries(optimizer, produced, incoming)
+    reset_optimizer_state_(optimizer, produced, incoming)
     _zero_grad_entries(produced, incoming)
     if producer.bias is not None:
         producer.bias[mask] = 0.0
-        _reset_optimizer_entries(optimizer, producer.bias, (mask,))
+        reset_optimizer_state_(optimizer, producer.bias, (mask,))
         _zero_grad_entries(producer.bias, (mask,))
     outgoing = _unit_index(1 - consumer.unit_dim, mask)
     consumed[outgoing] = 0.0
-    _reset_optimizer_entries(optimizer, consumed, outgoing)
+    reset_optimizer_state_(optimizer, consumed, outgoing)
     _zero_grad_entries(consumed, outgoing)
     for norm_name in pair.norms:
         _reset_norm_units(modules[norm_name], mask, units, optimizer)

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_gradguard.functional.optimizer_state import optimizer_parameters
+
 __all__ = [
     "StateSnapshot",
     "live_state",
@@ -56,9 +58,8 @@ def live_state(module: nn.Module, optimizers: Sequence[Any]) -> Iterator[tuple[s
         for name, buffer in module.named_buffers():
             yield f"buffer/{name}", local_tensor(buffer)
         for index, optimizer in enumerate(optimizers):
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            for position, param in enumerate(params):
-                for key, value in optimizer.state.get(param, {}).items():
+            for position, weight in enumerate(optimizer_parameters(optimizer)):
+                for key, value in optimizer.state.get(weight, {}).items():
                     if isinstance(value, Tensor):
                         yield f"opt{index}/{position}/{key}", local_tensor(value)
 
@@ -67,7 +68,7 @@ def _optimizer_scalars(optimizers: Sequence[Any]) -> dict[str, Any]:
     """Optimizer state entries that are not tensors (plain Python values)."""
     scalars: dict[str, Any] = {}
     for index, optimizer in enumerate(optimizers):
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        params = optimizer_parameters(optimizer)
         for position, param in enumerate(params):
             for key, value in optimizer.state.get(param, {}).items():
                 if not isinstance(value, Tensor):
@@ -180,7 +181,7 @@ def _restore_into(
             )
         live.copy_(saved, non_blocking=live.is_cuda)
     for index, optimizer in enumerate(optimizers):
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        params = optimizer_parameters(optimizer)
         for position, param in enumerate(params):
             prefix = f"opt{index}/{position}/"
             state = optimizer.state.get(param)

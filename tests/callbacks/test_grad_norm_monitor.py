@@ -68,7 +68,9 @@ def test_update_ratio_matches_sgd_update() -> None:
             params.append(module_param_norms(m)),
         ),
     )
-    logger = _fit(model, GradNormMonitor(log_every_n_steps=2, update_ratio_every=1), max_steps=6)
+    logger = _fit(
+        model, GradNormMonitor(log_every_n_steps=2, update_ratio_every_n_steps=1), max_steps=6
+    )
     logged_steps = sorted(
         {s for s, m in logger.calls if any(k.startswith("update_ratio/") for k in m)}
     )
@@ -80,7 +82,7 @@ def test_update_ratio_matches_sgd_update() -> None:
             assert logged[f"update_ratio/{layer}"] == pytest.approx(expected, rel=1e-4)
 
 
-def test_update_ratios_every_tenth_logging_step_by_default() -> None:
+def test_update_ratios_every_tenth_step_by_default() -> None:
     logger = _fit(TinyMLP(), GradNormMonitor(log_every_n_steps=1), max_steps=21)
     steps = sorted({s for s, m in logger.calls if "update_ratio/net.0" in m})
     assert steps == [0, 10, 20]
@@ -92,11 +94,18 @@ def test_update_ratios_every_tenth_logging_step_by_default() -> None:
     ("log_every", "param_every", "expected"),
     [(1, 1, list(range(9))), (1, 4, [0, 4, 8]), (3, 4, [0, 6]), (3, 2, [0, 3, 6]), (4, 10, [0])],
 )
-def test_param_norm_cadence(log_every: int, param_every: int, expected: list[int]) -> None:
-    # Every ceil(param_every / log_every)-th logging step.
-    monitor = GradNormMonitor(log_every_n_steps=log_every, param_norm_every_n_steps=param_every)
+def test_param_norm_and_update_ratio_cadence(
+    log_every: int, param_every: int, expected: list[int]
+) -> None:
+    # Both *_every_n_steps count optimizer steps: every ceil(n / log_every)-th logging step.
+    monitor = GradNormMonitor(
+        log_every_n_steps=log_every,
+        param_norm_every_n_steps=param_every,
+        update_ratio_every_n_steps=param_every,
+    )
     logger = _fit(TinyMLP(), monitor, max_steps=9)
     assert sorted({s for s, m in logger.calls if "param_norm/net.0" in m}) == expected
+    assert sorted({s for s, m in logger.calls if "update_ratio/net.0" in m}) == expected
 
 
 def test_interval_defaults_to_trainer_log_every_n_steps() -> None:

@@ -237,7 +237,7 @@ def test_parts_can_be_switched_off_and_configured() -> None:
         ({"clp": "norm"}, r"unexpected argument 'clp': did you mean 'clip'\?"),
         (
             {"clip": "zclp"},
-            r"GradGuard\(clip='zclp'\) is not a clipping policy \(did you mean 'zclip'\?\)",
+            r"GradGuard\(clip='zclp'\): clip must be one of .*Did you mean 'zclip'\?",
         ),
         ({"rescue": "treshold"}, r"rescue='treshold'.*Did you mean 'threshold'\?"),
         (
@@ -247,10 +247,11 @@ def test_parts_can_be_switched_off_and_configured() -> None:
         ),
         (
             {"monitor_args": {"patience": 0}},
-            r"GradGuard\(monitor_args=\.\.\.\): patience=0 must be a positive integer",
+            r"GradGuard\(monitor_args=\.\.\.\): GradNormMonitor\(patience=0\): patience must be "
+            r"an integer >= 1",
         ),
         ({"dead_unit_args": ["window", 3]}, r"dead_unit_args=.* must be a dict"),
-        ({"report": "yes"}, r"report='yes'\) must be True or False"),
+        ({"report": "yes"}, r"GradGuard\(report='yes'\): report must be True or False"),
     ],
 )
 def test_bad_arguments_say_how_to_fix_them(kwargs: dict[str, Any], message: str) -> None:

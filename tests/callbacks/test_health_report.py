@@ -40,7 +40,9 @@ class _Troubled(TinyMLP):
 
 def _callbacks(**report: Any) -> list[pl.Callback]:
     return [
-        GradNormMonitor(log_every_n_steps=1, update_ratio_every=1, param_norm_every_n_steps=1),
+        GradNormMonitor(
+            log_every_n_steps=1, update_ratio_every_n_steps=1, param_norm_every_n_steps=1
+        ),
         AdaptiveGradClip(policy="norm", log_every_n_steps=1),
         DeadUnitMonitor(every_n_steps=4, window=2, rescue="threshold"),
         HealthReport(picture_every_n_steps=4, histogram_every_n_steps=2, **report),

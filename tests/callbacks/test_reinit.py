@@ -228,7 +228,7 @@ def test_init_at_start_equals_torch_init_with_the_seeded_generator(
 
 
 def test_init_at_start_validates_its_arguments_early() -> None:
-    with pytest.raises(ValueError, match="scheme='he' is not an init scheme"):
+    with pytest.raises(ValueError, match=r"InitAtStart\(scheme='he'\): scheme must be one of"):
         InitAtStart("he")
     with pytest.raises(ValueError, match="n_layers=None"):
         InitAtStart("normal", residual_projections=["*.c_proj"])
@@ -550,6 +550,7 @@ def test_layer_reinit_reinitializes_vanishing_layers_once() -> None:
         before.params, [(name, "sigmoid") for name in vanished], patience, SEED
     )
     _assert_same(after.params, expected)
+    assert set(after.state) == set(before.state) == {n for n, _ in model.named_parameters()}
     for name, state in after.state.items():
         layer = name.rsplit(".", 1)[0]
         if layer in vanished:  # moments and Adam's step back to zero
@@ -580,6 +581,7 @@ def test_layer_reinit_on_a_schedule_without_a_monitor() -> None:
     # net.0 feeds a ReLU (He gain), net.4 is the output (linear gain)
     expected = _expected_reinit(before.params, [("net.0", "relu"), ("net.4", "linear")], 2, SEED)
     _assert_same(after.params, expected)
+    assert set(after.state) == set(before.state) == {n for n, _ in model.named_parameters()}
     for name, state in after.state.items():
         if name.startswith(("net.0.", "net.4.")):
             assert all(torch.count_nonzero(v) == 0 for v in state.values()), name

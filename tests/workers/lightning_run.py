@@ -70,10 +70,12 @@ def main(mode: str, out_dir: Path) -> None:
         max_steps=h.STEPS,
         logger=logger,
         callbacks=[
-            GradNormMonitor(log_every_n_steps=1, update_ratio_every=1, param_norm_every_n_steps=1),
+            GradNormMonitor(
+                log_every_n_steps=1, update_ratio_every_n_steps=1, param_norm_every_n_steps=1
+            ),
             GradNormMonitor(
                 log_every_n_steps=1,
-                update_ratio_every=1,
+                update_ratio_every_n_steps=1,
                 param_norm_every_n_steps=1,
                 group_by="parameter",
                 norm_type="inf",

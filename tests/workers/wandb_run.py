@@ -111,7 +111,9 @@ def main(out_dir: Path) -> None:
         logger=logger,
         callbacks=[
             Corrupter(),
-            GradNormMonitor(log_every_n_steps=1, update_ratio_every=1, param_norm_every_n_steps=1),
+            GradNormMonitor(
+                log_every_n_steps=1, update_ratio_every_n_steps=1, param_norm_every_n_steps=1
+            ),
             clipper,
             DeadUnitMonitor(every_n_steps=4, window=2, rescue="threshold"),
             HealthReport(
