@@ -9,6 +9,7 @@ metric per call; this costs one copy.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -94,8 +95,23 @@ def record_event(
 # --------------------------------------------------------------------------- logger kinds
 
 
+@functools.cache
+def _logger_classes(name: str) -> tuple[type, ...]:
+    """``name`` from the loggers of both Lightning packages (the unified one is optional)."""
+    import pytorch_lightning.loggers as pl_loggers
+
+    classes: list[type] = [getattr(pl_loggers, name)]
+    try:
+        import lightning.pytorch.loggers as lp_loggers
+
+        classes.append(getattr(lp_loggers, name))
+    except ImportError:  # pragma: no cover - depends on the environment
+        pass
+    return tuple(classes)
+
+
 def _is_logger(logger: Any, class_name: str) -> bool:
-    return any(cls.__name__ == class_name for cls in type(logger).__mro__)
+    return isinstance(logger, _logger_classes(class_name))
 
 
 def wandb_runs(trainer: Any) -> list[Any]:

@@ -31,6 +31,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_gradguard._compat import rank_zero_warn
+from lightning_gradguard.callbacks._trainer import optimizer_index
+from lightning_gradguard.functional.optimizer_state import optimizer_parameters
 from lightning_gradguard.functional.policies import ClipPolicy, clip_with_policy_, make_policy
 
 __all__ = [
@@ -99,9 +101,7 @@ class GradGuardMixin:
 
     def _gradguard_index(self, optimizer: Any) -> int:
         trainer = self._gradguard_trainer()
-        optimizers = list(getattr(trainer, "optimizers", []) or [])
-        raw = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps the optimizer
-        return next((i for i, opt in enumerate(optimizers) if opt is raw), 0)
+        return 0 if trainer is None else optimizer_index(trainer, optimizer)
 
     def configure_gradient_clipping(
         self,
@@ -123,8 +123,7 @@ class GradGuardMixin:
                 f"GradGuardMixin clips with {policy!r}; Trainer(gradient_clip_val="
                 f"{gradient_clip_val}) is ignored. Remove it to silence this warning."
             )
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        clip_with_policy_(policy, params)
+        clip_with_policy_(policy, optimizer_parameters(raw))
 
     def clip_gradients_unscaled(self, optimizer: Any) -> tuple[Tensor, Tensor, Tensor]:
         """Manual optimization: clip ``optimizer``'s gradients with ``gradguard_clip``.
@@ -151,5 +150,4 @@ class GradGuardMixin:
         plugin = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
         scaler = getattr(plugin, "scaler", None)
         scale = getattr(scaler, "_scale", None) if scaler is not None else None
-        params = [p for group in raw.param_groups for p in group["params"]]
-        return clip_with_policy_(policy, params, grad_scale=scale)
+        return clip_with_policy_(policy, optimizer_parameters(raw), grad_scale=scale)

@@ -82,11 +82,16 @@ def is_lightning_module(model: nn.Module) -> bool:
         >>> is_lightning_module(nn.Linear(2, 2))
         False
     """
-    return any(
-        cls.__name__ == "LightningModule"
-        and cls.__module__.split(".")[0] in ("pytorch_lightning", "lightning")
-        for cls in type(model).__mro__
-    )
+    import pytorch_lightning as pl
+
+    classes: list[type] = [pl.LightningModule]
+    try:  # the unified ``lightning`` package is optional
+        import lightning.pytorch as lp
+
+        classes.append(lp.LightningModule)
+    except ImportError:  # pragma: no cover - depends on the environment
+        pass
+    return isinstance(model, tuple(classes))
 
 
 def private_copy(model: nn.Module) -> nn.Module:

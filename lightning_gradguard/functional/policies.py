@@ -353,7 +353,7 @@ class AGC(DirectClipper):
     """Unit-wise adaptive gradient clipping (Brock et al., 2021); see :func:`agc_`.
 
     ``prepare`` measures the unit norms of weights and gradients
-    (:func:`~lightning_gradguard.functional.agc_plan`); on unsharded gradients that
+    (:func:`~lightning_gradguard.functional.clipping.agc_plan`); on unsharded gradients that
     also gives the global gradient norm, so the callback makes no second pass.
 
     Args:
