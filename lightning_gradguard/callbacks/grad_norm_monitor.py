@@ -461,9 +461,9 @@ class GradNormMonitor(Callback):
         if view.replicated:
             norms = _agree_on_nonfinite(norms)
         view.last_norms = norms
-        if self.detect:
-            view.health.update(norms)
         logging_step = view.steps_seen % self._interval == 0
+        if self.detect:  # read on logging steps: other steps only store their norms
+            view.health.update(norms, defer=not logging_step)
         view.steps_seen += 1
         if not logging_step:
             return
