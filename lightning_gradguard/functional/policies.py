@@ -708,7 +708,10 @@ class GuardClip(ClipPolicy):
     The weight norm is computed from the same parameters as the gradient norm
     (one fused pass, reduced across ranks for sharded parameters), per group
     when clipping per layer. Without parameters (:meth:`threshold` alone) only
-    the spike rule applies.
+    the spike rule applies. The weights move slowly (a step changes their norm
+    by about the update ratio, 1e-3 or less), and their pass costs as much as the
+    gradients' own: :meth:`decide` measures them on the first step and every
+    ``weight_every_n_steps`` steps, and reuses that norm in between.
 
     Args:
         spike_ratio: how far above the median of the recent norms a norm is a spike.
@@ -717,6 +720,8 @@ class GuardClip(ClipPolicy):
         cut_ratio: a norm above the weight bound is clipped to this fraction of the
             weight norm...
         min_cut: ...but to no less than this (so zero-initialized weights still move).
+        weight_every_n_steps: measure the weight norm every this many :meth:`decide`
+            calls (1: every step).
 
     Example:
         >>> policy = GuardClip(window=8)
@@ -732,9 +737,11 @@ class GuardClip(ClipPolicy):
     """
 
     name = "guard"
-    _state_names = ("history", "position")
+    _state_names = ("history", "position", "weight_norm")
     history: Tensor | None = None
     position: Tensor
+    weight_norm: Tensor | None = None  # the last measured weight norm(s), reused in between
+    _weight_calls = 0  # decide() calls so far: the weights are measured when it is due
 
     def __init__(
         self,
@@ -743,6 +750,7 @@ class GuardClip(ClipPolicy):
         weight_ratio: float = 1.0,
         cut_ratio: float = 0.01,
         min_cut: float = 1.0,
+        weight_every_n_steps: int = 10,
     ) -> None:
         self.spike_ratio = _check_positive(spike_ratio, "spike_ratio", "GuardClip")
         if self.spike_ratio <= 1:
@@ -754,6 +762,9 @@ class GuardClip(ClipPolicy):
         self.weight_ratio = _check_positive(weight_ratio, "weight_ratio", "GuardClip")
         self.cut_ratio = _check_positive(cut_ratio, "cut_ratio", "GuardClip")
         self.min_cut = _check_positive(min_cut, "min_cut", "GuardClip")
+        self.weight_every_n_steps = _check_count(
+            weight_every_n_steps, "weight_every_n_steps", "GuardClip"
+        )
 
     def weight_norms(
         self, parameters: Sequence[Tensor], norm: Tensor, group_index: Tensor | None = None
@@ -773,6 +784,33 @@ class GuardClip(ClipPolicy):
             group_index = torch.zeros(len(weights), dtype=torch.long)
         norms = grouped_norms(weights, group_index, groups)
         return (norms.groups if norm.dim() else norms.total).to(norm.device)
+
+    def _weights_for(
+        self, parameters: Sequence[Tensor], norm: Tensor, group_index: Tensor | None
+    ) -> Tensor | None:
+        """The weight norm(s) for this step: measured when due, else the last measured."""
+        due = self._weight_calls % self.weight_every_n_steps == 0
+        self._weight_calls += 1
+        cached = self.weight_norm
+        if due or cached is None or cached.shape != norm.shape:
+            self.weight_norm = cached = self.weight_norms(parameters, norm, group_index)
+        elif cached.device != norm.device:
+            self.weight_norm = cached = cached.to(norm.device)
+        return cached
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state as CPU tensors; with a measured weight norm, the steps decided so far."""
+        state = super().state_dict()
+        if self.weight_norm is not None:
+            state["weight_calls"] = torch.tensor(self._weight_calls)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; moved to the device at the next step."""
+        super().load_state_dict(state)
+        self._weight_calls = int(state.get("weight_calls", 0))  # on load, not on a step
+        if "weight_norm" not in state:  # an older checkpoint: measure at the next step
+            self.weight_norm = None
 
     def threshold(self, norm: Tensor, weight_norm: Tensor | None = None) -> Tensor:
         """The threshold for ``norm`` (see the class); records the norm. Device ops only.
@@ -826,7 +864,7 @@ class GuardClip(ClipPolicy):
         group_index: Tensor | None = None,
         prepared: Any = None,
     ) -> ClipDecision:
-        threshold = self.threshold(norm, self.weight_norms(parameters, norm, group_index))
+        threshold = self.threshold(norm, self._weights_for(parameters, norm, group_index))
         coef = clip_coefficients(threshold, norm)
         return ClipDecision(
             threshold,
@@ -842,6 +880,7 @@ class GuardClip(ClipPolicy):
             "weight_ratio": self.weight_ratio,
             "cut_ratio": self.cut_ratio,
             "min_cut": self.min_cut,
+            "weight_every_n_steps": self.weight_every_n_steps,
         }
 
 
