@@ -84,6 +84,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="step time: wall time (default) or the training thread's CPU time,\n"
+        "less sensitive to other jobs on a shared machine (use with --threads 1)",
+    )
+    p.add_argument(
         "--optimizer", choices=("sgd", "adamw"), default="sgd", help="default sgd (momentum 0.9)"
     )
     p.add_argument(
@@ -170,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pytorch_lightning": pl.__version__,
         "cpu_count": os.cpu_count(),
         "threads": args.threads,
+        "clock": args.clock,
         "optimizer": args.optimizer,
         "size": args.size,
         "plans": {

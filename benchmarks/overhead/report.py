@@ -180,7 +180,8 @@ def print_report(
     )
     print(
         f"Step-time ratio to the bare step (median over interleaved rounds of the same-round "
-        f"ratio of median step times, [min–max] across rounds); {args.threads} thread(s), "
+        f"ratio of median step times, [min–max] across rounds); {args.clock} clock, "
+        f"{args.threads} thread(s), "
         f"{os.cpu_count()} CPU(s), {args.optimizer}, {plans}, torch {torch.__version__}, "
         f"pytorch_lightning {pl.__version__}.\n"
     )

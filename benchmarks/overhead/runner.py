@@ -10,7 +10,7 @@ import pstats
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,22 +55,36 @@ class MemoryLogger(Logger):
 # --------------------------------------------------------------------------- timing
 
 
-class StepTimer(pl.Callback):
-    """Records ``time.perf_counter()`` at every train batch start and end."""
+CLOCKS: dict[str, Callable[[], float]] = {
+    "wall": time.perf_counter,
+    "cpu": time.thread_time,
+}
+"""``--clock``: wall time, or the CPU time of the training thread.
 
-    def __init__(self) -> None:
+On a shared machine the wall time of a step includes the time the thread waited
+for a core; the thread's CPU time does not (with one torch thread, the step's
+compute runs in that thread). Contention still slows the caches down, so both
+are noisier on a loaded machine than on a quiet one.
+"""
+
+
+class StepTimer(pl.Callback):
+    """Records the clock (``time.perf_counter()`` by default) at every batch start and end."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
         self.starts: list[float] = []
         self.ends: list[float] = []
 
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
-        self.starts.append(time.perf_counter())
+        self.starts.append(self.clock())
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self.ends.append(time.perf_counter())
+        self.ends.append(self.clock())
 
     def loop_times(self, warmup: int) -> list[float]:
         """Start-to-next-start seconds of every step after ``warmup`` (the last has no next)."""
@@ -109,6 +123,7 @@ def run_fit(
     optimizer: str,
     workdir: Path,
     profile: cProfile.Profile | None = None,
+    clock: str = "wall",
 ) -> FitResult:
     """One fresh ``Trainer.fit`` of ``warmup + steps`` measured steps (plus one to close)."""
     torch.manual_seed(0)
@@ -120,7 +135,7 @@ def run_fit(
     ctx = BenchContext(module=module, workload=workload.name, workdir=workdir)
     setup = variant.factory(ctx)
     module.before_optimizer_step_hooks.extend(setup.before_optimizer_step)
-    timer = StepTimer()
+    timer = StepTimer(CLOCKS[clock])
     memory = MemoryLogger()
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -216,6 +231,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, names: Sequence[str])
                     tiny=args.size == "tiny",
                     optimizer=args.optimizer,
                     workdir=workdir,
+                    clock=args.clock,
                 )
                 if measured:
                     fits[workload.name][name].append(result)
@@ -291,6 +307,7 @@ def profile_variant(args: argparse.Namespace, workdir: Path, name: str, top: int
             optimizer=args.optimizer,
             workdir=workdir,
             profile=profile,
+            clock=args.clock,
         )
         out = io.StringIO()
         stats = pstats.Stats(profile, stream=out).sort_stats("cumulative")

@@ -150,6 +150,8 @@ def test_missing_optional_packages_are_skipped_with_a_note(tmp_path: Path) -> No
             "many_small",
             "--variants",
             "clip_norm,zclip_pkg,smartclip_autoclip,timm_agc",
+            "--clock",
+            "cpu",
             "--json",
             str(out_json),
         ],
@@ -166,6 +168,7 @@ def test_missing_optional_packages_are_skipped_with_a_note(tmp_path: Path) -> No
     assert "zclip ZClipLightningCallback" not in rows
     data = json.loads(out_json.read_text())
     assert set(data["meta"]["skipped"]) == {"zclip_pkg", "smartclip_autoclip", "timm_agc"}
+    assert data["meta"]["clock"] == "cpu" and "cpu clock" in proc.stdout
     assert set(data["results"]["many_small"]["variants"]) == {"bare", "clip_norm"}
     verdicts = {t["target"]: t["met"] for t in data["targets"]}
     assert (
