@@ -24,8 +24,9 @@ GPT-2 from a tiny config (needs ``transformers``). Every variant is a fresh ``Tr
 The transformer step is ~15 times slower than the others, so by default it
 runs fewer steps and rounds (see ``WORKLOADS``).
 
-A step's time is the wall time from one ``on_train_batch_start`` to the next:
-everything the loop does for one batch, including what Lightning does *after*
+A step's time (wall time, or with ``--clock cpu`` the training thread's CPU
+time) runs from one ``on_train_batch_start`` to the next: everything the loop
+does for one batch, including what Lightning does *after*
 ``on_train_batch_end`` (handing ``self.log`` metrics to the loggers), which a
 start-to-end timer would miss. The figure reported is, per workload and
 variant, the median over rounds of ``median(variant step) / median(bare step)``
@@ -53,6 +54,7 @@ Usage, from the repository root::
     python -m benchmarks.overhead --json results.json
     python -m benchmarks.overhead --profile gradguard --workloads mlp   # cProfile one fit
     python -m benchmarks.overhead --workloads gpt2,transformer --variants dead_window,dead_idle
+    python -m benchmarks.overhead --clock cpu --workloads mlp   # CPU time, not wall time
 """
 
 import os
