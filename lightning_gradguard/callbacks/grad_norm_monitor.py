@@ -131,6 +131,8 @@ class GradNormMonitor(Callback):
 
     Norms are computed every step with device operations only; they are moved to
     the host once per logging step, and the detection warnings are raised then.
+    Between logging steps the detection only stores each step's norms on the device
+    and works them out at the next logging step (or when another part reads it).
 
     Args:
         log_every_n_steps: logging interval in optimizer steps; ``None`` uses the
