@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_gradguard._checks import check_int
 from lightning_gradguard.functional.norms import GroupedNorms
 
 __all__ = [
@@ -106,6 +107,7 @@ class GradientHealth:
         self.patience = patience
         self.warmup_steps = warmup_steps
         self.ema_decay = ema_decay
+        check_int(buffer_steps, "buffer_steps", "GradientHealth", low=1)
         self.buffer_steps = buffer_steps
         self.reset(device)
 

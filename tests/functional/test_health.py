@@ -177,3 +177,8 @@ def test_deferred_steps_survive_state_dict_copy_and_rollback() -> None:
         health.update(_norms(values, total), defer=True)
     health.load_state_dict(saved)
     assert _state(health) == _expected(reference)
+
+
+def test_bad_buffer_steps_is_named() -> None:
+    with pytest.raises(ValueError, match=r"GradientHealth\(buffer_steps=0\)"):
+        GradientHealth(2, buffer_steps=0)
