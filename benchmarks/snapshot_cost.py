@@ -1,6 +1,6 @@
 """What one ``SpikeRecovery`` snapshot and one rollback cost, in ms per MB of state.
 
-Builds the ``mlp`` and ``transformer`` workloads of ``benchmarks/overhead.py``, runs
+Builds the ``mlp`` and ``transformer`` workloads of ``benchmarks/overhead/workloads.py``, runs
 two optimizer steps (so the optimizer state exists), then times
 ``StateSnapshot.take`` (copy of parameters, buffers and optimizer state to host
 buffers) and ``StateSnapshot.restore`` (copy back into the live tensors), each the
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from overhead import WORKLOADS
+from overhead.workloads import WORKLOADS
 
 from lightning_gradguard.functional import StateSnapshot
 

@@ -341,6 +341,7 @@ GUARD_ARGS: dict[str, Any] = {
     "weight_ratio": 1.0,
     "cut_ratio": 0.05,
     "min_cut": 0.05,
+    "weight_every_n_steps": 3,  # measured at steps 0, 3, 6 of CLIP_STEPS, reused in between
 }
 AGC_EPS = 1e-3
 FAULT_STEP = 4  # rank 1 puts a NaN into one gradient (after DDP's all-reduce) at this step
@@ -446,17 +447,29 @@ class ReferenceGuardClip:
     A norm above ``spike_ratio`` × the median is clipped to the median; a norm above
     ``weight_ratio`` × ‖W‖ is clipped to ``max(cut_ratio·‖W‖, min_cut)`` (the smaller of
     the two when both fire). A clipped step records the value it was clipped to, any
-    other step its norm. When nothing fires the threshold is the smaller trigger.
+    other step its norm. When nothing fires the threshold is the smaller trigger. ‖W‖ is
+    taken on the first step and every ``weight_every_n_steps`` steps, and kept in between.
     """
 
     def __init__(
-        self, spike_ratio: float, window: int, weight_ratio: float, cut_ratio: float, min_cut: float
+        self,
+        spike_ratio: float,
+        window: int,
+        weight_ratio: float,
+        cut_ratio: float,
+        min_cut: float,
+        weight_every_n_steps: int,
     ) -> None:
         self.spike_ratio, self.window = spike_ratio, window
         self.weight_ratio, self.cut_ratio, self.min_cut = weight_ratio, cut_ratio, min_cut
+        self.weight_every_n_steps, self.calls, self.weight_norm = weight_every_n_steps, 0, math.nan
         self.history: list[float] = []
 
     def threshold(self, norm: float, weight_norm: float) -> float:
+        if self.calls % self.weight_every_n_steps == 0:
+            self.weight_norm = weight_norm
+        self.calls += 1
+        weight_norm = self.weight_norm
         recent = sorted(self.history[-self.window :])
         median = recent[(len(recent) - 1) // 2] if recent else math.nan
         trigger = self.spike_ratio * median if recent else math.inf

@@ -130,6 +130,8 @@ class GradNormMonitor(Callback):
 
     Norms are computed every step with device operations only; they are moved to
     the host once per logging step, and the detection warnings are raised then.
+    Between logging steps the detection only stores each step's norms on the device
+    and works them out at the next logging step (or when another part reads it).
 
     Args:
         log_every_n_steps: logging interval in optimizer steps; ``None`` uses the
@@ -443,9 +445,9 @@ class GradNormMonitor(Callback):
         if view.replicated:
             norms = _agree_on_nonfinite(norms)
         view.last_norms = norms
-        if self.detect:
-            view.health.update(norms)
         logging_step = view.steps_seen % self._interval == 0
+        if self.detect:  # read on logging steps: other steps only store their norms
+            view.health.update(norms, defer=not logging_step)
         view.steps_seen += 1
         if not logging_step:
             return

@@ -308,16 +308,47 @@ class NormGrouping:
         """Group ``module.named_parameters()``; keywords as :meth:`from_named_parameters`."""
         return cls.from_named_parameters(module.named_parameters(), **kwargs)
 
-    def index_tensor(self, present: tuple[int, ...], device: torch.device) -> Tensor:
+    def uniform_device(self) -> torch.device | None:
+        """The device of every parameter when the fast path of :func:`grad_norms` applies.
+
+        That is: plain tensors (no ``DTensor``), all of one dtype on one device, none
+        empty. A gradient always has its parameter's dtype, device and shape (torch
+        refuses any other ``.grad``), so this holds for the gradients too, on every
+        step: it is worked out once. ``None`` when it does not hold.
+
+        Example:
+            >>> NormGrouping.from_module(torch.nn.Linear(2, 2)).uniform_device()
+            device(type='cpu')
+        """
+        cache: dict[Any, Any] = self._index_cache
+        if "uniform" not in cache:
+            found: torch.device | None = None
+            params = self.parameters
+            if params:
+                dtype, device = params[0].dtype, params[0].device
+                if all(
+                    not (_DTensor is not None and isinstance(p, _DTensor))
+                    and p.dtype is dtype
+                    and p.device == device
+                    and p.numel()
+                    for p in params
+                ):
+                    found = device
+            cache["uniform"] = found
+        return cache["uniform"]
+
+    def index_tensor(self, present: tuple[int, ...] | None, device: torch.device) -> Tensor:
         """Group indices (int64, on ``device``) of the parameters at positions ``present``.
 
-        Cached, so a steady training loop builds it once.
+        ``None`` stands for every parameter. Cached, so a steady training loop builds
+        it once.
         """
         key = (present, device)
         index = self._index_cache.get(key)
         if index is None:
+            positions = range(len(self.parameters)) if present is None else present
             index = torch.tensor(
-                [self.group_index[i] for i in present], dtype=torch.long, device=device
+                [self.group_index[i] for i in positions], dtype=torch.long, device=device
             )
             self._index_cache[key] = index
         return index
@@ -421,6 +452,23 @@ def _dense_part(tensor: Tensor) -> Tensor:
     return tensor if tensor.numel() else tensor.new_zeros(1)  # empty shard: norm 0, inf ok
 
 
+def _norms_of(
+    group: list[Tensor], norm_type: float, exact: bool, dtype: torch.dtype | None = None
+) -> Tensor:
+    """Stacked norms of tensors of one dtype on one device: one ``_foreach_norm`` call.
+
+    ``dtype``: the tensors' dtype when known (default: the first one's). Raises
+    ``TypeError`` when an entry is ``None`` and ``NotImplementedError`` for a sparse
+    tensor: :func:`grad_norms`'s fast path falls back on both.
+    """
+    if exact:
+        wide = [t.to(torch.complex128) if t.is_complex() else t.double() for t in group]
+        return torch.stack(torch._foreach_norm(wide, norm_type)).real
+    if (dtype or group[0].dtype) in (torch.float16, torch.bfloat16):
+        return torch.stack(torch._foreach_norm(group, norm_type, dtype=torch.float32))
+    return torch.stack(torch._foreach_norm(group, norm_type))
+
+
 def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, exact: bool = False) -> Tensor:
     """Norms of local tensors, one fused ``_foreach_norm`` call, stacked into float64.
 
@@ -444,20 +492,11 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, exact: bool 
     """
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
-
-    def norms_of(group: list[Tensor]) -> Tensor:
-        if exact:
-            wide = [t.to(torch.complex128) if t.is_complex() else t.double() for t in group]
-            return torch.stack(torch._foreach_norm(wide, norm_type)).real
-        if group[0].dtype in (torch.float16, torch.bfloat16):
-            return torch.stack(torch._foreach_norm(group, norm_type, dtype=torch.float32))
-        return torch.stack(torch._foreach_norm(group, norm_type))
-
     # The common case, checked in one pass: one device, one dtype, no empty shard.
     dtype, device = tensors[0].dtype, tensors[0].device
     if all(t.dtype is dtype and t.numel() and t.device == device for t in tensors):
         try:
-            return norms_of(list(tensors)).to(torch.float64)
+            return _norms_of(list(tensors), norm_type, exact).to(torch.float64)
         except NotImplementedError:  # a sparse tensor has no norm kernel: the slow path
             pass
     tensors = [_dense_part(t) for t in tensors]
@@ -467,7 +506,8 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, exact: bool 
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype), []).append(i)
     for indices in groups.values():
-        norms = norms_of([tensors[i] for i in indices]).to(first, torch.float64)
+        norms = _norms_of([tensors[i] for i in indices], norm_type, exact)
+        norms = norms.to(first, torch.float64)
         out[torch.tensor(indices, device=first)] = norms
     return out
 
@@ -480,7 +520,11 @@ def grouped_norms(
     keys: Sequence[Any] | None = None,
     exact: bool = False,
 ) -> GroupedNorms:
-    """Per-group and total norms of (possibly sharded) tensors, accumulated in float64.
+    """Per-group and total norms of (possibly sharded) tensors.
+
+    Every tensor's norm is computed in its own dtype (half precision in float32;
+    float64 copies with ``exact=True``); the per-group sums and the total are
+    accumulated in float64.
 
     Args:
         tensors: the tensors; ``DTensor`` shards are handled (see ``keys``).
@@ -507,23 +551,13 @@ def grouped_norms(
         locals_ = list(tensors)
     device = locals_[0].device if locals_ else torch.device("cpu")
     is_inf = math.isinf(norm_type)
-    norms = tensor_norms(locals_, norm_type, exact).to(device)
-    dtype = torch.float64
-    powered = norms if is_inf else norms.pow(norm_type) if norm_type != 1.0 else norms
+    powered = _powered(tensor_norms(locals_, norm_type, exact).to(device), norm_type)
     group_index = group_index.to(device)
-
-    def accumulate(mask_positions: list[int] | None) -> Tensor:
-        values = powered if mask_positions is None else powered[mask_positions]
-        index = group_index if mask_positions is None else group_index[mask_positions]
-        out = torch.zeros(num_groups, dtype=dtype, device=device)
-        if is_inf:
-            return out.scatter_reduce_(0, index, values, reduce="amax", include_self=True)
-        return out.index_add_(0, index, values)
 
     distinct = list(dict.fromkeys(keys))  # first-seen order: the same collectives on every rank
     if len(distinct) <= 1:
         # The common cases: all plain tensors (DDP, single device) or all shards of one mesh.
-        group_powered = accumulate(None)
+        group_powered = _accumulate(powered, group_index, num_groups, norm_type)
         key = next(iter(distinct), None)
         if key is not None:
             group_powered = _all_reduce(group_powered, key, norm_type)
@@ -531,18 +565,36 @@ def grouped_norms(
         parts = []
         for key in distinct:
             positions = [i for i, k in enumerate(keys) if k == key]
-            part = accumulate(positions)
+            part = _accumulate(powered[positions], group_index[positions], num_groups, norm_type)
             parts.append(part if key is None else _all_reduce(part, key, norm_type))
         stacked = torch.stack(parts)
         group_powered = stacked.amax(0) if is_inf else stacked.sum(0)
+    return _finish(group_powered, norm_type)
 
-    if is_inf:
+
+def _powered(norms: Tensor, norm_type: float) -> Tensor:
+    """``norm ** p`` (the summands of a group's norm); the norms themselves for p = 1, inf."""
+    return norms if math.isinf(norm_type) or norm_type == 1.0 else norms.pow(norm_type)
+
+
+def _accumulate(powered: Tensor, index: Tensor, num_groups: int, norm_type: float) -> Tensor:
+    """Per-group sums of ``norm ** p`` in float64 (the maximum for the inf-norm)."""
+    out = torch.zeros(num_groups, dtype=torch.float64, device=powered.device)
+    if math.isinf(norm_type):
+        return out.scatter_reduce_(0, index, powered, reduce="amax", include_self=True)
+    return out.index_add_(0, index, powered)
+
+
+def _finish(group_powered: Tensor, norm_type: float) -> GroupedNorms:
+    """Group and total norms from the per-group sums of ``norm ** p``."""
+    if math.isinf(norm_type):
         groups = group_powered
-        total = groups.max() if num_groups else torch.zeros((), dtype=dtype, device=device)
+        total = groups.max() if groups.numel() else groups.new_zeros(())
+    elif norm_type == 1.0:
+        groups, total = group_powered, group_powered.sum()
     else:
         inverse = 1.0 / norm_type
-        groups = group_powered.pow(inverse) if norm_type != 1.0 else group_powered
-        total = group_powered.sum().pow(inverse) if norm_type != 1.0 else group_powered.sum()
+        groups, total = group_powered.pow(inverse), group_powered.sum().pow(inverse)
     return GroupedNorms(groups=groups, total=total, norm_type=norm_type)
 
 
@@ -571,6 +623,18 @@ def grad_norms(
         :class:`GroupedNorms` on the gradients' device; no host synchronization.
     """
     p = parse_norm_type(norm_type)
+    device = None if exact else grouping.uniform_device()
+    if device is not None:
+        # The common case in one pass over the parameters: every check that does not change
+        # from step to step was made once (NormGrouping.uniform_device).
+        maybe_grads = [parameter.grad for parameter in grouping.parameters]
+        try:
+            dtype = grouping.parameters[0].dtype
+            per_tensor = _norms_of(maybe_grads, p, False, dtype)  # type: ignore[arg-type]
+        except (TypeError, NotImplementedError):
+            pass  # a parameter without a gradient (None), or a sparse one: the general path
+        else:
+            return _uniform_grouped(grouping, per_tensor, device, p)
     present, grads = _present_gradients(grouping)
     norms = _grouped(grouping, present, grads, p, exact)
     if len(present) == len(grouping.parameters):
@@ -592,8 +656,22 @@ def param_norms(
         tensor(2., dtype=torch.float64)
     """
     p = parse_norm_type(norm_type)
+    device = None if exact else grouping.uniform_device()
+    if device is not None:
+        with torch.no_grad():
+            norms = _norms_of(list(grouping.parameters), p, exact=False)
+        return _uniform_grouped(grouping, norms, device, p)
     present = tuple(range(len(grouping.parameters)))
     return _grouped(grouping, present, [t.detach() for t in grouping.parameters], p, exact)
+
+
+def _uniform_grouped(
+    grouping: NormGrouping, norms: Tensor, device: torch.device, norm_type: float
+) -> GroupedNorms:
+    """Groups and total from the per-tensor norms of all of a uniform grouping's tensors."""
+    powered = _powered(norms.to(torch.float64), norm_type)
+    index = grouping.index_tensor(None, device)
+    return _finish(_accumulate(powered, index, len(grouping.names), norm_type), norm_type)
 
 
 def _grouped(

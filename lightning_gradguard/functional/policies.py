@@ -735,7 +735,10 @@ class GuardClip(NormPolicy):
     The weight norm is computed from the same parameters as the gradient norm
     (one fused pass, reduced across ranks for sharded parameters), per group
     when clipping per layer. Without parameters (:meth:`threshold` alone) only
-    the spike rule applies.
+    the spike rule applies. The weights move slowly (a step changes their norm
+    by about the update ratio, 1e-3 or less), and their pass costs as much as the
+    gradients' own: :meth:`decide` measures them on the first step and every
+    ``weight_every_n_steps`` steps, and reuses that norm in between.
 
     Args:
         spike_ratio: how far above the median of the recent norms a norm is a spike.
@@ -744,6 +747,8 @@ class GuardClip(NormPolicy):
         cut_ratio: a norm above the weight bound is clipped to this fraction of the
             weight norm...
         min_cut: ...but to no less than this (so zero-initialized weights still move).
+        weight_every_n_steps: measure the weight norm every this many :meth:`decide`
+            calls (1: every step).
 
     Example:
         >>> policy = GuardClip(window=8)
@@ -759,9 +764,11 @@ class GuardClip(NormPolicy):
     """
 
     name = "guard"
-    _state_names = ("history", "position")
+    _state_names = ("history", "position", "weight_norm")
     history: Tensor | None = None
     position: Tensor
+    weight_norm: Tensor | None = None  # the last measured weight norm(s), reused in between
+    _weight_calls = 0  # decide() calls so far: the weights are measured when it is due
 
     def __init__(
         self,
@@ -770,6 +777,7 @@ class GuardClip(NormPolicy):
         weight_ratio: float = 1.0,
         cut_ratio: float = 0.01,
         min_cut: float = 1.0,
+        weight_every_n_steps: int = 10,
     ) -> None:
         # A norm at its median is no spike: the ratio must be above 1.
         self.spike_ratio = check_number(
@@ -779,6 +787,9 @@ class GuardClip(NormPolicy):
         self.weight_ratio = _positive(weight_ratio, "weight_ratio", "GuardClip")
         self.cut_ratio = _positive(cut_ratio, "cut_ratio", "GuardClip")
         self.min_cut = _positive(min_cut, "min_cut", "GuardClip")
+        self.weight_every_n_steps = check_int(
+            weight_every_n_steps, "weight_every_n_steps", "GuardClip", low=1
+        )
 
     def weight_norms(
         self, parameters: Sequence[Tensor], norm: Tensor, group_index: Tensor | None = None
@@ -798,6 +809,33 @@ class GuardClip(NormPolicy):
             group_index = torch.zeros(len(weights), dtype=torch.long)
         norms = grouped_norms(weights, group_index, groups)
         return (norms.groups if norm.dim() else norms.total).to(norm.device)
+
+    def _weights_for(
+        self, parameters: Sequence[Tensor], norm: Tensor, group_index: Tensor | None
+    ) -> Tensor | None:
+        """The weight norm(s) for this step: measured when due, else the last measured."""
+        due = self._weight_calls % self.weight_every_n_steps == 0
+        self._weight_calls += 1
+        cached = self.weight_norm
+        if due or cached is None or cached.shape != norm.shape:
+            self.weight_norm = cached = self.weight_norms(parameters, norm, group_index)
+        elif cached.device != norm.device:
+            self.weight_norm = cached = cached.to(norm.device)
+        return cached
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state as CPU tensors; with a measured weight norm, the steps decided so far."""
+        state = super().state_dict()
+        if self.weight_norm is not None:
+            state["weight_calls"] = torch.tensor(self._weight_calls)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; moved to the device at the next step."""
+        super().load_state_dict(state)
+        self._weight_calls = int(state.get("weight_calls", 0))  # on load, not on a step
+        if "weight_norm" not in state:  # an older checkpoint: measure at the next step
+            self.weight_norm = None
 
     def threshold(self, norm: Tensor, weight_norm: Tensor | None = None) -> Tensor:
         """The threshold for ``norm`` (see the class); records the norm. Device ops only.
@@ -845,7 +883,7 @@ class GuardClip(NormPolicy):
 
     def threshold_for(self, plan: NormPlan, norm: Tensor) -> Tensor:
         """:meth:`threshold` with the weights' norm of the plan's parameters (the weight rule)."""
-        return self.threshold(norm, self.weight_norms(plan.parameters, norm, plan.group_index))
+        return self.threshold(norm, self._weights_for(plan.parameters, norm, plan.group_index))
 
     def config(self) -> dict[str, Any]:
         return {
@@ -854,6 +892,7 @@ class GuardClip(NormPolicy):
             "weight_ratio": self.weight_ratio,
             "cut_ratio": self.cut_ratio,
             "min_cut": self.min_cut,
+            "weight_every_n_steps": self.weight_every_n_steps,
         }
 
 

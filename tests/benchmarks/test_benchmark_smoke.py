@@ -17,7 +17,8 @@ import pytest
 
 pytestmark = pytest.mark.slow  # each test runs the benchmark in a subprocess (6-35 s)
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "overhead.py"
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = "benchmarks.overhead"  # run as `python -m benchmarks.overhead` from the root
 WORKLOADS = ("mlp", "transformer", "many_small")
 # Variant name -> label in the tables, for every variant a default run includes.
 DEFAULT_VARIANTS = {
@@ -46,13 +47,13 @@ DEFAULT_VARIANTS = {
 }
 OPTIONAL = {"zclip_pkg", "smartclip_autoclip", "timm_agc"}
 NOT_ON_TRANSFORMER: set[str] = set()  # every variant runs on every workload
-# Run as a script with these packages made unimportable (``sys.modules[name] = None``).
+# Run as ``python -m`` with these packages made unimportable (``sys.modules[name] = None``).
 HIDING = (
     "import runpy, sys\n"
     "for name in sys.argv[2].split(','):\n"
     "    sys.modules[name] = None\n"
     "sys.argv = [sys.argv[1], *sys.argv[3:]]\n"
-    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
 )
 
 
@@ -61,11 +62,13 @@ def _run(
 ) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(cwd))
+    # The package is found from the repository root while the run's files go to ``cwd``.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if timm_agc is not None:
         env["GRADGUARD_TIMM_AGC"] = timm_agc
-    command = [sys.executable, str(SCRIPT), *args]
+    command = [sys.executable, "-m", PACKAGE, *args]
     if hide:
-        command = [sys.executable, "-c", HIDING, str(SCRIPT), ",".join(hide), *args]
+        command = [sys.executable, "-c", HIDING, PACKAGE, ",".join(hide), *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -147,6 +150,8 @@ def test_missing_optional_packages_are_skipped_with_a_note(tmp_path: Path) -> No
             "many_small",
             "--variants",
             "clip_norm,zclip_pkg,smartclip_autoclip,timm_agc",
+            "--clock",
+            "cpu",
             "--json",
             str(out_json),
         ],
@@ -163,6 +168,7 @@ def test_missing_optional_packages_are_skipped_with_a_note(tmp_path: Path) -> No
     assert "zclip ZClipLightningCallback" not in rows
     data = json.loads(out_json.read_text())
     assert set(data["meta"]["skipped"]) == {"zclip_pkg", "smartclip_autoclip", "timm_agc"}
+    assert data["meta"]["clock"] == "cpu" and "cpu clock" in proc.stdout
     assert set(data["results"]["many_small"]["variants"]) == {"bare", "clip_norm"}
     verdicts = {t["target"]: t["met"] for t in data["targets"]}
     assert (
@@ -228,7 +234,7 @@ def test_unknown_variant_is_rejected_with_the_choices(tmp_path: Path) -> None:
 
 
 def test_autoclip_threshold_benchmark_runs(tmp_path: Path) -> None:
-    script = SCRIPT.parent / "autoclip_threshold.py"
+    script = ROOT / "benchmarks" / "autoclip_threshold.py"
     args = ["--window", "8", "--steps", "3", "--rounds", "1", "--layers", "0,3"]
     done = subprocess.run(
         [sys.executable, str(script), *args], cwd=tmp_path, capture_output=True, text=True

@@ -6,6 +6,7 @@ backward against the gradient the optimizer gets, after every callback ran.
 
 from __future__ import annotations
 
+import io
 import math
 import statistics
 import warnings
@@ -283,3 +284,29 @@ def test_guard_clip_typical_norm_is_the_median_of_what_it_recorded() -> None:
         # a spike (above 2x the median) is recorded as the median itself
         recorded.append(level if level is not None and norm > 2 * level else norm)
         assert float(policy.typical_norm()) == statistics.median_low(recorded[-4:])
+
+
+def test_guard_clip_measures_the_weights_every_n_steps_and_resumes_on_schedule() -> None:
+    weight = nn.Parameter(torch.full((6, 6), 30.0))  # norm 180: the cut is 0.01 * 180 = 1.8
+    policy = GuardClip(spike_ratio=1e12, weight_every_n_steps=3)  # only the weight rule acts
+    thresholds, weight_norms, saved = [], [], io.BytesIO()
+    for step in range(7):
+        with torch.no_grad():
+            weight.mul_(1.5)  # the weights move a lot: the threshold shows which norm was used
+        weight_norms.append(float(torch.linalg.vector_norm(weight.detach().double())))
+        weight.grad = torch.full_like(weight, 1e6)  # far above the weights: the weight rule cuts
+        norm = torch.linalg.vector_norm(weight.grad.double())
+        thresholds.append(float(policy.decide([weight], [weight.grad], norm).threshold))
+        if step == 4:  # a checkpoint between two measurements
+            torch.save(policy.state_dict(), saved)
+    # Measured at steps 0, 3 and 6, reused in between: cut = 0.01 * that weight norm.
+    expected = [0.01 * weight_norms[step - step % 3] for step in range(7)]
+    assert thresholds == pytest.approx(expected, rel=1e-6)
+    saved.seek(0)
+    resumed = GuardClip(spike_ratio=1e12, weight_every_n_steps=3)
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+    norm = torch.linalg.vector_norm(weight.grad.double())
+    # Step 5 again, after a resume: the norm measured at step 3, as in the run that went on.
+    assert float(resumed.decide([weight], [weight.grad], norm).threshold) == thresholds[5]
+    with pytest.raises(ValueError, match="weight_every_n_steps=0"):
+        GuardClip(weight_every_n_steps=0)

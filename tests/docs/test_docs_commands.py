@@ -59,6 +59,17 @@ def _check_python_script(script: str, args: list[str], where: str) -> None:
     _parses(module.parse_args, args, where)
 
 
+def _check_benchmark_package(args: list[str], where: str) -> None:
+    """``python -m benchmarks.overhead ...``: run from the root, it parses its arguments."""
+    assert (ROOT / "benchmarks" / "overhead" / "__main__.py").is_file(), where
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.overhead.__main__ import parse_args
+    finally:
+        sys.path.remove(str(ROOT))
+    _parses(parse_args, args, where)
+
+
 def _check_pip(args: list[str], where: str) -> None:
     assert args[0] in ("install", "download"), f"{where}: pip {args[0]}"
     for arg in args[1:]:
@@ -95,6 +106,8 @@ def check(words: list[str], where: str) -> None:
         from lightning_gradguard.doctor.cli import _build_parser
 
         _parses(_build_parser().parse_args, args[1:], where)
+    elif program == "python" and args[0] == "-m" and args[1] == "benchmarks.overhead":
+        _check_benchmark_package(args[2:], where)
     elif program == "python" and args[0] == "-m":
         assert args[1] == "lightning_gradguard.doctor", f"{where}: python -m {args[1]}"
         check(["gradguard", "doctor", *args[2:]], where)

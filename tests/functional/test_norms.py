@@ -238,3 +238,36 @@ def test_functional_does_not_import_lightning() -> None:
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_one_grouping_follows_gradients_that_come_and_go() -> None:
+    # The per-grouping facts are worked out once; which gradients a step has is not.
+    model = _model()
+    grouping = NormGrouping.from_module(model)
+    assert grouping.uniform_device() == torch.device("cpu")
+    layer_norm = model[2][1].weight
+    kept = layer_norm.grad
+    for grad in (kept, None, kept * 3):
+        layer_norm.grad = grad
+        norms = grad_norms(grouping)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        expected = torch.nn.utils.get_total_norm(grads)
+        assert float(norms.total) == pytest.approx(float(expected), rel=1e-6)
+        assert (norms.measured is None) == (grad is not None)
+
+
+def test_mixed_dtypes_and_sparse_gradients_take_the_general_path() -> None:
+    model = _model()
+    model[3].double()
+    model[3].weight.grad = torch.randn_like(model[3].weight)
+    mixed = NormGrouping.from_module(model)
+    assert mixed.uniform_device() is None
+    expected = torch.nn.utils.get_total_norm([p.grad.double() for p in model.parameters()])
+    assert float(grad_norms(mixed).total) == pytest.approx(float(expected), rel=1e-6)
+
+    embedding = nn.Embedding(6, 3, sparse=True)
+    grouping = NormGrouping.from_module(embedding)  # no gradient yet: not left out
+    assert grouping.uniform_device() is not None
+    embedding(torch.tensor([1, 1, 4])).sum().backward()
+    dense = embedding.weight.grad.to_dense()
+    assert float(grad_norms(grouping).total) == pytest.approx(float(dense.norm()), rel=1e-6)
