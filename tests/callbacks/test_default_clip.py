@@ -286,6 +286,10 @@ def test_guard_clip_typical_norm_is_the_median_of_what_it_recorded() -> None:
         assert float(policy.typical_norm()) == statistics.median_low(recorded[-4:])
 
 
+def _decide(policy: GuardClip, weight: torch.Tensor, norm: torch.Tensor) -> Any:
+    return policy.decide(policy.prepare([weight], [weight.grad]), norm)
+
+
 def test_guard_clip_measures_the_weights_every_n_steps_and_resumes_on_schedule() -> None:
     weight = nn.Parameter(torch.full((6, 6), 30.0))  # norm 180: the cut is 0.01 * 180 = 1.8
     policy = GuardClip(spike_ratio=1e12, weight_every_n_steps=3)  # only the weight rule acts
@@ -296,7 +300,7 @@ def test_guard_clip_measures_the_weights_every_n_steps_and_resumes_on_schedule()
         weight_norms.append(float(torch.linalg.vector_norm(weight.detach().double())))
         weight.grad = torch.full_like(weight, 1e6)  # far above the weights: the weight rule cuts
         norm = torch.linalg.vector_norm(weight.grad.double())
-        thresholds.append(float(policy.decide([weight], [weight.grad], norm).threshold))
+        thresholds.append(float(_decide(policy, weight, norm).threshold))
         if step == 4:  # a checkpoint between two measurements
             torch.save(policy.state_dict(), saved)
     # Measured at steps 0, 3 and 6, reused in between: cut = 0.01 * that weight norm.
@@ -307,6 +311,6 @@ def test_guard_clip_measures_the_weights_every_n_steps_and_resumes_on_schedule()
     resumed.load_state_dict(torch.load(saved, weights_only=True))
     norm = torch.linalg.vector_norm(weight.grad.double())
     # Step 5 again, after a resume: the norm measured at step 3, as in the run that went on.
-    assert float(resumed.decide([weight], [weight.grad], norm).threshold) == thresholds[5]
+    assert float(_decide(resumed, weight, norm).threshold) == thresholds[5]
     with pytest.raises(ValueError, match="weight_every_n_steps=0"):
         GuardClip(weight_every_n_steps=0)
