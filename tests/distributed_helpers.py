@@ -321,31 +321,34 @@ def run_rank(main: Callable[..., object], *args: Any) -> NoReturn:
       C++ ``ProcessGroupGloo`` objects live on while anything still references them
       (in ``reinit_run.py``: two ``DeviceMesh`` objects, still referenced by
       ``DTensorSpec`` objects after ``gc.collect()``). They are destroyed during
-      ``Py_FinalizeEx`` instead
-      (``~ProcessGroupGloo`` under ``pybind11_object_dealloc`` under ``dict_dealloc``;
-      the default group's ``TCPStore`` server with it on rank 0), and every group's
-      ``pt_gloo_runloop`` worker threads are still alive until then.
+      ``Py_FinalizeEx`` instead (``~ProcessGroupGloo`` under ``pybind11_object_dealloc``
+      under ``dict_dealloc``; the default group's ``TCPStore`` server with it on rank
+      0), and every group's ``pt_gloo_runloop`` worker threads live until then.
     - A gloo worker thread drops its reference to a finished collective *after* the
       caller's ``wait()`` returned. When that is the last reference, the tensors are
       freed on the worker thread, and a tensor that has a Python object is released
       by taking the GIL there (``ProcessGroupGloo::runLoop`` → ``~AsyncBroadcastWork``
       → ``~AsyncWork`` → ``TensorImpl::decref_pyobject`` →
-      ``ConcretePyInterpreterVTable::decref`` → ``pybind11::gil_scoped_acquire``),
-      e.g. for the tensors of Lightning's ``broadcast_object_list`` and DDP's
-      parameter broadcast. Normally this happens microseconds later; on a loaded
-      machine (CI: two cores, the whole suite) the thread can be descheduled for
-      long enough that the main thread has gone through ``barrier()``,
-      ``destroy_process_group()`` and into finalization, or the release happens while
-      ``~ProcessGroupGloo`` joins that thread during finalization.
+      ``ConcretePyInterpreterVTable::decref`` → ``pybind11::gil_scoped_acquire``):
+      every broadcast or all-reduce of a tensor made in Python (the broadcasts of a
+      fit's setup, the callbacks' one-tensor agreements). ``runLoop`` does it after
+      ``AsyncWork::execute`` returned, so a ``barrier()`` can complete before it.
+      Normally it follows within microseconds; on a loaded machine (CI: two cores,
+      the whole suite) the thread can be descheduled long enough that it still waits
+      for the GIL when the main thread, past ``barrier()`` and
+      ``destroy_process_group()``, enters finalization.
     - A non-main thread that asks for the GIL while the interpreter finalizes is
       ended with ``pthread_exit`` (Python 3.11 ``take_gil``). Its forced unwinding
       reaches a ``noexcept`` destructor and the C++ runtime calls ``std::terminate``:
       "terminate called without an active exception", SIGABRT, exit code -6. The
       rank that aborts is the one whose worker thread lost the race (rank 0 in the
-      CI failure; rank 1 in a 2-line gloo broadcast reproduction).
+      CI failure; either rank can).
 
-    Ending with ``os._exit`` after the barrier makes the outcome independent of that
-    timing: no Python object is destroyed at exit, so no process group, store or
+    Forcing that timing (gdb pausing each gloo worker thread 1.5-3 s between
+    ``execute`` and the release) made ``reinit_run.py fsdp`` abort exactly so: rank 0,
+    thread ``pt_gloo_runloop`` releasing an all-reduce's tensor as ``Py_FinalizeEx``
+    began. Ending with ``os._exit`` after the barrier makes the outcome independent of
+    that timing: no Python object is destroyed at exit, so no process group, store or
     tensor is released while the interpreter finalizes, and the worker threads that
     are still running are stopped by the kernel with the process, wherever they
     are. The results were written (atomically) before, and the barrier ensures every
