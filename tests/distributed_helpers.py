@@ -345,10 +345,17 @@ def run_rank(main: Callable[..., object], *args: Any) -> NoReturn:
       CI failure; either rank can).
 
     Forcing that timing (gdb pausing each gloo worker thread 1.5-3 s between
-    ``execute`` and the release) made ``reinit_run.py fsdp`` abort exactly so: rank 0,
-    thread ``pt_gloo_runloop`` releasing an all-reduce's tensor as ``Py_FinalizeEx``
-    began. Ending with ``os._exit`` after the barrier makes the outcome independent of
-    that timing: no Python object is destroyed at exit, so no process group, store or
+    ``execute`` and the release) made ``reinit_run.py fsdp`` abort exactly so, on
+    rank 0 in thread ``pt_gloo_runloop``: ``runLoop`` → ``~AsyncBarrierWork`` →
+    ``~AsyncAllreduceWork`` → ``TensorImpl::decref_pyobject`` → ``gil_scoped_acquire``
+    → ``take_gil`` → ``PyThread_exit_thread`` → ``pthread_exit`` →
+    ``_Unwind_ForcedUnwind`` → ``__gxx_personality_v0`` → ``std::terminate``. The
+    final ``barrier()``'s own work keeps the work before it (a callback's one-tensor
+    all-reduce) alive, so the last Python tensor is released on a worker thread just
+    after ``barrier()`` returns, milliseconds before finalization.
+
+    Ending with ``os._exit`` after the barrier makes the outcome independent of that
+    timing: no Python object is destroyed at exit, so no process group, store or
     tensor is released while the interpreter finalizes, and the worker threads that
     are still running are stopped by the kernel with the process, wherever they
     are. The results were written (atomically) before, and the barrier ensures every
