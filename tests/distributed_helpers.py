@@ -10,6 +10,7 @@ The reference computations here use plain torch only (``get_total_norm``,
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -18,8 +19,10 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -281,6 +284,106 @@ def launch_ranks(
     codes = [proc.returncode for proc in procs]
     if any(codes):
         raise _failure(f"{script} ranks exited with {codes}", logs)
+
+
+# --------------------------------------------------------------------------- ending a rank
+
+
+def leave_group() -> None:
+    """Wait for every rank, then destroy every process group (a no-op without one).
+
+    The barrier keeps a rank from exiting while another still writes its results or
+    runs a collective; ``destroy_process_group()`` with no argument shuts down the
+    default group and every group made from it (DeviceMesh groups included).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_rank(main: Callable[..., object], *args: Any) -> NoReturn:
+    """Run a worker's ``main(*args)`` in this rank, then end the process in a defined way.
+
+    Every script in ``tests/workers/`` that joins a process group ends through here:
+    on success :func:`leave_group` (barrier, destroy every group), then the ``atexit``
+    handlers (wandb's teardown among them), a flush of stdout and stderr, and
+    ``os._exit``: the interpreter's finalization never runs. A failure prints its
+    traceback and exits with 1 (no barrier: the other rank may be elsewhere); a
+    ``SystemExit`` keeps its code and message.
+
+    Why not return from ``main`` and let Python exit: a rank used to abort now and
+    then *after* writing every result, with SIGABRT and "terminate called without an
+    active exception". The cause, seen with gdb in ``reinit_run.py``:
+
+    - ``destroy_process_group()`` removes the groups from torch's registry, but the
+      C++ ``ProcessGroupGloo`` objects live on while anything still references them
+      (in ``reinit_run.py``: two ``DeviceMesh`` objects, still referenced by
+      ``DTensorSpec`` objects after ``gc.collect()``). They are destroyed during
+      ``Py_FinalizeEx`` instead (``~ProcessGroupGloo`` under ``pybind11_object_dealloc``
+      under ``dict_dealloc``; the default group's ``TCPStore`` server with it on rank
+      0), and every group's ``pt_gloo_runloop`` worker threads live until then.
+    - A gloo worker thread drops its reference to a finished collective *after* the
+      caller's ``wait()`` returned. When that is the last reference, the tensors are
+      freed on the worker thread, and a tensor that has a Python object is released
+      by taking the GIL there (``ProcessGroupGloo::runLoop`` → ``~AsyncBroadcastWork``
+      → ``~AsyncWork`` → ``TensorImpl::decref_pyobject`` →
+      ``ConcretePyInterpreterVTable::decref`` → ``pybind11::gil_scoped_acquire``):
+      every broadcast or all-reduce of a tensor made in Python (the broadcasts of a
+      fit's setup, the callbacks' one-tensor agreements). ``runLoop`` does it after
+      ``AsyncWork::execute`` returned, so a ``barrier()`` can complete before it.
+      Normally it follows within microseconds; on a loaded machine (CI: two cores,
+      the whole suite) the thread can be descheduled long enough that it still waits
+      for the GIL when the main thread, past ``barrier()`` and
+      ``destroy_process_group()``, enters finalization.
+    - A non-main thread that asks for the GIL while the interpreter finalizes is
+      ended with ``pthread_exit`` (Python 3.11 ``take_gil``). Its forced unwinding
+      reaches a ``noexcept`` destructor and the C++ runtime calls ``std::terminate``:
+      "terminate called without an active exception", SIGABRT, exit code -6. The
+      rank that aborts is the one whose worker thread lost the race (rank 0 in the
+      CI failure; either rank can).
+
+    Forcing that timing (gdb pausing each gloo worker thread 1.5-3 s between
+    ``execute`` and the release) made ``reinit_run.py fsdp`` abort exactly so, on
+    rank 0 in thread ``pt_gloo_runloop``: ``runLoop`` → ``~AsyncBarrierWork`` →
+    ``~AsyncAllreduceWork`` → ``TensorImpl::decref_pyobject`` → ``gil_scoped_acquire``
+    → ``take_gil`` → ``PyThread_exit_thread`` → ``pthread_exit`` →
+    ``_Unwind_ForcedUnwind`` → ``__gxx_personality_v0`` → ``std::terminate``. The
+    final ``barrier()``'s own work keeps the work before it (a callback's one-tensor
+    all-reduce) alive, so the last Python tensor is released on a worker thread just
+    after ``barrier()`` returns, milliseconds before finalization.
+
+    Ending with ``os._exit`` after the barrier makes the outcome independent of that
+    timing: no Python object is destroyed at exit, so no process group, store or
+    tensor is released while the interpreter finalizes, and the worker threads that
+    are still running are stopped by the kernel with the process, wherever they
+    are. The results were written (atomically) before, and the barrier ensures every
+    rank has finished its collectives, so nothing is lost by skipping finalization.
+
+    Args:
+        main: the worker's entry point.
+        *args: passed to ``main``.
+    """
+    code = 0
+    try:
+        main(*args)
+        leave_group()
+    except SystemExit as stop:
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+            code = 1
+        else:
+            code = int(stop.code or 0)
+    except BaseException:  # a failed rank exits, whatever the failure
+        traceback.print_exc()
+        code = 1
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 Launch = tuple[Path, AssertionError | None]

@@ -72,8 +72,7 @@ def main(out_dir: Path) -> None:
     tracker.reduce()
     out["window3"] = _stats(tracker)
     h.write_json(out_dir / f"rank{rank}.json", out)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    h.run_rank(main, Path(sys.argv[1]))  # barrier, destroy every group, os._exit

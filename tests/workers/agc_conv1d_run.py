@@ -59,9 +59,7 @@ def main(out_dir: Path) -> None:
     dist.all_reduce = _real_all_reduce
     grads = {n: p.grad.full_tensor().tolist() for n, p in model.named_parameters()}
     h.write_json(out_dir / f"rank{rank}.json", {"grads": grads, "all_reduce_calls": calls})
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    h.run_rank(main, Path(sys.argv[1]))  # barrier, destroy every group, os._exit

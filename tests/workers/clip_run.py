@@ -204,9 +204,7 @@ def main(out_dir: Path, scenarios: list[str]) -> None:
         pl = importlib.import_module("lightning.pytorch" if mode == "fsdp" else "pytorch_lightning")
         result = run(pl, mode, policy_name, out_dir)
         h.write_json(out_dir / f"{scenario}.rank{torch.distributed.get_rank()}.json", result)
-    torch.distributed.barrier()  # neither rank exits before both wrote every file
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:])
+    h.run_rank(main, Path(sys.argv[1]), sys.argv[2:])  # barrier, destroy every group, os._exit

@@ -141,9 +141,7 @@ def main(out_dir: Path) -> None:
     for scenario in SCENARIOS:
         result = run(scenario, out_dir)
         h.write_json(out_dir / f"{scenario}.rank{torch.distributed.get_rank()}.json", result)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    h.run_rank(main, Path(sys.argv[1]))  # barrier, destroy every group, os._exit

@@ -105,9 +105,7 @@ def main(out_dir: Path) -> None:
     results["two_groups"] = measure(two)
 
     h.write_json(out_dir / f"rank{rank}.json", results)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    h.run_rank(main, Path(sys.argv[1]))  # barrier, destroy every group, os._exit

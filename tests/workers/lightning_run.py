@@ -110,8 +110,7 @@ def main(mode: str, out_dir: Path) -> None:
     )
 
     # Rank 0 returns only when every rank has written its file and exited cleanly.
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    h.leave_group()  # before waiting: the ranks Lightning started end through it too
     children = getattr(trainer.strategy.launcher, "procs", [])  # ranks Lightning started
     codes = [child.wait(timeout=120) for child in children]
     if any(codes):
@@ -119,4 +118,4 @@ def main(mode: str, out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    h.run_rank(main, sys.argv[1], Path(sys.argv[2]))  # os._exit, see run_rank

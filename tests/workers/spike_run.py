@@ -133,9 +133,7 @@ def main(out_dir: Path, scenarios: list[str]) -> None:
         )
         result = run(pl, scenario)
         h.write_json(out_dir / f"{scenario}.rank{torch.distributed.get_rank()}.json", result)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:])
+    h.run_rank(main, Path(sys.argv[1]), sys.argv[2:])  # barrier, destroy every group, os._exit

@@ -152,9 +152,7 @@ def main(out_dir: Path) -> None:
     if trainer.is_global_zero:
         logger.experiment.finish()
     h.write_json(out_dir / f"rank{rank}.json", result)
-    torch.distributed.barrier()  # neither rank exits before both wrote their file
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    h.run_rank(main, Path(sys.argv[1]))  # barrier, destroy every group, os._exit
