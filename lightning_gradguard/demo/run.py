@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from lightning_gradguard.callbacks.gradguard import GradGuard
 from lightning_gradguard.demo.data import digits
-from lightning_gradguard.demo.scenarios import SCENARIOS, DigitsClassifier, Run, Scenario
+from lightning_gradguard.demo.scenarios import SCENARIOS, Run, Scenario, ScenarioClassifier
 from lightning_gradguard.record import run_record
 
 __all__ = [
@@ -206,7 +206,7 @@ def train_run(
     """Train one run and measure it."""
     start = time.perf_counter()
     pl.seed_everything(seed, verbose=False)
-    model: DigitsClassifier = run.make_model()
+    model: ScenarioClassifier = run.make_model()
     train, (x_test, y_test) = digits()
     loader = DataLoader(
         train,

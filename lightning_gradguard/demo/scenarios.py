@@ -31,9 +31,9 @@ __all__ = [
     "LOSS_SPIKE_BURST",
     "RECOVERY_ARGS",
     "SCENARIOS",
-    "DigitsClassifier",
     "Run",
     "Scenario",
+    "ScenarioClassifier",
     "mlp",
 ]
 
@@ -67,7 +67,7 @@ def _he(weight: Tensor) -> Any:
     return nn.init.kaiming_normal_(weight, nonlinearity="relu")
 
 
-class DigitsClassifier(pl.LightningModule):
+class ScenarioClassifier(pl.LightningModule):
     """A classifier around ``net``; the optimizer and an optional one-epoch learning-rate spike.
 
     Args:
@@ -139,7 +139,7 @@ class Run:
     """One run of a scenario: a label, the model, whether GradGuard is attached (and how)."""
 
     label: str
-    make_model: Callable[[], DigitsClassifier]
+    make_model: Callable[[], ScenarioClassifier]
     guarded: bool
     guard_args: dict[str, Any] = field(default_factory=dict)
 
@@ -156,30 +156,30 @@ class Scenario:
     max_steps: int = -1
 
 
-def _vanishing(activation: str) -> DigitsClassifier:
+def _vanishing(activation: str) -> ScenarioClassifier:
     if activation == "sigmoid":
         net = mlp([64] + [64] * 24 + [10], nn.Sigmoid, _normal(0.05))
     else:
         net = mlp([64] + [64] * 24 + [10], nn.ReLU, _he)
-    return DigitsClassifier(net, "adam", 1e-3)
+    return ScenarioClassifier(net, "adam", 1e-3)
 
 
-def _exploding() -> DigitsClassifier:
-    return DigitsClassifier(mlp([64] + [128] * 9 + [10], nn.ReLU, _normal(0.2)), "sgd", 0.1)
+def _exploding() -> ScenarioClassifier:
+    return ScenarioClassifier(mlp([64] + [128] * 9 + [10], nn.ReLU, _normal(0.2)), "sgd", 0.1)
 
 
-def _dying() -> DigitsClassifier:
+def _dying() -> ScenarioClassifier:
     net = mlp([64, 256, 256, 256, 10], nn.ReLU, _he)
-    return DigitsClassifier(net, "adam", 1e-3, spike_epoch=5, spike_lr=0.1)
+    return ScenarioClassifier(net, "adam", 1e-3, spike_epoch=5, spike_lr=0.1)
 
 
 LOSS_SPIKE_BURST = (3.0, 10.0, 30.0) + (100.0,) * 9
 """The learning-rate factors of the loss-spike scenario, one per step from step 300."""
 
 
-def _loss_spike() -> DigitsClassifier:
+def _loss_spike() -> ScenarioClassifier:
     net = mlp([64, 256, 256, 10], nn.ReLU, _he)
-    return DigitsClassifier(net, "adam", 1e-3, burst=LOSS_SPIKE_BURST, burst_start=300)
+    return ScenarioClassifier(net, "adam", 1e-3, burst=LOSS_SPIKE_BURST, burst_start=300)
 
 
 RECOVERY_ARGS: dict[str, Any] = {
