@@ -88,7 +88,9 @@ class AdaptiveGradClip(Callback):
     It runs in ``on_before_optimizer_step``: after AMP unscaling and gradient
     accumulation, before the optimizer update. With a
     :class:`~lightning_gradguard.GradNormMonitor` listed *before* it, the
-    monitor's norms are reused (one pass over the gradients for both).
+    monitor's norms are reused (one pass over the gradients for both) when the
+    monitor measures L2 norms of the same parameters (and, with ``scope="layer"``,
+    the same groups).
 
     Skipping: when the gradients contain inf/NaN (or, with ``skip_spikes``, the
     global norm is more than ``spike_sigma`` standard deviations above the mean
