@@ -39,9 +39,16 @@ def to_host(values: Mapping[str, Tensor]) -> dict[str, list[float]]:
     Example:
         >>> to_host({"a": torch.tensor([1.0, 2.0]), "b": torch.tensor(3.0)})
         {'a': [1.0, 2.0], 'b': [3.0]}
+        >>> to_host({"x": torch.tensor(0.5, dtype=torch.float64), "y": torch.tensor(2.0).double()})
+        {'x': [0.5], 'y': [2.0]}
     """
     if not values:
         return {}
+    scalars = list(values.values())
+    first = scalars[0]
+    if all(t.dim() == 0 and t.dtype is torch.float64 and t.device == first.device for t in scalars):
+        # The common case of a clipper's log (float64 scalars on one device): one stack.
+        return {name: [v] for name, v in zip(values, torch.stack(scalars).tolist())}
     flat = [v.detach().reshape(-1).to(torch.float64) for v in values.values()]
     devices = {t.device for t in flat}
     if len(devices) > 1:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -55,6 +57,7 @@ __all__ = [
 
 SCOPES = ("global", "layer")
 _ABSENT = object()  # an optimizer without an instance-level ``step`` (the class's runs)
+_GRAD = operator.attrgetter("grad")
 
 
 def _plain_state(saved: Any) -> dict[str, Any]:
@@ -73,6 +76,10 @@ class _ClipState:
     nonfinite_flag: bool | None = None
     consecutive_skips: int = 0
     scaler_skips: Tensor | None = None
+    # The monitor's grouping last compared with ``grouping``, and whether its norms are
+    # this clipper's norms: a grouping never changes, so they are compared once, not per step.
+    monitor_grouping: NormGrouping | None = None
+    shares_monitor_norms: bool = False
 
 
 class AdaptiveGradClip(Callback):
@@ -81,7 +88,9 @@ class AdaptiveGradClip(Callback):
     It runs in ``on_before_optimizer_step``: after AMP unscaling and gradient
     accumulation, before the optimizer update. With a
     :class:`~lightning_gradguard.GradNormMonitor` listed *before* it, the
-    monitor's norms are reused (one pass over the gradients for both).
+    monitor's norms are reused (one pass over the gradients for both) when the
+    monitor measures L2 norms of the same parameters (and, with ``scope="layer"``,
+    the same groups).
 
     Skipping: when the gradients contain inf/NaN (or, with ``skip_spikes``, the
     global norm is more than ``spike_sigma`` standard deviations above the mean
@@ -506,19 +515,49 @@ class AdaptiveGradClip(Callback):
         monitor = self._monitor
         if monitor is not None:
             found = monitor.norms_for(optimizer)
-            if found is not None:
+            # The monitor may measure another norm order (norm_type="inf"): clipping is L2.
+            if found is not None and found[1].norm_type == 2.0:
                 grouping, norms = found
-                same_params = tuple(map(id, grouping.parameters)) == tuple(
-                    map(id, state.grouping.parameters)
-                )
-                if same_params and (
-                    self.scope == "global" or grouping.names == state.grouping.names
-                ):
+                if self._measures_the_same(state, grouping):
                     return norms
         measured = plan.measured_norm() if self.scope == "global" else None
         if measured is not None:  # the policy measured it while preparing (AGC): no second pass
             return GroupedNorms(groups=measured.view(1), total=measured, norm_type=2.0)
         return grad_norms(state.grouping)
+
+    def _measures_the_same(self, state: _ClipState, grouping: NormGrouping) -> bool:
+        """Whether the monitor's ``grouping`` gives this clipper's norms (once per grouping).
+
+        The same parameter objects in the same order (the monitor's include/exclude
+        may differ from the clipper's), and for ``scope="layer"`` the same groups.
+        """
+        if grouping is not state.monitor_grouping:
+            mine = state.grouping
+            same_params = len(grouping.parameters) == len(mine.parameters) and all(
+                map(operator.is_, grouping.parameters, mine.parameters)
+            )
+            state.shares_monitor_norms = same_params and (
+                self.scope == "global"
+                or (grouping.names == mine.names and grouping.group_index == mine.group_index)
+            )
+            state.monitor_grouping = grouping
+        return state.shares_monitor_norms
+
+    @staticmethod
+    def _gradients(
+        state: _ClipState,
+    ) -> tuple[Sequence[Tensor], list[Tensor], tuple[int, ...] | None]:
+        """The parameters that have a gradient this step, their gradients and their positions.
+
+        One pass in the common case, where every parameter has one (positions ``None``);
+        parameters without a gradient this step (unused, frozen) are left out.
+        """
+        params = state.grouping.parameters
+        grads = list(map(_GRAD, params))
+        if all(map(operator.is_not, grads, repeat(None))):
+            return params, grads, None
+        positions = tuple(i for i, grad in enumerate(grads) if grad is not None)
+        return [params[i] for i in positions], [grads[i] for i in positions], positions
 
     @override
     @torch.no_grad()
@@ -528,12 +567,9 @@ class AdaptiveGradClip(Callback):
         index, state = self._state(trainer, pl_module, optimizer)
         if not state.grouping.parameters:
             return  # nothing matched include/exclude (warned once when the state was made)
-        params = list(state.grouping.parameters)
-        present = [p for p in params if p.grad is not None]
-        grads = [p.grad for p in present if p.grad is not None]
+        present, grads, positions = self._gradients(state)
         index_tensor = None
         if self.scope == "layer":
-            positions = tuple(i for i, p in enumerate(params) if p.grad is not None)
             device = grads[0].device if grads else torch.device("cpu")
             index_tensor = state.grouping.index_tensor(positions, device)
         plan = state.policy.prepare(present, grads, index_tensor)
@@ -542,11 +578,11 @@ class AdaptiveGradClip(Callback):
         norm = total if self.scope == "global" else norms.groups
 
         nonfinite = ~torch.isfinite(total)
-        skip = torch.zeros((), dtype=torch.bool, device=total.device)
-        if self.skip_nonfinite and not self._uses_scaler:
-            skip = skip | nonfinite
+        # The step's skip flag from the rules that are on (no tensor for those that are off).
+        skip = nonfinite if self.skip_nonfinite and not self._uses_scaler else None
         if state.spikes is not None:
-            skip = skip | state.spikes.is_spike(total)
+            spike = state.spikes.is_spike(total)
+            skip = spike if skip is None else skip | spike
         if self._uses_scaler:
             state.scaler_skips = (
                 0 if state.scaler_skips is None else state.scaler_skips
@@ -562,23 +598,27 @@ class AdaptiveGradClip(Callback):
             # the all-reduce), every rank must skip, and every rank must fold the same
             # number into its statistics (the largest finite one), or the ranks'
             # thresholds, and then their parameters, drift apart from here on.
-            extra_flags = torch.cat(
-                [skip.new_zeros(0), *[f.to(skip.device).reshape(-1) for f in extra]]
+            if skip is None:  # with a GradScaler and no spike rule: the scaler skips, not us
+                skip = torch.zeros((), dtype=torch.bool, device=total.device)
+            extra_flags = (
+                torch.cat([f.to(skip.device).reshape(-1) for f in extra])
+                if extra
+                else skip.new_zeros(0)
             )
             skip, nonfinite, extra_agreed, total, norm = self._agree_on_step(
                 skip, nonfinite, extra_flags, total, norm
             )
             # A non-finite step is never folded into the policy (with or without a scaler).
-            norm = torch.where(nonfinite, torch.full_like(norm, math.nan), norm)
+            norm = norm.masked_fill(nonfinite, math.nan)
         state.policy.decide(plan, norm)
         if deciding:
             # Skipping pays one host read per step anyway: the same read also says which
             # passes of the clipping would change anything, and only those run (on most
             # steps of a healthy run, none).
+            assert skip is not None  # set above whenever the clipper decides
             flags = torch.cat(
                 [
-                    skip.view(1),
-                    nonfinite.view(1),
+                    torch.stack((skip, nonfinite)),
                     extra_agreed,
                     plan.needs_scaling().to(skip.device),
                 ]
@@ -597,7 +637,7 @@ class AdaptiveGradClip(Callback):
                 plan.apply_(flags[offset:])
         else:
             plan.apply_()
-        if state.spikes is not None:
+        if state.spikes is not None and skip is not None:  # skip is set when spikes are
             state.spikes.record(total, ~skip)
         logging_step = state.steps_seen % self._interval == 0
         state.steps_seen += 1

@@ -769,6 +769,9 @@ class GuardClip(NormPolicy):
     position: Tensor
     weight_norm: Tensor | None = None  # the last measured weight norm(s), reused in between
     _weight_calls = 0  # decide() calls so far: the weights are measured when it is due
+    # (weight norm, its version, bound, cut): the bounds follow from the weight norm alone,
+    # which changes on 1 step in ``weight_every_n_steps``; derived, so not in the state.
+    _bounds: tuple[Tensor, int, Tensor, Tensor] | None = None
 
     def __init__(
         self,
@@ -859,10 +862,8 @@ class GuardClip(NormPolicy):
         spike = norm > trigger
         target = torch.where(spike, median, math.inf)  # where the norm is clipped to
         if weight_norm is not None:
-            weights = weight_norm.to(device=norm.device, dtype=torch.float64)
-            bound = self.weight_ratio * weights
+            bound, cut = self._weight_bounds(weight_norm, norm.device)
             large = norm > bound
-            cut = (self.cut_ratio * weights).clamp_min(self.min_cut)
             target = torch.where(large, torch.minimum(target, cut), target)
             trigger = torch.minimum(trigger, bound)
             spike = spike | large
@@ -874,6 +875,30 @@ class GuardClip(NormPolicy):
         self.history = torch.where(finite, written, self.history)
         self.position = self.position + finite.long()
         return threshold
+
+    def _weight_bounds(self, weight_norm: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``weight_ratio * ||W||`` and ``max(cut_ratio * ||W||, min_cut)`` in float64.
+
+        Worked out again only when ``weight_norm`` is another tensor, was changed in
+        place, or the norm moved to another device: between two weight measurements
+        the four operations are not repeated.
+        """
+        cached = self._bounds
+        if weight_norm.is_inference():  # no version counter: nothing tells an in-place change
+            cached = self._bounds = None
+        elif (
+            cached is not None
+            and cached[0] is weight_norm
+            and cached[1] == weight_norm._version
+            and cached[2].device == device
+        ):
+            return cached[2], cached[3]
+        weights = weight_norm.to(device=device, dtype=torch.float64)
+        bound = self.weight_ratio * weights
+        cut = (self.cut_ratio * weights).clamp_min(self.min_cut)
+        if not weight_norm.is_inference():
+            self._bounds = (weight_norm, weight_norm._version, bound, cut)
+        return bound, cut
 
     def typical_norm(self) -> Tensor | None:
         """The median of the recent recorded norms (the spike rule's level); NaN while empty."""

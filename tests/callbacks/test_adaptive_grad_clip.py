@@ -175,6 +175,109 @@ def test_monitor_norms_are_reused(monkeypatch: pytest.MonkeyPatch) -> None:
         assert logger.at_step(step)["grad_norm/total"] == pytest.approx(raw_total, rel=1e-5)
 
 
+def _reference_layer_clip(
+    grads: dict[str, torch.Tensor], max_norm: float
+) -> dict[str, torch.Tensor]:
+    """Each module's gradients through torch's ``clip_grad_norm_`` on their own."""
+    clipped: dict[str, torch.Tensor] = {}
+    for layer in sorted({name.rpartition(".")[0] for name in grads}):
+        names = [n for n in grads if n.rpartition(".")[0] == layer]
+        params = [torch.nn.Parameter(torch.zeros_like(grads[n])) for n in names]
+        for p, n in zip(params, names):
+            p.grad = grads[n].clone()
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        clipped.update({n: p.grad for n, p in zip(names, params)})
+    return clipped
+
+
+@pytest.mark.parametrize(
+    ("monitor_args", "scope"),
+    [
+        ({"norm_type": "inf"}, "global"),  # another norm order: its total is no L2 norm
+        ({"exclude": ["net.4.*"]}, "global"),  # fewer parameters
+        ({"group_by": "parameter"}, "layer"),  # other groups
+    ],
+)
+def test_norms_of_a_monitor_that_measures_something_else_are_not_reused(
+    monitor_args: dict[str, Any], scope: str
+) -> None:
+    torch.manual_seed(0)
+    model = _Recording()
+    monitor = GradNormMonitor(log_every_n_steps=1, log_update_ratio=False, **monitor_args)
+    clipper = AdaptiveGradClip(policy=FixedNorm(0.05), scope=scope, log_every_n_steps=100)
+    _fit(model, [monitor, clipper], steps=2)
+    names = [n for n, _ in model.named_parameters()]
+    for raw, used in zip(model.raw, model.used):
+        if scope == "global":
+            params = [torch.nn.Parameter(torch.zeros_like(g)) for g in raw]
+            for p, g in zip(params, raw):
+                p.grad = g.clone()
+            torch.nn.utils.clip_grad_norm_(params, 0.05)
+            expected = [p.grad for p in params]
+        else:
+            by_layer = _reference_layer_clip(dict(zip(names, raw)), 0.05)
+            expected = [by_layer[n] for n in names]
+        for got, want in zip(used, expected):
+            torch.testing.assert_close(got, want)
+
+
+class _SometimesUnused(pl.LightningModule):
+    """A side layer that takes part in the loss on even steps only: no gradient on odd ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(8, 8)
+        self.side = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 2)
+        self.raw: list[dict[str, torch.Tensor]] = []
+        self.used: list[dict[str, torch.Tensor]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        hidden = torch.relu(self.body(batch[0]))
+        if self.global_step % 2 == 0:
+            hidden = hidden + self.side(hidden)
+        return torch.nn.functional.cross_entropy(self.head(hidden), batch[1])
+
+    def _grads(self) -> dict[str, torch.Tensor]:
+        return {n: p.grad.clone() for n, p in self.named_parameters() if p.grad is not None}
+
+    def on_after_backward(self) -> None:
+        self.raw.append(self._grads())
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:  # after the callbacks
+        self.used.append(self._grads())
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> Any:
+        x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+        return torch.utils.data.DataLoader(list(zip(x, y)), batch_size=16)
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("with_monitor", [False, True])
+def test_parameters_without_a_gradient_on_some_steps(scope: str, with_monitor: bool) -> None:
+    torch.manual_seed(0)
+    model = _SometimesUnused()
+    clipper = AdaptiveGradClip(policy=FixedNorm(0.05), scope=scope, log_every_n_steps=100)
+    monitor = GradNormMonitor(log_every_n_steps=1, log_update_ratio=False)
+    _fit(model, [monitor, clipper] if with_monitor else [clipper], steps=4)
+    assert ["side.weight" in raw for raw in model.raw] == [True, False, True, False]
+    for raw, used in zip(model.raw, model.used):
+        assert used.keys() == raw.keys()  # a missing gradient stays missing
+        if scope == "global":
+            params = {n: torch.nn.Parameter(torch.zeros_like(g)) for n, g in raw.items()}
+            for n, p in params.items():
+                p.grad = raw[n].clone()
+            torch.nn.utils.clip_grad_norm_(list(params.values()), 0.05)
+            expected = {n: p.grad for n, p in params.items()}
+        else:
+            expected = _reference_layer_clip(raw, 0.05)
+        for n, got in used.items():
+            torch.testing.assert_close(got, expected[n])
+
+
 def test_two_clippers_warning_and_deepspeed_error() -> None:
     with pytest.warns(UserWarning, match="both clipping"):
         _fit(TinyMLP(), [AdaptiveGradClip(policy="norm")], steps=1, gradient_clip_val=1.0)

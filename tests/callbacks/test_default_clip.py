@@ -217,6 +217,34 @@ def test_guard_clip_rules_against_a_hand_computation() -> None:
         assert torch.equal(a, b)
 
 
+def test_guard_clip_weight_bounds_follow_every_change_of_the_weight_norm() -> None:
+    """The weight rule's bounds are reused between weight measurements, never stale.
+
+    With no history the spike rule is off: a norm above ``weight_ratio * w`` gives
+    ``max(cut_ratio * w, min_cut)``, a norm below it gives ``weight_ratio * w``.
+    """
+    policy = GuardClip(weight_ratio=2.0, cut_ratio=0.1, min_cut=0.5, window=1)
+
+    def threshold(norm: float, weight: Tensor) -> float:
+        policy.history = None  # no spike rule: only the weight rule applies
+        return float(policy.threshold(torch.tensor(norm, dtype=torch.float64), weight))
+
+    weight = torch.tensor(10.0, dtype=torch.float64)
+    assert threshold(5.0, weight) == pytest.approx(20.0)  # below 2 * 10
+    assert threshold(50.0, weight) == pytest.approx(1.0)  # above: max(0.1 * 10, 0.5)
+    weight.fill_(100.0)  # changed in place (same tensor object)
+    assert threshold(50.0, weight) == pytest.approx(200.0)
+    assert threshold(500.0, weight) == pytest.approx(10.0)
+    other = torch.tensor(1.0, dtype=torch.float64)  # another tensor
+    assert threshold(50.0, other) == pytest.approx(0.5)  # max(0.1, 0.5)
+    with torch.inference_mode():
+        inferred = torch.tensor(3.0, dtype=torch.float64)
+        assert threshold(5.0, inferred) == pytest.approx(6.0)
+        inferred.fill_(30.0)
+        assert threshold(5.0, inferred) == pytest.approx(60.0)
+        assert threshold(100.0, inferred) == pytest.approx(3.0)
+
+
 def test_guard_clip_weight_norm_and_clipping_match_torch() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
