@@ -86,7 +86,12 @@ def flatten_for_host(
 def split_host(
     values: Mapping[str, Tensor], host: list[float], sizes: list[int]
 ) -> dict[str, list[float]]:
-    """Name the floats of :func:`flatten_for_host`, once they are on the host."""
+    """Name the floats of :func:`flatten_for_host`, once they are on the host.
+
+    Example:
+        >>> split_host({"a": torch.zeros(2), "b": torch.zeros(())}, [1.0, 2.0, 3.0], [2, 1])
+        {'a': [1.0, 2.0], 'b': [3.0]}
+    """
     out: dict[str, list[float]] = {}
     offset = 0
     for name, size in zip(values, sizes):
