@@ -19,8 +19,10 @@ from torch import Tensor
 from lightning_gradguard.record import Event, EventKind, run_record
 
 __all__ = [
+    "flatten_for_host",
     "log_to_loggers",
     "record_event",
+    "split_host",
     "tensorboard_writers",
     "to_host",
     "wandb_runs",
@@ -59,6 +61,42 @@ def to_host(values: Mapping[str, Tensor]) -> dict[str, list[float]]:
     for name, tensor in zip(values, flat):
         out[name] = host[offset : offset + tensor.numel()]
         offset += tensor.numel()
+    return out
+
+
+def flatten_for_host(
+    values: Mapping[str, Tensor], device: torch.device
+) -> tuple[Tensor, list[int]]:
+    """``values`` as one float64 vector on ``device`` and the number of floats of each.
+
+    For a caller that moves them to the host together with values of its own (a
+    clipper's flag read); :func:`split_host` gives them their names back.
+
+    Example:
+        >>> flat, sizes = flatten_for_host({"a": torch.tensor([1.0, 2.0])}, torch.device("cpu"))
+        >>> split_host({"a": torch.tensor([1.0, 2.0])}, flat.tolist(), sizes)
+        {'a': [1.0, 2.0]}
+    """
+    flat = [v.detach().reshape(-1).to(device, torch.float64) for v in values.values()]
+    if not flat:
+        return torch.zeros(0, dtype=torch.float64, device=device), []
+    return torch.cat(flat), [t.numel() for t in flat]
+
+
+def split_host(
+    values: Mapping[str, Tensor], host: list[float], sizes: list[int]
+) -> dict[str, list[float]]:
+    """Name the floats of :func:`flatten_for_host`, once they are on the host.
+
+    Example:
+        >>> split_host({"a": torch.zeros(2), "b": torch.zeros(())}, [1.0, 2.0, 3.0], [2, 1])
+        {'a': [1.0, 2.0], 'b': [3.0]}
+    """
+    out: dict[str, list[float]] = {}
+    offset = 0
+    for name, size in zip(values, sizes):
+        out[name] = host[offset : offset + size]
+        offset += size
     return out
 
 

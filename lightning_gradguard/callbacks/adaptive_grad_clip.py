@@ -43,7 +43,7 @@ from lightning_gradguard.functional.norms import (
 )
 from lightning_gradguard.functional.policies import ClipPolicy, make_policy
 from lightning_gradguard.functional.spikes import SpikeWindow
-from lightning_gradguard.loggers import log_to_loggers, to_host
+from lightning_gradguard.loggers import flatten_for_host, log_to_loggers, split_host, to_host
 from lightning_gradguard.record import run_record
 
 if TYPE_CHECKING:
@@ -611,18 +611,28 @@ class AdaptiveGradClip(Callback):
             # A non-finite step is never folded into the policy (with or without a scaler).
             norm = norm.masked_fill(nonfinite, math.nan)
         state.policy.decide(plan, norm)
+        logging_step = state.steps_seen % self._interval == 0
+        state.steps_seen += 1
+        own: dict[str, Tensor] | None = None  # this step's logged values, when they ride
+        own_host: dict[str, float] = {}
         if deciding:
             # Skipping pays one host read per step anyway: the same read also says which
             # passes of the clipping would change anything, and only those run (on most
-            # steps of a healthy run, none).
+            # steps of a healthy run, none). On a logging step it also carries the logged
+            # values, this clipper's and the monitor's: the step's one transfer.
             assert skip is not None  # set above whenever the clipper decides
-            flags = torch.cat(
-                [
-                    torch.stack((skip, nonfinite)),
-                    extra_agreed,
-                    plan.needs_scaling().to(skip.device),
-                ]
-            ).tolist()
+            if logging_step:  # on every rank, so that every rank takes the same path below
+                own = self._values_before_apply(state, plan, total, skip)
+            parts = [
+                torch.stack((skip, nonfinite)),
+                extra_agreed,
+                plan.needs_scaling().to(skip.device),
+            ]
+            carried = self._monitor_metrics(optimizer, trainer)
+            if own is None and carried is None:
+                flags = torch.cat(parts).tolist()
+            else:
+                flags, own_host = self._read_with_metrics(parts, own or {}, carried, optimizer)
             state.skip_flag, state.nonfinite_flag = flags[0], flags[1]
             offset = 2
             for source, flag in zip(sources, extra):
@@ -639,13 +649,15 @@ class AdaptiveGradClip(Callback):
             plan.apply_()
         if state.spikes is not None and skip is not None:  # skip is set when spikes are
             state.spikes.record(total, ~skip)
-        logging_step = state.steps_seen % self._interval == 0
-        state.steps_seen += 1
-        if logging_step:
+        if own is not None:
+            if trainer.is_global_zero:
+                self._emit(trainer, state, index, own_host)
+        elif logging_step:
             # On every rank: without norms from the policy this is a collective under FSDP2.
             clipped = self._clipped_norm(state, plan)
             if trainer.is_global_zero:
-                self._log(trainer, state, index, plan, clipped, total)
+                values = to_host(self._values(state, plan, clipped, total))
+                self._emit(trainer, state, index, {k: v[0] for k, v in values.items()})
 
     @staticmethod
     def _agree_on_step(
@@ -685,16 +697,54 @@ class AdaptiveGradClip(Callback):
         clipped = plan.clipped_norm(applied=not state.skip_flag)
         return grad_norms(state.grouping).total if clipped is None else clipped
 
-    def _log(
+    def _read_with_metrics(
         self,
-        trainer: Any,
-        state: _ClipState,
-        index: int,
-        plan: ClipPlan,
-        clipped: Tensor,
-        total: Tensor,
-    ) -> None:
-        suffix = "" if index == 0 else f"_opt{index}"
+        parts: list[Tensor],
+        own: dict[str, Tensor],
+        carried: dict[str, Tensor] | None,
+        optimizer: Any,
+    ) -> tuple[list[bool], dict[str, float]]:
+        """The flags and the logged values in one float64 vector, one transfer to the host.
+
+        Returns the flags and this clipper's values; the monitor's ``carried`` values go
+        back to the monitor.
+        """
+        device = parts[0].device
+        ours, _ = flatten_for_host(own, device)
+        theirs, their_sizes = flatten_for_host(carried or {}, device)
+        flat = torch.cat([*(p.double() for p in parts), ours, theirs]).tolist()
+        n_flags = len(flat) - ours.numel() - theirs.numel()
+        end = n_flags + ours.numel()
+        if carried is not None:
+            self._monitor.receive_metrics(optimizer, split_host(carried, flat[end:], their_sizes))
+        return [f != 0.0 for f in flat[:n_flags]], dict(zip(own, flat[n_flags:end]))
+
+    def _monitor_metrics(self, optimizer: Any, trainer: Any) -> dict[str, Tensor] | None:
+        """The monitor's metrics of this step when they can travel in the flag read."""
+        if self._monitor is None or not trainer.is_global_zero:
+            return None
+        return self._monitor.metrics_to_carry(optimizer)
+
+    def _values_before_apply(
+        self, state: _ClipState, plan: ClipPlan, total: Tensor, skip: Tensor
+    ) -> dict[str, Tensor] | None:
+        """The logged values before the flags are read, when the plan knows the clipped norm.
+
+        The clipped norm then depends on the skip flag only, which is still on the device:
+        both outcomes are computed and the flag picks one. ``None`` when the clipped norm
+        needs a pass over the gradients after clipping (value clipping, sharded AGC).
+        """
+        applied = plan.clipped_norm(applied=True)
+        kept = plan.clipped_norm(applied=False)
+        if applied is None or kept is None:
+            return None
+        return self._values(state, plan, torch.where(skip, kept, applied), total)
+
+    @staticmethod
+    def _values(
+        state: _ClipState, plan: ClipPlan, clipped: Tensor, total: Tensor
+    ) -> dict[str, Tensor]:
+        """The device scalars of one logging step: threshold, norms, coefficient."""
         threshold, coef = plan.threshold, plan.coef
         assert threshold is not None  # set by decide
         values: dict[str, Tensor] = {
@@ -707,7 +757,12 @@ class AdaptiveGradClip(Callback):
             values["active"] = (coef < 1).double().mean() if coef.dim() else (coef < 1).double()
         if state.scaler_skips is not None:
             values["scaler_skips"] = state.scaler_skips
-        host = {k: v[0] for k, v in to_host(values).items()}
+        return values
+
+    def _emit(self, trainer: Any, state: _ClipState, index: int, host: dict[str, float]) -> None:
+        """Log one step's values (on the host by now) and add them to the run's history."""
+        suffix = "" if index == 0 else f"_opt{index}"
+        has_coef = "coef" in host
         metrics = {
             f"clip/threshold{suffix}": host["threshold"],
             # The step being logged is skipped (or not) only after this hook: count it now.
@@ -716,13 +771,13 @@ class AdaptiveGradClip(Callback):
             ),
             f"grad_norm/total_clipped{suffix}": host["clipped"],
         }
-        if coef is not None:
+        if has_coef:
             metrics[f"clip/coef{suffix}"] = host["coef"]
             metrics[f"clip/active{suffix}"] = host["active"]
         metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
         step = int(trainer.global_step)
         series = {name: host[name] for name in ("threshold", "raw", "clipped")}
-        if coef is not None:
+        if has_coef:
             series.update(coef=host["coef"], active=host["active"])
         run_record(trainer).history.add(f"clip{suffix}", step, series)
         log_to_loggers(trainer, metrics, step=step)

@@ -95,6 +95,7 @@ class _OptimizerView:
     warned_nonfinite: bool = False
     last_norms: GroupedNorms | None = None
     pending: dict[str, Tensor] | None = None
+    arrived: dict[str, list[float]] | None = None  # pending values another part moved already
     snapshot: ParameterSnapshot | None = None
     snapshot_norms: Tensor | None = None
     sharded: bool = False
@@ -432,6 +433,37 @@ class GradNormMonitor(Callback):
                 return view.grouping, view.last_norms
         return None
 
+    def metrics_to_carry(self, optimizer: Any) -> dict[str, Tensor] | None:
+        """The device metrics of ``optimizer``'s logging step, for a part that reads anyway.
+
+        A clipper that reads its skip flags to the host after this hook takes these
+        along in the same transfer and hands them back with :meth:`receive_metrics`;
+        the step then logs with one transfer instead of two. ``None`` when there is
+        nothing to carry (not a logging step, not rank zero, or sharded gradients,
+        whose logged norms may still be recomputed after the step).
+        """
+        index = self._index_of(optimizer)
+        view = None if index is None else self._views.get(index)
+        if view is None or view.pending is None or view.sharded or view.arrived is not None:
+            return None
+        return view.pending
+
+    def receive_metrics(self, optimizer: Any, host: dict[str, list[float]]) -> None:
+        """Take the values of :meth:`metrics_to_carry`, now on the host; they are logged at
+        the step's flush with whatever was added after the optimizer step."""
+        index = self._index_of(optimizer)
+        view = None if index is None else self._views.get(index)
+        if view is None or view.pending is None:
+            return
+        view.arrived = host
+        view.pending = {k: v for k, v in view.pending.items() if k not in host}
+
+    def _index_of(self, optimizer: Any) -> int | None:
+        for index, opt in enumerate(getattr(self, "_optimizers", [])):
+            if opt is optimizer:
+                return index
+        return None
+
     @override
     @torch.no_grad()
     def on_before_optimizer_step(
@@ -508,9 +540,12 @@ class GradNormMonitor(Callback):
 
     def _flush(self, trainer: pl.Trainer, view: _OptimizerView) -> None:
         pending, view.pending, view.snapshot = view.pending, None, None
+        arrived, view.arrived = view.arrived, None
         if pending is None or not trainer.is_global_zero:
             return
-        host = to_host(pending)
+        host = to_host(pending)  # what another part did not carry (often nothing)
+        if arrived is not None:
+            host = {**arrived, **host}
         if not view.sharded:
             self._exact_tiny_norms_on_host(view, host)
         metrics: dict[str, float] = {}

@@ -193,8 +193,9 @@ class GradientHealth:
         state["first_nonfinite"] = torch.where(seen_before, state["first_nonfinite"], nonfinite)
         state["nonfinite_steps"] = state["nonfinite_steps"] + nonfinite.any()  # bool adds as 0/1
 
-        # Vanishing: a finite norm below the threshold for `patience` steps in a row.
-        small = finite_groups & (groups < self.vanishing_threshold)
+        # Vanishing: a finite norm below the threshold for `patience` steps in a row (NaN
+        # and inf compare False: no isfinite mask needed).
+        small = groups < self.vanishing_threshold
         if measured is not None:
             small = small & measured.to(small.device)
         streak = (state["vanish_streak"] + 1) * small
@@ -209,7 +210,7 @@ class GradientHealth:
         state["explode_streak"] = explode
         state["explosions"] = state["explosions"] + (explode == self.patience)
         capped = torch.minimum(total, cap)
-        ema = self.ema_decay * level + (1.0 - self.ema_decay) * capped
+        ema = torch.lerp(level, capped, 1.0 - self.ema_decay)  # one op for decay·a + (1-decay)·b
         new_level = torch.where(steps == 0, total, ema)
         state["level"] = torch.where(total_finite, new_level, level)
         state["steps"] = steps + total_finite

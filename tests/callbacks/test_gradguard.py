@@ -257,3 +257,38 @@ def test_parts_can_be_switched_off_and_configured() -> None:
 def test_bad_arguments_say_how_to_fix_them(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises((TypeError, ValueError), match=message):
         GradGuard(**kwargs)
+
+
+def test_a_logging_step_of_monitor_and_clipper_is_one_transfer(tmp_path: Path) -> None:
+    from collections import Counter
+
+    from helpers import CountSyncsPerBatch
+
+    def fit(callbacks: list[Any]) -> tuple[_Observed, CaptureLogger, list[Any]]:
+        torch.manual_seed(0)
+        model, counter = _Observed(lr=0.05), CountSyncsPerBatch()
+        logger = _fit(model, [counter, *callbacks], tmp_path, max_steps=6)
+        return model, logger, counter.per_batch
+
+    _, _, bare = fit([])
+    guard = GradGuard(clip="norm", log_every_n_steps=1, dead_units=False, report=False)
+    model, logger, guarded = fit([guard])
+    # Step 0 also moves the update ratios (measured after the optimizer step, every 10th
+    # logging step); every other step logs the monitor's and the clipper's metrics in the
+    # clipper's one flag read.
+    for (bare_calls, bare_dispatch), (calls, dispatch) in list(zip(bare, guarded))[1:]:
+        assert calls - bare_calls == Counter({"tolist": 1})
+        assert dispatch == bare_dispatch
+    names = [name for name, _ in model.named_parameters()]
+    for step, raw in enumerate(model.raw):
+        logged = logger.at_step(step)
+        total = torch.linalg.vector_norm(torch.stack([g.norm() for g in raw]))
+        clipped = min(float(total), 1.0)  # clip_grad_norm_ to 1.0 scales the total to 1.0
+        assert logged["grad_norm/total"] == pytest.approx(float(total), rel=1e-5)
+        assert logged["grad_norm/total_clipped"] == pytest.approx(clipped, rel=1e-5)
+        assert logged["clip/coef"] == pytest.approx(min(1.0, 1.0 / float(total)), rel=1e-4)
+        assert logged["clip/active"] == float(float(total) > 1.0)
+        for layer in {name.rsplit(".", 1)[0] for name in names}:
+            own = [g for name, g in zip(names, raw) if name.rsplit(".", 1)[0] == layer]
+            want = torch.linalg.vector_norm(torch.stack([g.norm() for g in own]))
+            assert logged[f"grad_norm/{layer}"] == pytest.approx(float(want), rel=1e-5)
