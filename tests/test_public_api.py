@@ -200,3 +200,30 @@ def test_every_public_functional_name_has_its_own_docstring() -> None:
         # A dataclass without a docstring gets its signature as __doc__: not documentation.
         assert doc.strip() and not doc.startswith(f"{name}("), f"{name} has no docstring"
         assert obj.__module__.startswith("lightning_gradguard.functional."), name
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "GradGuard",
+        "GradNormMonitor",
+        "AdaptiveGradClip",
+        "SpikeRecovery",
+        "DeadUnitMonitor",
+        "HealthReport",
+        "InitAtStart",
+        "UnitRecycler",
+        "LayerReinit",
+    ],
+)
+def test_every_constructor_argument_is_an_attribute_of_the_same_name(name: str) -> None:
+    import inspect
+
+    import lightning_gradguard
+
+    cls = getattr(lightning_gradguard, name)
+    callback = cls()
+    arguments = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+    assert arguments, name
+    missing = [n for n in arguments if not hasattr(callback, n)]
+    assert not missing, f"{name}({', '.join(missing)}=...) is kept under another name"

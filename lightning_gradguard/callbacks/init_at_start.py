@@ -77,21 +77,31 @@ class InitAtStart(Callback):
         projections = tuple(residual_projections or ())
         if scheme != "lsuv":  # validate now (the patterns are checked against the model later)
             _check_init_args(scheme, nonlinearity, projections, n_layers, std, "InitAtStart")
-        check_number(target_std, "target_std", "InitAtStart", low=0, low_open=True)
-        check_number(tol, "tol", "InitAtStart", low=0, low_open=True)
-        check_int(max_iters, "max_iters", "InitAtStart", low=1)
-        self.init_kwargs: dict[str, Any] = {
-            "nonlinearity": nonlinearity,
-            "std": std,
-            "residual_projections": projections,
-            "n_layers": n_layers,
-        }
-        self.lsuv_kwargs: dict[str, Any] = {
-            "target_std": target_std,
-            "tol": tol,
-            "max_iters": max_iters,
-        }
+        self.nonlinearity = nonlinearity
+        self.std = std
+        self.residual_projections = list(projections)
+        self.n_layers = n_layers
+        self.target_std = check_number(
+            target_std, "target_std", "InitAtStart", low=0, low_open=True
+        )
+        self.tol = check_number(tol, "tol", "InitAtStart", low=0, low_open=True)
+        self.max_iters = check_int(max_iters, "max_iters", "InitAtStart", low=1)
         self.report: Any = None
+
+    @property
+    def init_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``init_`` this callback passes (not for ``"lsuv"``)."""
+        return {
+            "nonlinearity": self.nonlinearity,
+            "std": self.std,
+            "residual_projections": tuple(self.residual_projections),
+            "n_layers": self.n_layers,
+        }
+
+    @property
+    def lsuv_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``lsuv_`` this callback passes (``"lsuv"`` only)."""
+        return {"target_std": self.target_std, "tol": self.tol, "max_iters": self.max_iters}
 
     @staticmethod
     def _resuming(trainer: pl.Trainer) -> bool:
