@@ -46,22 +46,10 @@ def to_host(values: Mapping[str, Tensor]) -> dict[str, list[float]]:
     """
     if not values:
         return {}
-    scalars = list(values.values())
-    first = scalars[0]
-    if all(t.dim() == 0 and t.dtype is torch.float64 and t.device == first.device for t in scalars):
-        # The common case of a clipper's log (float64 scalars on one device): one stack.
-        return {name: [v] for name, v in zip(values, torch.stack(scalars).tolist())}
-    flat = [v.detach().reshape(-1).to(torch.float64) for v in values.values()]
-    devices = {t.device for t in flat}
-    if len(devices) > 1:
-        flat = [t.cpu() for t in flat]
-    host = torch.cat(flat).cpu().tolist()  # the one device-to-host transfer
-    out: dict[str, list[float]] = {}
-    offset = 0
-    for name, tensor in zip(values, flat):
-        out[name] = host[offset : offset + tensor.numel()]
-        offset += tensor.numel()
-    return out
+    devices = {v.device for v in values.values()}
+    device = devices.pop() if len(devices) == 1 else torch.device("cpu")
+    flat, sizes = flatten_for_host(values, device)
+    return split_host(values, flat.cpu().tolist(), sizes)  # the one device-to-host transfer
 
 
 def flatten_for_host(
